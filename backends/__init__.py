@@ -1,0 +1,9 @@
+"""Array backends: which namespace, which device, host<->device copies.
+
+This package is the only code that imports CuPy.  Everything else receives a
+:class:`Backend` and does its math through ``backend.xp``.
+"""
+from .base import Backend, BackendUnavailable
+from .select import available_backends, get_backend
+
+__all__ = ["Backend", "BackendUnavailable", "available_backends", "get_backend"]

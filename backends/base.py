@@ -1,0 +1,43 @@
+"""The Backend interface shared by every array namespace."""
+import numpy as np
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and how to fix it."""
+
+
+class Backend:
+    """An array namespace plus the device it computes on.
+
+    ``xp`` is the namespace the layers compute with.  ``asarray`` (host to
+    device) and ``to_numpy`` (device to host) are the only places data crosses
+    between host and device.  ``fast`` says whether the namespace supports the
+    NumPy-style extras (``out=``, in-place views) the fast training path uses.
+    """
+
+    name = "base"
+    fast = False
+
+    def __init__(self, xp, device="cpu"):
+        self.xp = xp
+        self.device = device
+
+    def asarray(self, a, dtype=None):
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, a):
+        return np.asarray(a)
+
+    def synchronize(self):
+        """Wait for queued device work; a no-op on the CPU."""
+
+    def dtype(self, name):
+        """Map 'float32' / 'float64' (or a NumPy dtype) to this namespace's dtype."""
+        return getattr(self.xp, np.dtype(name).name)
+
+    def describe(self):
+        """A short dict saying what ran: recorded in run directories and benchmarks."""
+        return {"backend": self.name, "device": str(self.device)}
+
+    def __repr__(self):
+        return f"<Backend {self.name} on {self.device}>"

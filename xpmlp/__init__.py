@@ -1,0 +1,12 @@
+"""xpmlp: hand-written MLP layers, losses and SGD over an array namespace (NumPy or CuPy)."""
+from .backends import Backend, BackendUnavailable, available_backends, get_backend
+from .layers import Linear, ReLU, Sigmoid
+from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss
+from .model import MODELS, Sequential, accuracy, build_mlp, build_model
+from .optim import SGD
+
+__version__ = "0.1.0"
+
+__all__ = ["Backend", "BackendUnavailable", "EuclideanLoss", "Linear", "MODELS", "ReLU", "SGD",
+           "Sequential", "Sigmoid", "SoftmaxCrossEntropyLoss", "accuracy", "available_backends",
+           "build_mlp", "build_model", "get_backend"]

@@ -1,0 +1,71 @@
+"""Losses (report Sections 1.5, 1.6).  ``forward(output, labels)`` takes integer class
+labels of shape (..., N) and returns the mean loss over the batch (one value per stacked
+model); ``backward()`` returns the gradient with respect to ``output``."""
+from .layers import Buffers
+
+
+def one_hot(xp, labels, num_classes, dtype):
+    """t_n: one row per label with a 1 in the label's column."""
+    classes = xp.arange(num_classes, dtype=labels.dtype)
+    match = xp.expand_dims(labels, axis=-1) == classes
+    return xp.astype(match, dtype) if hasattr(xp, "astype") else match.astype(dtype)
+
+
+class Loss:
+    def __init__(self, backend, dtype, fast=False):
+        self.backend, self.xp, self.dtype, self.fast = backend, backend.xp, dtype, fast
+        self.buffers = Buffers(self.xp, dtype, fast)
+
+    def _targets(self, output, labels):
+        """One-hot targets; on the fast path written into a reused buffer, not allocated."""
+        xp = self.xp
+        if not self.fast:
+            return one_hot(xp, labels, output.shape[-1], self.dtype)
+        classes = self.buffers.get("classes", (output.shape[-1],), dtype=labels.dtype)
+        classes[...] = xp.arange(output.shape[-1], dtype=labels.dtype)
+        return xp.equal(xp.expand_dims(labels, -1), classes,
+                        out=self.buffers.get("onehot", output.shape))
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class EuclideanLoss(Loss):
+    """L = 1/(2N) sum_n ||x_n - t_n||^2 (Eq. 10); dL/dx_n = (x_n - t_n)/N (Eq. 11)."""
+
+    def forward(self, output, labels):
+        xp = self.xp
+        self.n = output.shape[-2]
+        t = self._targets(output, labels)
+        self.diff = output - t if not self.fast else xp.subtract(output, t, out=t)
+        return xp.sum(self.diff * self.diff, axis=(-2, -1)) / (2 * self.n)
+
+    def backward(self):
+        if not self.fast:
+            return self.diff / self.n
+        return self.xp.divide(self.diff, self.n, out=self.buffers.get("dx", self.diff.shape))
+
+
+class SoftmaxCrossEntropyLoss(Loss):
+    """L = -1/N sum_n log softmax(x_n)_c (Eq. 12); dL/dx_n = (softmax(x_n) - t_n)/N (Eq. 13).
+
+    Log-sum-exp with the row maximum subtracted, so no exponent overflows.
+    """
+
+    def forward(self, output, labels):
+        xp = self.xp
+        self.n = output.shape[-2]
+        shifted = output - xp.max(output, axis=-1, keepdims=True)
+        exp_shifted = xp.exp(shifted)
+        sum_exp = xp.sum(exp_shifted, axis=-1, keepdims=True)
+        self.prob = exp_shifted / sum_exp
+        self.targets = self._targets(output, labels)
+        log_prob = shifted - xp.log(sum_exp)
+        return -xp.sum(self.targets * log_prob, axis=(-2, -1)) / self.n
+
+    def backward(self):
+        xp = self.xp
+        if not self.fast:
+            return (self.prob - self.targets) / self.n
+        dx = xp.subtract(self.prob, self.targets, out=self.buffers.get("dx", self.prob.shape))
+        return xp.divide(dx, self.n, out=dx)

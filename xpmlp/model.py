@@ -1,0 +1,146 @@
+"""A sequential model, the report's ten networks by name, and a general builder."""
+import numpy as np
+
+from .layers import Linear, ReLU, Sigmoid
+from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss
+
+ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
+LOSSES = {"mse": EuclideanLoss, "sce": SoftmaxCrossEntropyLoss}
+
+# The report's networks (Tables 1-10): hidden sizes, activation, loss.
+MODELS = {
+    "mlp0-mse": ((), None, "mse"),
+    "mlp0-sce": ((), None, "sce"),
+    **{f"mlp1-{act}-{loss}": ((256,), act, loss)
+       for loss in ("mse", "sce") for act in ("sigmoid", "relu")},
+    **{f"mlp2-{act}-{loss}": ((256, 128), act, loss)
+       for loss in ("mse", "sce") for act in ("sigmoid", "relu")},
+}
+
+
+class FlatBuffers:
+    """All parameters in one contiguous array and all gradients in another.
+
+    Layers hold views into them, so the optimizer updates every W and b with a
+    handful of whole-buffer operations instead of one small kernel each.
+    """
+
+    def __init__(self, xp, arrays, dtype):
+        self.shapes = [tuple(a.shape) for a in arrays]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        total = sum(self.sizes)
+        self.params = xp.empty((total,), dtype=dtype)
+        self.grads = xp.zeros((total,), dtype=dtype)
+        for view, a in zip(self.split(self.params), arrays):
+            view[...] = a
+
+    def split(self, flat):
+        """Views of ``flat`` shaped like each parameter, in order."""
+        views, start = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            views.append(flat[start:start + size].reshape(shape))
+            start += size
+        return views
+
+
+class Sequential:
+    """Layers applied in order, then a loss.
+
+    ``fast=True`` (default where the backend supports it) keeps parameters and
+    gradients in flat buffers and reuses activation buffers between steps.
+    """
+
+    def __init__(self, layers, loss, backend, dtype, fast=False):
+        self.layers, self.loss = list(layers), loss
+        self.backend, self.xp, self.dtype = backend, backend.xp, dtype
+        self.flat = None
+        if fast:
+            pairs = self.parameters()
+            self.flat = FlatBuffers(self.xp, [getattr(layer, name) for layer, name in pairs], dtype)
+            for (layer, name), p, g in zip(pairs, self.flat.split(self.flat.params),
+                                           self.flat.split(self.flat.grads)):
+                setattr(layer, name, p)
+                setattr(layer, "grad_" + name, g)
+
+    def parameters(self):
+        """(layer, attribute name) for every trainable array, in order."""
+        return [(layer, name) for layer in self.layers for name in layer.params]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad, need_input_grad=False):
+        """Back-propagate ``grad`` (dL/d output), filling every layer's grad_W and grad_b.
+
+        Returns dL/dx only when ``need_input_grad``: the input is data, and skipping
+        its gradient saves the largest GEMM of the step.
+        """
+        for i in range(len(self.layers) - 1, -1, -1):
+            need = need_input_grad or i > 0
+            grad = self.layers[i].backward(grad, need_input_grad=need)
+            if grad is None:
+                break
+        return grad
+
+    def predict(self, x):
+        """Class indices, the arg-max of the output."""
+        return self.xp.argmax(self.forward(x), axis=-1)
+
+    def state_arrays(self):
+        """Parameters as host NumPy arrays, in ``parameters()`` order."""
+        return [self.backend.to_numpy(getattr(layer, name)) for layer, name in self.parameters()]
+
+    def load_state_arrays(self, arrays):
+        for (layer, name), a in zip(self.parameters(), arrays):
+            value = self.backend.asarray(a, dtype=self.dtype)
+            if self.flat is not None:
+                getattr(layer, name)[...] = value
+            else:
+                setattr(layer, name, value)
+
+    def __repr__(self):
+        return f"Sequential({', '.join(map(repr, self.layers))}; loss={self.loss!r})"
+
+
+def accuracy(xp, output, labels):
+    """Fraction of rows whose arg-max equals the label (a device scalar; per stacked model)."""
+    hits = xp.argmax(output, axis=-1) == labels
+    return xp.mean(xp.astype(hits, output.dtype) if hasattr(xp, "astype") else hits.astype(output.dtype),
+                   axis=-1)
+
+
+def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", init_std=0.01,
+              seed=0, stack=(), fast=None, in_features=784, num_classes=10):
+    """An MLP with the given hidden sizes.  Euclidean-loss networks end in a Sigmoid
+    (report Section 2); softmax cross-entropy networks end in the last Linear."""
+    from .backends import get_backend
+
+    backend = get_backend(backend)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
+    if hidden and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    fast = backend.fast if fast is None else (fast and backend.fast)
+    xp_dtype = backend.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    sizes = [in_features, *hidden, num_classes]
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(Linear(n_in, n_out, backend, xp_dtype, init_std=init_std, rng=rng,
+                             stack=stack, fast=fast))
+        if i < len(hidden):
+            layers.append(ACTIVATIONS[activation](backend, xp_dtype, fast))
+    if loss == "mse":
+        layers.append(Sigmoid(backend, xp_dtype, fast))
+    return Sequential(layers, LOSSES[loss](backend, xp_dtype, fast), backend, xp_dtype, fast)
+
+
+def build_model(name, *, backend="numpy", dtype="float32", init_std=0.01, seed=0, stack=(), fast=None):
+    """One of the report's ten networks by name (see ``MODELS``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    hidden, activation, loss = MODELS[name]
+    return build_mlp(hidden, activation, loss, backend=backend, dtype=dtype, init_std=init_std,
+                     seed=seed, stack=stack, fast=fast)

@@ -1,0 +1,48 @@
+"""SGD with momentum and weight decay, written by hand.
+
+For every W and b alike:  v <- m*v + (g + wd*p);  p <- p - lr*v
+which is torch.optim.SGD with dampening 0 (the first step gives v = g + wd*p).
+"""
+
+
+class SGD:
+    def __init__(self, model, lr=0.01, momentum=0.0, weight_decay=0.0):
+        self.model = model
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        xp = model.xp
+        if model.flat is not None:
+            # One velocity buffer matching the flat parameter buffer: a step is whole-buffer ops.
+            self.velocity = xp.zeros_like(model.flat.params)
+            self._scratch = xp.empty_like(model.flat.params)
+        else:
+            self.velocity = [xp.zeros_like(getattr(layer, name)) for layer, name in model.parameters()]
+
+    def step(self):
+        lr, m, wd = self.lr, self.momentum, self.weight_decay
+        flat = self.model.flat
+        if flat is not None:
+            xp, v, tmp = self.model.xp, self.velocity, self._scratch
+            xp.multiply(flat.params, wd, out=tmp)
+            xp.add(flat.grads, tmp, out=tmp)
+            xp.multiply(v, m, out=v)
+            xp.add(v, tmp, out=v)
+            xp.multiply(v, lr, out=tmp)
+            xp.subtract(flat.params, tmp, out=flat.params)
+            return
+        for i, (layer, name) in enumerate(self.model.parameters()):
+            p, g = getattr(layer, name), getattr(layer, "grad_" + name)
+            self.velocity[i] = m * self.velocity[i] + (g + wd * p)
+            setattr(layer, name, p - lr * self.velocity[i])
+
+    def state(self):
+        """Velocity as a list of arrays, one per parameter (for checkpoints)."""
+        if self.model.flat is not None:
+            return self.model.flat.split(self.velocity)
+        return list(self.velocity)
+
+    def load_state(self, arrays):
+        if self.model.flat is not None:
+            for view, a in zip(self.model.flat.split(self.velocity), arrays):
+                view[...] = a
+        else:
+            self.velocity = list(arrays)
