@@ -1,0 +1,264 @@
+"""The command line: parses, checks and reports.  Training logic lives in train.py."""
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .train import CHECKPOINT, TRAJECTORY_KEYS, TrainConfig, TrainError
+
+DEFAULTS = TrainConfig()
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + traceback
+        raise UserError(message)
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
+    return value
+
+
+def _hidden(text):
+    try:
+        return [int(h) for h in text.split(",") if h.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 256,128: {text!r}") from None
+
+
+def add_train_flags(p):
+    d = DEFAULTS
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help=f"one of the report's networks (default: {d.model})")
+    g.add_argument("--hidden", type=_hidden, help="custom MLP: hidden sizes, e.g. 256,128 (with --activation, --loss)")
+    g.add_argument("--activation", choices=["relu", "sigmoid"], help="custom MLP activation")
+    g.add_argument("--loss", choices=["mse", "sce"], help="custom MLP loss")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
+    g.add_argument("--lr", type=_finite_float, help=f"learning rate (default: {d.lr})")
+    g.add_argument("--momentum", type=_finite_float, help=f"in [0, 1] (default: {d.momentum})")
+    g.add_argument("--weight-decay", type=_finite_float, help=f"(default: {d.weight_decay})")
+    g.add_argument("--init-std", type=_finite_float, help=f"std of the initial weights (default: {d.init_std})")
+    g.add_argument("--seed", type=int, help=f"weights and shuffling (default: {d.seed})")
+    g.add_argument("--dtype", choices=["float32", "float64"], help=f"(default: {d.dtype})")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", help=f"auto, cpu, numpy, cuda, cuda:N (default: {d.device})")
+    g.add_argument("--data-dir", help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache; "
+                                      "downloaded if absent)")
+    g.add_argument("--out", help="run directory (default: runs/<model>-<timestamp>)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint; "
+                                                       "a larger --epochs extends a finished run")
+    g.add_argument("--eval-every", type=int, help=f"test-set evaluation period in epochs (default: {d.eval_every})")
+    g.add_argument("--checkpoint-every", type=int, help=f"in epochs (default: {d.checkpoint_every})")
+    g.add_argument("--log-every", type=int, help=f"iterations between logged records (default: {d.log_every})")
+    g.add_argument("--tensorboard", action="store_true", default=None, help="write TensorBoard event files")
+    g.add_argument("--quiet", action="store_true", help="no progress bar: one line per epoch")
+
+
+def config_from_args(args):
+    """The TrainConfig for a new run, or for a resumed one (its saved settings plus the
+    flags given now, which may change epochs and run settings but not the trajectory)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if given.get("hidden") is not None and "model" in given:
+        raise UserError("give either --model or --hidden/--activation/--loss, not both")
+    if "hidden" in given and ("loss" not in given or (given["hidden"] and "activation" not in given)):
+        raise UserError("--hidden needs --loss, and --activation when there are hidden layers")
+    if not args.resume:
+        return TrainConfig(**given).validate()
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no config.json)")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"--resume {run_dir}: no checkpoint to resume from")
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if config.hidden is None and config.model not in _models():
+        raise UserError(f"--resume {run_dir}: unknown model {config.model!r} in config.json")
+    if config.hidden is not None:
+        config.model = DEFAULTS.model
+    for key, value in given.items():
+        old = getattr(config, key)
+        if key in TRAJECTORY_KEYS and key != "model" and value != old:
+            raise UserError(f"--resume {run_dir}: --{key.replace('_', '-')} {value} contradicts the run's {old}")
+        if key == "model" and value != saved["model"]:
+            raise UserError(f"--resume {run_dir}: --model {value} contradicts the run's {saved['model']}")
+        setattr(config, key, value)
+    return config.validate()
+
+
+def _models():
+    from .model import MODELS
+    return MODELS
+
+
+def _prepare_out(args, config):
+    if args.resume:
+        return Path(args.resume)
+    out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "config.json").exists() or (out / CHECKPOINT).exists():
+        raise UserError(f"--out {out} already holds a run; resume it with --resume {out} or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
+
+
+def cmd_train(args):
+    from .backends import get_backend
+    from .data import load_mnist
+    from .train import Trainer
+
+    config = config_from_args(args)
+    progress = not args.quiet and sys.stderr.isatty()
+    log = _log_fn(progress)
+    get_backend(config.device, notice=lambda line: print(line, file=sys.stderr))  # fail before any file
+    data = load_mnist(config.data_dir, progress=progress)
+    out = _prepare_out(args, config)
+    trainer = Trainer(config, out, data, resume=bool(args.resume), progress=progress, log=log,
+                      notice=lambda line: None)
+    trainer.write_config()
+    log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
+    summary = json.loads(trainer.run().read_text())
+    log(f"{summary['status']}: test accuracy {_pct(summary['test_acc'])}, "
+        f"train time {summary['train_time_s']:.1f}s -> {out}/summary.json")
+    return {"completed": 0, "diverged": 0}.get(summary["status"], 130)
+
+
+def cmd_eval(args):
+    from .data import load_mnist
+    from .train import Trainer, evaluate
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir}: holds no run (needs config.json and {CHECKPOINT})")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if config.hidden is not None:
+        config.model = DEFAULTS.model
+    if args.device:
+        config.device = args.device
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    data = load_mnist(config.data_dir, progress=sys.stderr.isatty())
+    trainer = Trainer(config, run_dir, data, resume=True, progress=False, log=lambda s: None,
+                      notice=lambda line: print(line, file=sys.stderr))
+    be = trainer.backend
+    loss, acc = evaluate(trainer.model, be.asarray(data.test_x, dtype=trainer.model.dtype), be.asarray(data.test_y))
+    result = {"run": str(run_dir), "epoch": trainer.state["epoch"], "test_loss": loss, "test_acc": acc}
+    print(json.dumps(result) if args.json else
+          f"{run_dir}: epoch {result['epoch']}  test loss {loss:.4f}  test accuracy {_pct(acc)}")
+    return 0
+
+
+def cmd_sweep(args):
+    from .sweep import run_sweep
+    return run_sweep(args.configs, jobs=args.jobs, device=args.device, out=args.out,
+                     data_dir=args.data_dir, epochs=args.epochs, dry_run=args.dry_run)
+
+
+def cmd_report(args):
+    from .report import make_report
+    run_dirs = list(args.run_dirs)
+    for root in args.runs_under or []:
+        run_dirs += sorted(str(p.parent) for p in Path(root).glob("**/config.json"))
+    if not run_dirs:
+        raise UserError("report: no run directories given (RUN_DIRS... or --runs-under DIR)")
+    for path in make_report(run_dirs, args.out):
+        print(path)
+    return 0
+
+
+def cmd_bench(args):
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
+def _pct(value):
+    return "nan" if value is None else f"{100 * value:.2f}%"
+
+
+def _log_fn(progress):
+    if progress:
+        from tqdm import tqdm
+        return tqdm.write
+    return lambda line: print(line, flush=True)
+
+
+def build_parser():
+    parser = _Parser(prog="xpmlp", description="Hand-written MLPs on MNIST, on NumPy (CPU) or CuPy (GPU).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one network on MNIST",
+                       description="Train one network on MNIST into a run directory.")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test metrics of a run's last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--device", help="default: the run's device")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="run a grid of trainings from TOML configs, restartably")
+    p.add_argument("configs", nargs="+", help="TOML sweep configs (see experiments/)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
+    p.add_argument("--device", help="override the configs' device")
+    p.add_argument("--out", help="override the configs' output root")
+    p.add_argument("--data-dir")
+    p.add_argument("--epochs", type=int, help="override epochs (for a quick trial)")
+    p.add_argument("--dry-run", action="store_true", help="list the grid and what would run")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and figures from run directories")
+    p.add_argument("run_dirs", nargs="*")
+    p.add_argument("--runs-under", action="append", metavar="DIR", help="use every run below DIR")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="time training epochs against PyTorch and the GEMM limit")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up (default: 3)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    from .backends import BackendUnavailable
+    from .data import DataError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UserError, TrainError, DataError, BackendUnavailable) as exc:
+        print(f"xpmlp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xpmlp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

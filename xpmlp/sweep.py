@@ -1,0 +1,192 @@
+"""Grids of training runs from TOML configs, N processes at a time, restartable.
+
+A config names the settings shared by its runs and a grid of the ones that vary:
+
+    out = "runs/reproduce"            # root of the run directories
+    [defaults]                        # TrainConfig fields (the report's defaults if absent)
+    model = "mlp2-relu-sce"
+    [grid]                            # every combination of these lists is one run
+    lr = [1.0, 0.1, 0.01]
+    [[overrides]]                     # optional: settings for matching grid points
+    when = { model = "mlp2-sigmoid-mse" }
+    set = { init_std = 0.1 }
+
+Each grid point's directory is named after its settings that differ from the
+defaults, so the same point in two configs is one run.  Rerunning skips runs
+whose summary says completed or diverged, resumes interrupted ones from their
+checkpoint, and starts the rest.
+"""
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from .train import CHECKPOINT, TrainConfig, TrainError
+
+# Settings that do not change what a run computes: kept out of directory names.
+_NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
+                "tensorboard", "hidden", "activation", "loss"}
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_grid(path):
+    """The list of (run name, TrainConfig settings) of one TOML config, and its output root."""
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except FileNotFoundError:
+        raise TrainError(f"sweep config {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainError(f"sweep config {path}: {exc}") from None
+    defaults, grid = spec.get("defaults", {}), spec.get("grid", {})
+    unknown = (set(defaults) | set(grid)) - _FIELDS
+    if unknown:
+        raise TrainError(f"sweep config {path}: unknown settings {sorted(unknown)}")
+    keys = list(grid)
+    points = []
+    for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+        settings = dict(defaults, **dict(zip(keys, values)))
+        for rule in spec.get("overrides", []):
+            if all(settings.get(k) == v for k, v in rule["when"].items()):
+                settings.update(rule["set"])
+        TrainConfig(**settings).validate()
+        points.append((run_name(settings), settings))
+    return points, spec.get("out", "runs/sweep")
+
+
+def run_name(settings):
+    """e.g. 'mlp2-relu-sce' or 'mlp2-relu-sce_lr=0.1': the model plus what differs from the defaults."""
+    config = TrainConfig(**settings)
+    default = TrainConfig()
+    extra = [f"{k}={getattr(config, k)}" for k in sorted(_FIELDS - _NOT_IN_NAME)
+             if getattr(config, k) != getattr(default, k)]
+    return "_".join([config.name, *extra])
+
+
+def run_state(run_dir):
+    """'done' (completed or diverged at full length), 'resume' (has a checkpoint) or 'new'."""
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+        if s["status"] == "diverged" or (s["status"] == "completed" and s["epochs_completed"] >= config["epochs"]):
+            return "done"
+    return "resume" if (run_dir / CHECKPOINT).exists() else "new"
+
+
+def _command(run_dir, settings, state, device, data_dir):
+    cmd = [sys.executable, "-m", "xpmlp", "train", "--quiet"]
+    if state == "resume":
+        cmd += ["--resume", str(run_dir), "--epochs", str(settings.get("epochs", TrainConfig.epochs))]
+    else:
+        cmd += ["--out", str(run_dir)]
+        for key, value in settings.items():
+            flag = "--" + key.replace("_", "-")
+            if key == "hidden":
+                cmd += [flag, ",".join(map(str, value))]
+            elif key == "tensorboard":
+                cmd += [flag] if value else []
+            else:
+                cmd += [flag, str(value)]
+    if device:
+        cmd += ["--device", device]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    return cmd
+
+
+def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epochs=None, dry_run=False):
+    """Run every grid point of the configs, ``jobs`` at a time.  Returns an exit status:
+    0 when every run completed or diverged, 1 when some failed."""
+    from tqdm import tqdm
+
+    if jobs < 1:
+        raise TrainError("--jobs must be at least 1")
+    runs = {}  # run dir -> settings; the same point in two configs runs once
+    for path in config_paths:
+        points, root = load_grid(path)
+        for name, settings in points:
+            if epochs is not None:
+                settings = dict(settings, epochs=epochs)
+            runs.setdefault(Path(out or root) / name, settings)
+    todo = [(d, s, run_state(d)) for d, s in runs.items()]
+    print(f"sweep: {len(runs)} runs, {sum(st == 'done' for *_, st in todo)} already done, "
+          f"{sum(st == 'resume' for *_, st in todo)} to resume; {jobs} at a time", flush=True)
+    # Slowest first (small batches, deep nets), so the last runs to finish are short ones.
+    todo = sorted((t for t in todo if t[2] != "done"), key=_cost, reverse=True)
+    if dry_run:
+        for run_dir, settings, state in todo:
+            print(f"  {state:6} {run_dir}")
+        return 0
+    # Cap BLAS threads so jobs x threads <= cores: oversubscribed OpenBLAS slows down tenfold.
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    total_epochs = sum(s.get("epochs", TrainConfig.epochs) for _, s, _ in todo)
+    bar = tqdm(total=total_epochs, desc="sweep", unit="epoch", disable=None)
+    running, failed, pending = {}, [], list(todo)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                run_dir, settings, state = pending.pop(0)
+                if state == "new" and run_dir.exists():
+                    shutil.rmtree(run_dir)  # a start that never reached its first checkpoint
+                run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(run_dir / "train.log", "a")
+                proc = subprocess.Popen(_command(run_dir, settings, state, device, data_dir),
+                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[proc] = (run_dir, log, 0)
+                tqdm.write(f"start  {run_dir} ({state})")
+            time.sleep(1.0)
+            for proc, (run_dir, log, seen) in list(running.items()):
+                done_epochs = _epochs_logged(run_dir / "train.log")
+                bar.update(max(0, done_epochs - seen))
+                running[proc] = (run_dir, log, max(seen, done_epochs))
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[proc]
+                status = _status(run_dir)
+                if proc.returncode != 0 or status not in ("completed", "diverged"):
+                    failed.append(run_dir)
+                    tqdm.write(f"FAILED {run_dir} (exit {proc.returncode}; see {run_dir / 'train.log'})")
+                else:
+                    tqdm.write(f"{status:9} {run_dir}")
+    except KeyboardInterrupt:
+        # The runs received the same Ctrl-C: each checkpoints and exits; wait for them.
+        for proc in running:
+            proc.wait()
+        bar.close()
+        print("sweep interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    bar.close()
+    print(f"sweep: {len(todo) - len(failed)} of {len(todo)} runs finished"
+          + (f"; failed: {', '.join(map(str, failed))}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+def _cost(item):
+    """A rough relative cost of a run, for ordering only."""
+    config = TrainConfig(**item[1])
+    depth = len(config.hidden) if config.hidden is not None else int(config.name[3])
+    return config.epochs * (1 + depth + 100 / config.batch_size)
+
+
+def _epochs_logged(log_path):
+    try:
+        with open(log_path) as f:
+            return sum(1 for line in f if line.startswith("epoch "))
+    except FileNotFoundError:
+        return 0
+
+
+def _status(run_dir):
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["status"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
