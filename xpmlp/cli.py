@@ -240,6 +240,7 @@ def build_parser():
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up (default: 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--threads", type=int, help="CPU threads for NumPy's BLAS and PyTorch (default: all cores)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -213,13 +213,40 @@ def evaluate(model, x, y, chunk=1000):
     n = x.shape[0]
     loss_sum = acc_sum = 0
     for start in range(0, n, chunk):
-        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        xb, yb = x[start:start + chunk, ...], y[start:start + chunk]
         out = model.forward(xb)
         rows = xb.shape[0]
         loss_sum = loss_sum + model.loss.forward(out, yb) * rows
         acc_sum = acc_sum + accuracy(xp, out, yb) * rows
     be = model.backend
     return float(be.to_numpy(loss_sum)) / n, float(be.to_numpy(acc_sum)) / n
+
+
+class Stepper:
+    """One SGD step on the batch ``idx`` of (x, y), its loss and accuracy stored at
+    ``loss_out[i]``, ``acc_out[i]`` on the device (read back once per epoch, not per step)."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer, self.xp = model, optimizer, model.xp
+        self._batch = None  # fast path: the batch is gathered into fixed buffers
+
+    def gather(self, x, y, idx):
+        xp = self.xp
+        if self.model.flat is None:
+            return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
+        if self._batch is None or self._batch[0].shape[0] != idx.shape[0]:
+            self._batch = (xp.empty((idx.shape[0], x.shape[1]), dtype=x.dtype),
+                           xp.empty((idx.shape[0],), dtype=y.dtype))
+        return (xp.take(x, idx, axis=0, out=self._batch[0]), xp.take(y, idx, axis=0, out=self._batch[1]))
+
+    def step(self, x, y, idx, loss_out, acc_out, i):
+        model = self.model
+        xb, yb = self.gather(x, y, idx)
+        out = model.forward(xb)
+        loss_out[i] = model.loss.forward(out, yb)
+        acc_out[i] = accuracy(self.xp, out, yb)
+        model.backward(model.loss.backward())
+        self.optimizer.step()
 
 
 class Trainer:
@@ -234,6 +261,7 @@ class Trainer:
         self.model = config.build(self.backend)
         self.optimizer = SGD(self.model, lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
+        self.stepper = Stepper(self.model, self.optimizer)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffles; weights use `seed` alone
         self.state = {"epoch": 0, "iter": 0, "train_time_s": 0.0, "status": "running"}
         if resume:
@@ -316,12 +344,7 @@ class Trainer:
                 start = time.perf_counter()
                 for i in range(pos, iters):
                     idx = perm[i * batch:(i + 1) * batch]
-                    xb, yb = self._gather(x_train, y_train, idx)
-                    out = self.model.forward(xb)
-                    loss_per_iter[i] = self.model.loss.forward(out, yb)
-                    acc_per_iter[i] = accuracy(xp, out, yb)
-                    self.model.backward(self.model.loss.backward())
-                    self.optimizer.step()
+                    self.stepper.step(x_train, y_train, idx, loss_per_iter, acc_per_iter, i)
                     if bar is not None:
                         bar.update(1)
                         if i % 20 == 19:
@@ -362,15 +385,6 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         return self.run_dir / "summary.json"
-
-    def _gather(self, x, y, idx):
-        xp = self.backend.xp
-        if not self.model.flat:  # plain path: fresh arrays
-            return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
-        if getattr(self, "_batch_x", None) is None or self._batch_x.shape[0] != idx.shape[0]:
-            self._batch_x = xp.empty((idx.shape[0], x.shape[1]), dtype=x.dtype)
-            self._batch_y = xp.empty((idx.shape[0],), dtype=y.dtype)
-        return (xp.take(x, idx, axis=0, out=self._batch_x), xp.take(y, idx, axis=0, out=self._batch_y))
 
     def _end_epoch(self, epoch, iters, losses, accs, x_test, y_test):
         cfg = self.config

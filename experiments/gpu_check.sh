@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `make gpu-check`: on a machine with one CUDA GPU and no package index (CuPy,
+# PyTorch, pytest, numpy and setuptools preinstalled), install xpmlp without
+# dependencies, run the CuPy tests and the GPU benchmark, print a short summary.
+# MNIST is read from data/mnist in the repo (git-ignored; copy it there and carry it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export XPMLP_DATA_DIR="${XPMLP_DATA_DIR:-$PWD/data/mnist}"
+export CUPY_TF32=0   # TF32 GEMMs would change float32 results in cross-backend comparisons
+echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
+python - <<'PY'
+import numpy, xpmlp
+b = xpmlp.get_backend("cuda")
+print("backend:", b.describe())
+PY
+echo "== CuPy tests (cross-backend, gradients, oracle, training on the GPU)"
+timeout 330 python -m pytest -q -x -k "cupy or cuda or gpu" tests 2>&1 | tail -n 25
+tests_rc=${PIPESTATUS[0]}
+echo "== GPU benchmark"
+timeout 120 python -m xpmlp bench --device cuda --epochs 5 --json
+bench_rc=$?
+echo "== summary: tests exit $tests_rc, bench exit $bench_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

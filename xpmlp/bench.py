@@ -1,0 +1,190 @@
+"""`xpmlp bench`: time training epochs of mlp2-relu-sce against PyTorch eager and the GEMM limit.
+
+Method (the README's "Performance" section says the same):
+- MNIST-shaped random data (60000 x 784, 10 classes) on the chosen device; batch 100.
+- One epoch = shuffle on the host, send the permutation, then 600 steps of gather,
+  forward, loss, accuracy, backward and SGD (momentum 0.9, weight decay 5e-4), all
+  kept on the device, losses read back once at the end.  No evaluation.
+- Each contender runs one warm-up epoch and then ``--epochs`` timed epochs; we report
+  the median.  The device is synchronised before and after each timed epoch.
+- PyTorch eager runs the same model, loss and optimizer on the same device in the same
+  process (when torch is installed), with the same number of CPU threads.
+- The GEMM limit times the same epoch's matrix products alone (forward, weight
+  gradients, input gradients except the first layer's), into preallocated outputs.
+"""
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .backends import get_backend
+from .model import accuracy, build_model
+from .optim import SGD
+from .train import Stepper, versions
+
+MODEL, BATCH, N_TRAIN, FEATURES, CLASSES = "mlp2-relu-sce", 100, 60000, 784, 10
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
+
+def _median_epoch(run_epoch, synchronize, epochs):
+    run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
+    times = []
+    for _ in range(epochs):
+        synchronize()
+        start = time.perf_counter()
+        run_epoch()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_ours(backend, x, y, dtype, epochs, seed=0):
+    model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed)
+    stepper = Stepper(model, SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
+    rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
+    losses = xp.zeros((iters,), dtype=model.dtype)
+    accs = xp.zeros((iters,), dtype=model.dtype)
+
+    def epoch():
+        perm = backend.asarray(rng.permutation(N_TRAIN))
+        for i in range(iters):
+            stepper.step(x, y, perm[i * BATCH:(i + 1) * BATCH], losses, accs, i)
+        backend.to_numpy(losses)  # the once-per-epoch read of the metrics
+
+    return _median_epoch(epoch, backend.synchronize, epochs), model
+
+
+def bench_gemm_limit(backend, model, epochs):
+    """The epoch's matrix products alone, into preallocated outputs."""
+    xp, iters = backend.xp, N_TRAIN // BATCH
+    linears = [layer for layer in model.layers if hasattr(layer, "W")]
+    xs = [xp.ones((BATCH, layer.in_features), dtype=model.dtype) for layer in linears]
+    ys = [xp.ones((BATCH, layer.out_features), dtype=model.dtype) for layer in linears]
+    grad_Ws = [xp.empty_like(layer.W) for layer in linears]
+
+    def epoch():
+        for _ in range(iters):
+            for layer, x, y in zip(linears, xs, ys):
+                xp.matmul(x, layer.W, out=y)
+            for k, (layer, x, y) in enumerate(zip(linears, xs, ys)):
+                xp.matmul(x.T, y, out=grad_Ws[k])
+                if k > 0:
+                    xp.matmul(y, layer.W.T, out=x)
+
+    return _median_epoch(epoch, backend.synchronize, epochs)
+
+
+def bench_torch(backend, model, x_host, y_host, epochs, threads, seed=0):
+    """PyTorch eager, same model/loss/optimizer/device; None when torch is absent."""
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    device = "cuda" if backend.name == "cupy" else "cpu"
+    dtype = getattr(torch, np.dtype(model.dtype).name)
+    layers = []
+    for layer in model.layers:
+        if hasattr(layer, "W"):
+            linear = torch.nn.Linear(layer.in_features, layer.out_features)
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(backend.to_numpy(layer.W).T.copy()))
+                linear.bias.zero_()
+            layers.append(linear)
+        else:
+            layers.append(torch.nn.ReLU())
+    torch.set_num_threads(threads)  # the same CPU threads as our BLAS
+    net = torch.nn.Sequential(*layers).to(device=device, dtype=dtype)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = torch.from_numpy(x_host).to(device=device, dtype=dtype)
+    y = torch.from_numpy(y_host).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    iters = N_TRAIN // BATCH
+
+    def epoch():
+        perm = torch.randperm(N_TRAIN, generator=gen).to(device)
+        losses = torch.zeros(iters, device=device, dtype=dtype)
+        accs = torch.zeros(iters, device=device, dtype=dtype)
+        for i in range(iters):
+            idx = perm[i * BATCH:(i + 1) * BATCH]
+            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+            out = net(xb)
+            loss = loss_fn(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[i] = loss.detach()
+            accs[i] = (out.argmax(1) == yb).to(dtype).mean()
+        losses.cpu()
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return _median_epoch(epoch, sync, epochs), torch.__version__
+
+
+def _peak_memory_mb(backend):
+    if backend.name == "cupy":
+        pool = backend.xp.get_default_memory_pool()
+        return "peak_device_mb", pool.total_bytes() / 2**20
+    return "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None):
+    from threadpoolctl import threadpool_limits
+
+    threads = threads or os.cpu_count() or 1
+    with threadpool_limits(limits=threads, user_api="blas"):
+        return _run(get_backend(device), dtype, epochs, torch_peer, threads)
+
+
+def _run(backend, dtype, epochs, torch_peer, threads):
+    rng = np.random.default_rng(0)
+    x_host = rng.random((N_TRAIN, FEATURES), dtype=np.float32) - np.float32(0.5)
+    y_host = rng.integers(0, CLASSES, N_TRAIN)
+    x = backend.asarray(x_host, dtype=backend.dtype(dtype))
+    y = backend.asarray(y_host)
+    epoch_s, model = bench_ours(backend, x, y, dtype, epochs)
+    memory_key, memory_mb = _peak_memory_mb(backend)  # before torch adds its own
+    gemm_s = bench_gemm_limit(backend, model, epochs)
+    torch_s, torch_version = bench_torch(backend, model, x_host, y_host, epochs, threads) if torch_peer else (None, None)
+    result = {
+        "model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs,
+        "epoch_s": epoch_s, "torch_epoch_s": torch_s, "gemm_limit_epoch_s": gemm_s,
+        "ratio_torch": epoch_s / torch_s if torch_s else None, "ratio_limit": epoch_s / gemm_s,
+        memory_key: memory_mb, **backend.describe(),
+        "threads": threads,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "versions": dict(versions(), **({"torch": torch_version} if torch_version else {})),
+    }
+    return result
+
+
+def format_table(r):
+    def sec(v):
+        return "n/a" if v is None else f"{v * 1000:8.1f} ms"
+    rows = [("xpmlp", r["epoch_s"]), ("PyTorch eager", r["torch_epoch_s"]),
+            ("GEMM limit", r["gemm_limit_epoch_s"])]
+    mem = next(k for k in r if k.startswith("peak_"))
+    lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}, on {r.get('device_name', r['device'])} "
+             f"({r['backend']}); median of {r['epochs_timed']} epochs after a warm-up",
+             f"{'':16}{'epoch':>11}   {'xpmlp time / this':>18}"]
+    for name, t in rows:
+        ratio = f"{r['epoch_s'] / t:.2f}" if t else "n/a"
+        lines.append(f"{name:16}{sec(t):>11}   {ratio:>18}")
+    lines.append(f"ratio_torch {r['ratio_torch'] and round(r['ratio_torch'], 3)}  "
+                 f"ratio_limit {round(r['ratio_limit'], 3)}  {mem} {r[mem]:.0f}")
+    return "\n".join(lines)
+
+
+def main(args):
+    result = run(args.device, args.dtype, args.epochs, torch_peer=not args.no_torch, threads=args.threads)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    sys.stdout.flush()
+    return 0
