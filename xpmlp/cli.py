@@ -158,6 +158,7 @@ def cmd_eval(args):
         config.device = args.device
     if args.data_dir:
         config.data_dir = args.data_dir
+    config.tensorboard = False  # eval reads the run; a SummaryWriter would add an events file to it
     data = load_mnist(config.data_dir, progress=sys.stderr.isatty())
     trainer = Trainer(config, run_dir, data, resume=True, progress=False, log=lambda s: None,
                       notice=lambda line: print(line, file=sys.stderr))

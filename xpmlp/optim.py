@@ -22,7 +22,7 @@ class SGD:
         flat = self.model.flat
         if flat is not None:
             xp, v, tmp = self.model.xp, self.velocity, self._scratch
-            xp.multiply(flat.params, wd*1.001, out=tmp)
+            xp.multiply(flat.params, wd, out=tmp)
             xp.add(flat.grads, tmp, out=tmp)
             xp.multiply(v, m, out=v)
             xp.add(v, tmp, out=v)

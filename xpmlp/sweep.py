@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,16 +46,17 @@ def load_grid(path):
     except tomllib.TOMLDecodeError as exc:
         raise TrainError(f"sweep config {path}: {exc}") from None
     defaults, grid = spec.get("defaults", {}), spec.get("grid", {})
-    unknown = (set(defaults) | set(grid)) - _FIELDS
+    rules = spec.get("overrides", [])
+    unknown = (set(defaults) | set(grid) | {k for r in rules for k in (*r.get("when", {}), *r.get("set", {}))}) - _FIELDS
     if unknown:
         raise TrainError(f"sweep config {path}: unknown settings {sorted(unknown)}")
     keys = list(grid)
     points = []
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
         settings = dict(defaults, **dict(zip(keys, values)))
-        for rule in spec.get("overrides", []):
-            if all(settings.get(k) == v for k, v in rule["when"].items()):
-                settings.update(rule["set"])
+        for rule in rules:
+            if all(settings.get(k) == v for k, v in rule.get("when", {}).items()):
+                settings.update(rule.get("set", {}))
         TrainConfig(**settings).validate()
         points.append((run_name(settings), settings))
     return points, spec.get("out", "runs/sweep")
@@ -69,13 +71,16 @@ def run_name(settings):
     return "_".join([config.name, *extra])
 
 
-def run_state(run_dir):
-    """'done' (completed or diverged at full length), 'resume' (has a checkpoint) or 'new'."""
+def run_state(run_dir, epochs=None):
+    """'done' (completed or diverged at full length), 'resume' (has a checkpoint) or 'new'.
+    ``epochs`` is the length the sweep asks for now (default: the run's own), so a run
+    cut short by a quick ``--epochs 1`` trial is extended, not taken as done."""
     summary = run_dir / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        config = json.loads((run_dir / "config.json").read_text())
-        if s["status"] == "diverged" or (s["status"] == "completed" and s["epochs_completed"] >= config["epochs"]):
+        if epochs is None:
+            epochs = json.loads((run_dir / "config.json").read_text())["epochs"]
+        if s["status"] == "diverged" or (s["status"] == "completed" and s["epochs_completed"] >= epochs):
             return "done"
     return "resume" if (run_dir / CHECKPOINT).exists() else "new"
 
@@ -115,7 +120,7 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
             if epochs is not None:
                 settings = dict(settings, epochs=epochs)
             runs.setdefault(Path(out or root) / name, settings)
-    todo = [(d, s, run_state(d)) for d, s in runs.items()]
+    todo = [(d, s, run_state(d, s.get("epochs", TrainConfig.epochs))) for d, s in runs.items()]
     print(f"sweep: {len(runs)} runs, {sum(st == 'done' for *_, st in todo)} already done, "
           f"{sum(st == 'resume' for *_, st in todo)} to resume; {jobs} at a time", flush=True)
     # Slowest first (small batches, deep nets), so the last runs to finish are short ones.
@@ -129,17 +134,27 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
     env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     total_epochs = sum(s.get("epochs", TrainConfig.epochs) for _, s, _ in todo)
     bar = tqdm(total=total_epochs, desc="sweep", unit="epoch", disable=None)
+    finished = 0
     running, failed, pending = {}, [], list(todo)
+    stop = []
+
+    def on_signal(signum, frame):  # Ctrl-C or kill: let each run checkpoint, start nothing new
+        stop.append(signum)
+        for proc in running:
+            proc.send_signal(signal.SIGINT)
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while pending or running:
-            while pending and len(running) < jobs:
+        while (pending and not stop) or running:
+            while pending and not stop and len(running) < jobs:
                 run_dir, settings, state = pending.pop(0)
                 if state == "new" and run_dir.exists():
                     shutil.rmtree(run_dir)  # a start that never reached its first checkpoint
                 run_dir.mkdir(parents=True, exist_ok=True)
                 log = open(run_dir / "train.log", "a")
                 proc = subprocess.Popen(_command(run_dir, settings, state, device, data_dir),
-                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                                        stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)  # signals reach runs only through us
                 running[proc] = (run_dir, log, 0)
                 tqdm.write(f"start  {run_dir} ({state})")
             time.sleep(1.0)
@@ -152,22 +167,24 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
                 log.close()
                 del running[proc]
                 status = _status(run_dir)
-                if proc.returncode != 0 or status not in ("completed", "diverged"):
+                if status in ("completed", "diverged") and proc.returncode == 0:
+                    finished += 1
+                    tqdm.write(f"{status:9} {run_dir}  [{finished}/{len(todo)} runs]")
+                elif status == "interrupted":
+                    tqdm.write(f"interrupted {run_dir} (rerun the sweep to resume it)")
+                else:
                     failed.append(run_dir)
                     tqdm.write(f"FAILED {run_dir} (exit {proc.returncode}; see {run_dir / 'train.log'})")
-                else:
-                    tqdm.write(f"{status:9} {run_dir}")
-    except KeyboardInterrupt:
-        # The runs received the same Ctrl-C: each checkpoints and exits; wait for them.
-        for proc in running:
-            proc.wait()
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         bar.close()
+    if stop:
         print("sweep interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    bar.close()
-    print(f"sweep: {len(todo) - len(failed)} of {len(todo)} runs finished"
+    print(f"sweep: {finished} of {len(todo)} runs finished"
           + (f"; failed: {', '.join(map(str, failed))}" if failed else ""), flush=True)
-    return 1 if failed else 0
+    return 0 if finished == len(todo) else 1
 
 
 def _cost(item):

@@ -213,7 +213,8 @@ def evaluate(model, x, y, chunk=1000):
     n = x.shape[0]
     loss_sum = acc_sum = 0
     for start in range(0, n, chunk):
-        xb, yb = x[start:start + chunk, ...], y[start:start + chunk]
+        stop = min(start + chunk, n)  # the Array API leaves 2-D x[a:b] and out-of-range stops unspecified
+        xb, yb = x[start:stop, ...], y[start:stop]
         out = model.forward(xb)
         rows = xb.shape[0]
         loss_sum = loss_sum + model.loss.forward(out, yb) * rows
@@ -271,7 +272,7 @@ class Trainer:
             self.rng.bit_generator.state = state.pop("rng")
             state.pop("num_params")
             self.state.update(state, status="running")
-            self._truncate_metrics(self.state["epoch"])
+        self._resumed = resume  # metrics past the checkpoint are dropped by run(), not here: eval only reads
         self.writer = None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
@@ -326,6 +327,8 @@ class Trainer:
         n, batch = x_train.shape[0], cfg.batch_size
         iters = n // batch  # the report's batch sizes all divide 60000; a remainder is dropped
         last = {}
+        if self._resumed:
+            self._truncate_metrics(self.state["epoch"])
         with _StopFlag() as flag:
             while self.state["epoch"] < cfg.epochs:
                 epoch = self.state["epoch"] + 1
