@@ -28,8 +28,9 @@ bench: $(STAMP)
 	$(VENV)/bin/xpmlp bench
 
 reproduce: $(STAMP)
-	$(VENV)/bin/xpmlp sweep experiments/reproduce.toml --jobs 2 --device cpu
-	$(VENV)/bin/xpmlp report --sweep experiments/reproduce.toml --out experiments/results
+	$(VENV)/bin/xpmlp sweep experiments/table11_models.toml experiments/table12_learning_rate.toml \
+	    experiments/table13_momentum.toml experiments/table14_batch_size.toml --jobs 2 --device cpu
+	$(VENV)/bin/xpmlp report --runs-under runs/reproduce --out experiments/results --copy-runs
 
 gpu-check:
 	bash experiments/gpu_check.sh

@@ -183,8 +183,11 @@ def cmd_report(args):
         run_dirs += sorted(str(p.parent) for p in Path(root).glob("**/config.json"))
     if not run_dirs:
         raise UserError("report: no run directories given (RUN_DIRS... or --runs-under DIR)")
-    for path in make_report(run_dirs, args.out):
+    for path in make_report(run_dirs, args.out, ignore=tuple(args.ignore or ())):
         print(path)
+    if args.copy_runs:
+        from .report import export_runs
+        print(f"copied the records of {len(export_runs(run_dirs, args.out))} runs to {Path(args.out) / 'runs'}")
     return 0
 
 
@@ -234,6 +237,10 @@ def build_parser():
     p.add_argument("run_dirs", nargs="*")
     p.add_argument("--runs-under", action="append", metavar="DIR", help="use every run below DIR")
     p.add_argument("--out", required=True)
+    p.add_argument("--copy-runs", action="store_true",
+                   help="also copy each run's config, summary and epoch records to OUT/runs/")
+    p.add_argument("--ignore", action="append", metavar="KEY",
+                   help="config key not to match on (e.g. epochs, for short trial runs)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="time training epochs against PyTorch and the GEMM limit")

@@ -295,3 +295,19 @@ def make_report(run_dirs, out_dir, published_path=None, ignore=()) -> list[Path]
     runs = [load_run(d) for d in run_dirs if (Path(d) / "config.json").exists()]
     matched = match_runs(published, runs, ignore=ignore)
     return [write_tables(matched, out_dir, runs), *write_figures(matched, runs, out_dir)]
+
+
+def export_runs(run_dirs, out_dir) -> list[Path]:
+    """Copy each run's light records (config.json, summary.json and its epoch records as
+    epochs.jsonl; no checkpoints, no per-iteration logs) to out_dir/runs/<run name>."""
+    written = []
+    for d in map(Path, run_dirs):
+        run = load_run(d)
+        dest = Path(out_dir) / "runs" / d.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "summary.json"):
+            if (d / name).exists():
+                (dest / name).write_bytes((d / name).read_bytes())
+        (dest / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.epochs))
+        written.append(dest)
+    return written
