@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# test: pytest + array-api-strict; oracle: CPU PyTorch; cuda12: real CuPy, so the
-	# "CuPy present, no GPU" error path is tested even on machines without one.
-	$(PY) -m pip install --quiet -e '.[test,oracle,cuda12]'
+	# "CuPy present, no GPU" error path is tested even on machines without one;
+	# fast: Numba's fused CPU kernels.
+	$(PY) -m pip install --quiet -e '.[fast,test,oracle,cuda12]'
 	touch $(STAMP)
 
 test: $(STAMP)

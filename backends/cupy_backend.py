@@ -51,6 +51,22 @@ def device_count(cupy):
     return count
 
 
+class CupyKernels:
+    """Fused elementwise kernels, compiled once per process (cached on disk by CuPy)."""
+
+    def __init__(self, cupy):
+        self._sgd = cupy.ElementwiseKernel(
+            "T g, T lr, T momentum, T weight_decay", "T p, T v",
+            "T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi;",
+            "xpmlp_sgd_step")
+
+    def sgd_step(self, p, g, v, lr, momentum, weight_decay):
+        t = p.dtype.type
+        self._sgd(g, t(lr), t(momentum), t(weight_decay), p, v)
+
+    softmax_xent = None  # the loss uses its xp path on CuPy
+
+
 class CupyBackend(Backend):
     name = "cupy"
     fast = True
@@ -66,6 +82,7 @@ class CupyBackend(Backend):
         self.cuda_device = cupy.cuda.Device(device_id)
         self.cuda_device.use()
         super().__init__(cupy, f"cuda:{device_id}")
+        self.kernels = CupyKernels(cupy)
 
     def asarray(self, a, dtype=None):
         with self.cuda_device:

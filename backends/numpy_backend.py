@@ -10,9 +10,26 @@ class NumpyBackend(Backend):
 
     def __init__(self):
         super().__init__(np, "cpu")
+        self._kernels = False
+
+    @property
+    def kernels(self):
+        """Numba-fused kernels, loaded on first use; None without Numba."""
+        if self._kernels is False:
+            from .numpy_kernels import load
+            self._kernels = load()
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value):  # tests switch the kernels off to check the NumPy path
+        self._kernels = value
 
     def to_numpy(self, a):
         return np.asarray(a)
 
     def describe(self):
-        return {"backend": self.name, "device": "cpu", "numpy": np.__version__}
+        found = {"backend": self.name, "device": "cpu", "numpy": np.__version__}
+        if self.kernels is not None:
+            import numba
+            found["numba"] = numba.__version__
+        return found

@@ -85,6 +85,9 @@ def config_from_args(args):
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"--resume {run_dir}: no checkpoint to resume from")
     saved = json.loads((run_dir / "config.json").read_text())
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "diverged":
+        raise UserError(f"--resume {run_dir}: the run diverged (non-finite loss); its weights are not worth continuing")
     config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
     if config.hidden is None and config.model not in _models():
         raise UserError(f"--resume {run_dir}: unknown model {config.model!r} in config.json")

@@ -52,9 +52,17 @@ class SoftmaxCrossEntropyLoss(Loss):
     Log-sum-exp with the row maximum subtracted, so no exponent overflows.
     """
 
+    grad = None  # set by a fused forward (kernels.softmax_xent)
+
     def forward(self, output, labels):
         xp = self.xp
         self.n = output.shape[-2]
+        kernels = self.backend.kernels if self.fast else None
+        if kernels is not None and kernels.softmax_xent is not None and output.ndim == 2:
+            # One fused pass computes the loss and, already, its gradient.
+            self.grad = self.buffers.get("dx", output.shape)
+            return kernels.softmax_xent(output, labels, self.grad)
+        self.grad = None
         shifted = output - xp.max(output, axis=-1, keepdims=True)
         exp_shifted = xp.exp(shifted)
         sum_exp = xp.sum(exp_shifted, axis=-1, keepdims=True)
@@ -65,6 +73,8 @@ class SoftmaxCrossEntropyLoss(Loss):
 
     def backward(self):
         xp = self.xp
+        if self.grad is not None:
+            return self.grad
         if not self.fast:
             return (self.prob - self.targets) / self.n
         dx = xp.subtract(self.prob, self.targets, out=self.buffers.get("dx", self.prob.shape))

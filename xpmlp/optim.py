@@ -20,6 +20,10 @@ class SGD:
     def step(self):
         lr, m, wd = self.lr, self.momentum, self.weight_decay
         flat = self.model.flat
+        kernels = self.model.backend.kernels if flat is not None else None
+        if kernels is not None:  # one fused pass over the flat buffers
+            kernels.sgd_step(flat.params, flat.grads, self.velocity, lr, m, wd)
+            return
         if flat is not None:
             xp, v, tmp = self.model.xp, self.velocity, self._scratch
             xp.multiply(flat.params, wd, out=tmp)

@@ -50,6 +50,9 @@ def load_grid(path):
     unknown = (set(defaults) | set(grid) | {k for r in rules for k in (*r.get("when", {}), *r.get("set", {}))}) - _FIELDS
     if unknown:
         raise TrainError(f"sweep config {path}: unknown settings {sorted(unknown)}")
+    not_lists = [k for k, v in grid.items() if not isinstance(v, list)]
+    if not_lists:
+        raise TrainError(f"sweep config {path}: [grid] values must be lists, e.g. lr = [0.1]; not {not_lists}")
     keys = list(grid)
     points = []
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
@@ -57,7 +60,10 @@ def load_grid(path):
         for rule in rules:
             if all(settings.get(k) == v for k, v in rule.get("when", {}).items()):
                 settings.update(rule.get("set", {}))
-        TrainConfig(**settings).validate()
+        try:
+            TrainConfig(**settings).validate()
+        except TypeError as exc:  # a value of the wrong type, e.g. lr = "0.1"
+            raise TrainError(f"sweep config {path}: {settings}: {exc}") from None
         points.append((run_name(settings), settings))
     return points, spec.get("out", "runs/sweep")
 
