@@ -1,0 +1,51 @@
+"""Run one computation on NumPy and on another backend and compare (after the pattern of
+``cupy.testing.numpy_cupy_allclose``).  A computation is ``fn(backend)`` returning host
+NumPy arrays (via ``backend.to_numpy``), possibly nested in lists, tuples and dicts."""
+import numpy as np
+
+import xpmlp
+
+
+def host(backend, a):
+    """A float64 (or integer) host copy of ``a``: fast-path results live in reused buffers."""
+    a = np.array(backend.to_numpy(a), copy=True)
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
+
+
+def run_on(backend, fn):
+    """``fn(backend)`` with ``backend`` given as a Backend or a name."""
+    return fn(xpmlp.get_backend(backend))
+
+
+def _leaves(tree, path="result"):
+    if isinstance(tree, dict):
+        for key in tree:
+            yield from _leaves(tree[key], f"{path}[{key!r}]")
+    elif isinstance(tree, (list, tuple)):
+        for i, item in enumerate(tree):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, np.asarray(tree)
+
+
+def assert_tree_allclose(actual, expected, *, rtol, atol):
+    """Compare nested results leaf by leaf; ``atol`` is relative to each leaf's largest |value|."""
+    got, want = list(_leaves(actual)), list(_leaves(expected))
+    assert [p for p, _ in got] == [p for p, _ in want], "results differ in structure"
+    for (path, a), (_, b) in zip(got, want):
+        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
+        assert np.all(np.isfinite(a)), f"{path}: non-finite values"
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * (scale or 1.0), err_msg=path)
+
+
+def assert_backend_matches_numpy(fn, backend, *, rtol, atol, reference=None):
+    """Run ``fn`` on ``backend`` and ``reference`` (default ``fn``) on NumPy, then compare.
+
+    ``reference`` lets the NumPy side differ in settings, e.g. float64 plain while
+    ``fn`` runs float32 on the fast path.  Returns the backend's result.
+    """
+    expected = run_on("numpy", reference or fn)
+    actual = run_on(backend, fn)
+    assert_tree_allclose(actual, expected, rtol=rtol, atol=atol)
+    return actual

@@ -1,0 +1,119 @@
+"""Every backend and path computes what NumPy float64 on the plain path computes.
+
+For each of the ten networks: the forward output, the loss, every gradient (and the
+input gradient) of the first step, the loss of each of 5 SGD steps and the weights
+after them.  Also dtypes, and stacked models against one model per slice.
+"""
+import numpy as np
+import pytest
+
+from helpers import assert_backend_matches_numpy, assert_tree_allclose, host, run_on
+from xpmlp import MODELS, SGD, build_model
+
+N, STEPS = 16, 5
+NAMES = pytest.mark.parametrize("name", list(MODELS))
+TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=1e-4, atol=1e-5)}
+
+
+def make_batches(stack=(), seed=10):
+    """STEPS + 1 batches of MNIST-like inputs in [0, 1] (mostly dark) and labels."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(STEPS + 1):
+        shape = stack + (N, 784)
+        x = np.where(rng.random(shape) < 0.25, rng.random(shape), 0.0)
+        batches.append((x, rng.integers(0, 10, size=stack + (N,))))
+    return batches
+
+
+BATCHES = make_batches()
+
+
+def trajectory(name, dtype, fast, batches=BATCHES, stack=(), init=None):
+    """``fn(backend)``: train ``name`` for STEPS SGD steps and record everything on the host."""
+    def fn(backend):
+        model = build_model(name, backend=backend, dtype=dtype, seed=0, fast=fast, stack=stack)
+        if init is not None:
+            model.load_state_arrays(init)
+        opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        dt = backend.dtype(dtype)
+        result = {"losses": []}
+        for step, (x, labels) in enumerate(batches):
+            out = model.forward(backend.asarray(x, dtype=dt))
+            result["losses"].append(host(backend, model.loss.forward(out, backend.asarray(labels))))
+            if step == STEPS:
+                break
+            if step == 0:
+                result["output"] = host(backend, out)
+            dx = model.backward(model.loss.backward(), need_input_grad=step == 0)
+            if step == 0:
+                result["dx"] = host(backend, dx)
+                result["grads"] = [host(backend, getattr(layer, "grad_" + attr))
+                                   for layer, attr in model.parameters()]
+            opt.step()
+        result["params"] = [host(backend, a) for a in model.state_arrays()]
+        return result
+    return fn
+
+
+@NAMES
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_matches_numpy_float64_plain(backend, fast, name, dtype):
+    result = assert_backend_matches_numpy(trajectory(name, dtype, fast), backend,
+                                          reference=trajectory(name, "float64", False), **TOL[dtype])
+    assert len(result["losses"]) == STEPS + 1
+
+
+@NAMES
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fast_path_equals_plain_path_on_numpy(name, dtype):
+    fast = run_on("numpy", trajectory(name, dtype, True))
+    plain = run_on("numpy", trajectory(name, dtype, False))
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+    assert_tree_allclose(fast, plain, **tol)
+
+
+@NAMES
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dtype_is_kept(backend, fast, name, dtype):
+    model = build_model(name, backend=backend, dtype=dtype, fast=fast)
+    want = backend.dtype(dtype)
+    opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, labels = BATCHES[0]
+    out = model.forward(backend.asarray(x, dtype=want))
+    loss = model.loss.forward(out, backend.asarray(labels))
+    model.backward(model.loss.backward())
+    opt.step()
+    arrays = {"output": out, "loss": loss}
+    for i, (layer, attr) in enumerate(model.parameters()):
+        arrays[f"{attr}{i}"] = getattr(layer, attr)
+        arrays[f"grad_{attr}{i}"] = getattr(layer, "grad_" + attr)
+    arrays.update({f"velocity{i}": v for i, v in enumerate(opt.state())})
+    for key, a in arrays.items():
+        assert a.dtype == want, f"{key} is {a.dtype}, not {dtype}"
+    for a in model.state_arrays():
+        assert a.dtype == np.dtype(dtype)
+
+
+@NAMES
+def test_stacked_model_slices_equal_single_models(backend, fast, name):
+    """Slice s of a stack=(2,) model trains exactly like one model given slice s's weights."""
+    stacked_batches = make_batches(stack=(2,), seed=11)
+    stacked = run_on(backend, trajectory(name, "float64", fast, stacked_batches, stack=(2,)))
+    assert np.shape(stacked["losses"][0]) == (2,)
+    single_shapes = [a.shape for a in build_model(name, backend="numpy").state_arrays()]
+    # The stacked model's initial weights (trajectory builds it with seed 0 too).
+    stacked_init = build_model(name, backend="numpy", dtype="float64", seed=0, stack=(2,)).state_arrays()
+    assert [a.shape[0] for a in stacked_init] == [2] * len(single_shapes)
+    for s in range(2):
+        weights = [a[s].reshape(shape) for a, shape in zip(stacked_init, single_shapes)]
+        batches = [(x[s], labels[s]) for x, labels in stacked_batches]
+        single = run_on(backend, trajectory(name, "float64", fast, batches, init=weights))
+        sliced = {
+            "losses": [v[s] for v in stacked["losses"]],
+            "output": stacked["output"][s],
+            "dx": stacked["dx"][s],
+            "grads": [g[s].reshape(shape) for g, shape in zip(stacked["grads"], single_shapes)],
+            "params": [p[s].reshape(shape) for p, shape in zip(stacked["params"], single_shapes)],
+        }
+        assert_tree_allclose(sliced, single, **TOL["float64"])

@@ -1,0 +1,90 @@
+"""backends/ ships inside the library as ``xpmlp.backends``, never as a top-level ``backends``."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Not part of a build: environments, build output, run output, data, tests.
+SKIP = {".git", ".venv", "venv", "build", "dist", "runs", "data", "tests", "experiments",
+        ".pytest_cache"}
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def run_python(code, cwd, **env):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def copy_source(dest):
+    """The source tree without build leftovers, so a stale build/ can't leak into the wheel."""
+    dest.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name in SKIP or entry.name.endswith(".egg-info"):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dest / entry.name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        else:
+            shutil.copy2(entry, dest / entry.name)
+
+
+def test_wheel_ships_backends_inside_xpmlp(tmp_path):
+    src, dist, unpacked, elsewhere = (tmp_path / d for d in ("src", "dist", "unpacked", "elsewhere"))
+    copy_source(src)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "-q", "-w", str(dist), str(src)],
+        capture_output=True, text=True, timeout=300, env=clean_env(PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = dist.glob("xpmlp-*.whl")
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        zf.extractall(unpacked)
+        top_level = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/top_level.txt"))
+        entry_points = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+    for module in sorted(p.name for p in (REPO / "backends").glob("*.py")):
+        assert f"xpmlp/backends/{module}" in names
+    for module in sorted(p.name for p in (REPO / "xpmlp").glob("*.py")):
+        assert f"xpmlp/{module}" in names
+    tops = {n.split("/")[0] for n in names}
+    assert not any(n.startswith("backends/") for n in names), sorted(tops)
+    assert tops - {"xpmlp"} == {wheel.name.split("-py")[0] + ".dist-info"}, sorted(tops)
+    assert top_level.split() == ["xpmlp"]
+    assert "xpmlp = xpmlp.cli:main" in entry_points
+
+    # Importable from the unpacked wheel alone, from a directory holding no source.
+    elsewhere.mkdir()
+    code = ("import sys, xpmlp, xpmlp.backends\n"
+            "print(xpmlp.__file__); print(xpmlp.backends.__file__)\n"
+            "b = xpmlp.get_backend('numpy')\n"
+            "m = xpmlp.build_model('mlp1-relu-sce', backend=b)\n"
+            "import numpy as np\n"
+            "assert m.forward(b.asarray(np.zeros((2, 784), dtype=np.float32))).shape == (2, 10)\n"
+            "try:\n    import backends\nexcept ModuleNotFoundError:\n    pass\n"
+            "else:\n    sys.exit('top-level backends importable: ' + backends.__file__)\n")
+    result = run_python(code, elsewhere, PYTHONPATH=str(unpacked))
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = [Path(line) for line in result.stdout.split()]
+    assert files == [unpacked / "xpmlp" / "__init__.py", unpacked / "xpmlp" / "backends" / "__init__.py"]
+
+
+def test_installed_package_has_no_top_level_backends(tmp_path):
+    """The install the tests run against (editable in development) maps the same way."""
+    code = ("import xpmlp.backends\n"
+            "from xpmlp.backends import get_backend\n"
+            "print(xpmlp.backends.__file__)\n"
+            "try:\n    import backends\nexcept ModuleNotFoundError as exc:\n    print(exc.name)\n"
+            "else:\n    raise SystemExit('top-level backends importable: ' + backends.__file__)\n")
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    backends_file, missing = result.stdout.split()
+    assert Path(backends_file).parent.name == "backends" and missing == "backends"
