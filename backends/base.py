@@ -29,6 +29,11 @@ class Backend:
     def to_numpy(self, a):
         return np.asarray(a)
 
+    def take_rows(self, a, indices, out=None):
+        """Rows ``indices`` of ``a``, written into ``out`` when given (the batch gather)."""
+        xp = self.xp
+        return xp.take(a, indices, axis=0) if out is None else xp.take(a, indices, axis=0, out=out)
+
     def synchronize(self):
         """Wait for queued device work; a no-op on the CPU."""
 

@@ -232,13 +232,13 @@ class Stepper:
         self._batch = None  # fast path: the batch is gathered into fixed buffers
 
     def gather(self, x, y, idx):
-        xp = self.xp
+        take = self.model.backend.take_rows
         if self.model.flat is None:
-            return xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
+            return take(x, idx), take(y, idx)
         if self._batch is None or self._batch[0].shape[0] != idx.shape[0]:
-            self._batch = (xp.empty((idx.shape[0], x.shape[1]), dtype=x.dtype),
-                           xp.empty((idx.shape[0],), dtype=y.dtype))
-        return (xp.take(x, idx, axis=0, out=self._batch[0]), xp.take(y, idx, axis=0, out=self._batch[1]))
+            self._batch = (self.xp.empty((idx.shape[0], x.shape[1]), dtype=x.dtype),
+                           self.xp.empty((idx.shape[0],), dtype=y.dtype))
+        return take(x, idx, out=self._batch[0]), take(y, idx, out=self._batch[1])
 
     def step(self, x, y, idx, loss_out, acc_out, i):
         model = self.model
