@@ -98,20 +98,24 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- files written safely
 
-def atomic_write_bytes(path, data):
-    """Write to a temporary file beside ``path``, fsync, then rename: a killed process or
-    full disk leaves either the old file or the new one, never half of one."""
+def atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename: a killed
+    process or full disk leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path, data):
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _clean(value):
@@ -151,17 +155,7 @@ def save_checkpoint(run_dir, model, optimizer, state, partial):
     arrays.update({f"partial_{k}": v for k, v in partial.items()})
     arrays.update({f"velocity_{i}": model.backend.to_numpy(v) for i, v in enumerate(optimizer.state())})
     arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-    path = Path(run_dir) / CHECKPOINT
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(run_dir):
