@@ -195,3 +195,13 @@ def test_make_report_no_runs(tmp_path):
     md = paths[0].read_text()
     assert paths == [tmp_path / "tables.md"]
     assert "0 of 37 grid rows have a run" in md and md.count("— (not run)") == 37
+
+
+def test_last_epochs_column_is_mean_min_max_of_test_accuracy(tmp_path):
+    from xpmlp.report import Run, _tail
+    epochs = [{"kind": "epoch", "epoch": e, "test_acc": a}
+              for e, a in enumerate([0.5] * 5 + [0.90, 0.92, None, 0.94, 0.96, 0.98, 0.90, 0.92, 0.94, 0.96, 0.98], 1)]
+    run = Run(tmp_path, {}, {}, epochs, [])
+    # the last 10 evaluated epochs skip the unevaluated one and the early 0.5s
+    assert _tail(run) == "94.00 [90.00, 98.00]"
+    assert _tail(None) == "—"

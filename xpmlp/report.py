@@ -133,6 +133,15 @@ def _cell(key: str, ours: float | None, rep: float) -> str:
     return s + ")"
 
 
+def _tail(run: Run | None, k: int = 10) -> str:
+    """Test accuracy over the last k evaluated epochs, 'mean [min, max]' in %: without a
+    decaying learning rate the final epoch is one noisy sample of this range."""
+    accs = [e["test_acc"] for e in (run.epochs if run else []) if e.get("test_acc") is not None][-k:]
+    if not accs:
+        return "—"
+    return f"{100 * sum(accs) / len(accs):.2f} [{100 * min(accs):.2f}, {100 * max(accs):.2f}]"
+
+
 def _device(run: Run) -> str:
     used = run.config.get("device_used") or {}
     if isinstance(used, dict) and used:
@@ -170,16 +179,18 @@ def write_tables(matched: dict, out_dir, runs) -> Path:
              f"{n_hit} of {n_rows} grid rows have a run ({len(runs)} run directories read, "
              f"{sum(id(r) not in used for r in runs)} matched no row).", "",
              "Each cell: **ours (report, Δ = ours − report)**; accuracies in %, Δ in points; "
-             "train time Δ is the ratio ours/report. `—` = not run.", ""]
+             "train time Δ is the ratio ours/report. `—` = not run. The last-10-epochs column "
+             "gives our test accuracy's mean [min, max] over the final 10 epochs.", ""]
     for name, pairs in matched.items():
         title = pairs[0][0].get("_title", name) if pairs else name
         keys = [k for k in METRICS if any(k in row for row, _ in pairs)]
-        lines += [f"## {title}", "", "| Row | " + " | ".join(COLUMNS[k] for k in keys) + " | Run |",
-                  "|---|" + "---:|" * len(keys) + "---|"]
+        lines += [f"## {title}", "", "| Row | " + " | ".join(COLUMNS[k] for k in keys)
+                  + " | Test Acc., last 10 epochs (%) | Run |",
+                  "|---|" + "---:|" * (len(keys) + 1) + "---|"]
         for row, r in pairs:
             cells = [_cell(k, None if r is None else r.metric(k), _num(row[k])) for k in keys]
             run = "— (not run)" if r is None else f"`{r.path.name}` ({r.status})"
-            lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {run} |")
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {_tail(r)} | {run} |")
         lines += [""] + _notes(pairs) + [""]
     path = out / "tables.md"
     path.write_text("\n".join(lines))
