@@ -271,11 +271,13 @@ def write_figures(matched: dict, runs, out_dir) -> list[Path]:
     t11 = [(row, r) for row, r in matched.get("table11", []) if r is not None]
     for row, r in t11:   # Figure 2: one per network
         fig, a, b = _two_panels(plt, f"Figure 2: {row['label']} ({r.path.name})", "iteration")
-        _lines(a, b, *_curve(r), lw=0.6,
+        _lines(a, b, *_curve(r), lw=0.4, alpha=0.35 if r.iters else 1.0, color="tab:blue",
                label="train (per iteration)" if r.iters else "train (epoch mean)")
+        if r.iters:  # the raw curve is a band of noise: draw its running mean on top
+            _lines(a, b, *_curve(r, window=100), lw=1.2, color="navy", label="train (mean of 100 iterations)")
         ev = [e for e in r.epochs if (e.get("test_acc"), e.get("test_loss")) != (None, None)]
         _lines(a, b, [e["iter"] for e in ev], [_num(e.get("test_loss")) for e in ev],
-               [_num(e.get("test_acc")) for e in ev], "o", ms=3, label="test (per epoch)")
+               [_num(e.get("test_acc")) for e in ev], "o", ms=3, color="tab:orange", label="test (per epoch)")
         _save(plt, fig, out_dir / f"fig2_{row['model']}.png", written)
     if t11:   # Figure 3: all networks, down-sampled
         fig, a, b = _two_panels(plt, "Figure 3: training of the ten networks "
