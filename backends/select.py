@@ -33,7 +33,8 @@ def get_backend(name="auto", *, notice=None):
         try:
             return CupyBackend(0)
         except BackendUnavailable as exc:
-            line = f"xpmlp: no usable CUDA GPU, training on the CPU with NumPy ({str(exc).split(';')[0]})"
+            why = re.sub(r" \(.*\)$", "", str(exc).split(";")[0])  # the reason, without CUDA's own words
+            line = f"xpmlp: no usable CUDA GPU ({why}); training on the CPU with NumPy"
             (notice or (lambda s: print(s, file=sys.stderr)))(line)
             return NumpyBackend()
     raise BackendUnavailable(f"unknown device {name!r}; choose one of: {', '.join(NAMES)}")

@@ -98,7 +98,7 @@ def test_auto_falls_back_to_numpy_with_one_line_notice():
     assert len(lines) == 1
     line = lines[0]
     assert isinstance(line, str) and "\n" not in line
-    assert line.startswith("xpmlp: no usable CUDA GPU, training on the CPU with NumPy (")
+    assert line.startswith("xpmlp: no usable CUDA GPU (") and line.endswith("; training on the CPU with NumPy")
     assert "CuPy" in line
 
 
