@@ -186,7 +186,12 @@ def cmd_report(args):
         run_dirs += sorted(str(p.parent) for p in Path(root).glob("**/config.json"))
     if not run_dirs:
         raise UserError("report: no run directories given (RUN_DIRS... or --runs-under DIR)")
-    for path in make_report(run_dirs, args.out, ignore=tuple(args.ignore or ())):
+    from .report import PUBLISHED
+    published = Path(args.published) if args.published else PUBLISHED
+    if not published.is_file():
+        raise UserError(f"report: the report's published numbers are not at {published} "
+                        "(they live in experiments/published.toml of the source tree; pass --published PATH)")
+    for path in make_report(run_dirs, args.out, published_path=published, ignore=tuple(args.ignore or ())):
         print(path)
     if args.copy_runs:
         from .report import export_runs
@@ -240,6 +245,7 @@ def build_parser():
     p.add_argument("run_dirs", nargs="*")
     p.add_argument("--runs-under", action="append", metavar="DIR", help="use every run below DIR")
     p.add_argument("--out", required=True)
+    p.add_argument("--published", metavar="TOML", help="the report's numbers (default: experiments/published.toml)")
     p.add_argument("--copy-runs", action="store_true",
                    help="also copy each run's config, summary and epoch records to OUT/runs/")
     p.add_argument("--ignore", action="append", metavar="KEY",
