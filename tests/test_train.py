@@ -354,3 +354,23 @@ def test_unreadable_checkpoint_is_a_train_error(tmp_path, synthetic):
     (run / "checkpoint.npz").unlink()
     with pytest.raises(train.TrainError, match="no checkpoint"):
         Trainer(config(epochs=2), run, synthetic, resume=True, progress=False, log=lambda s: None)
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_training_on_cupy_matches_numpy(tmp_path, synthetic):
+    """The whole loop on the GPU (device-resident data, gathered batches, metrics read once
+    per epoch) follows the CPU's trajectory: same weights, same batch order."""
+    import xpmlp
+    found = xpmlp.available_backends()["cupy"]
+    if isinstance(found, str):
+        pytest.skip(f"cupy: {found}")
+    cpu = train_run(config(epochs=2, dtype="float64", device="numpy"), tmp_path / "cpu", synthetic)
+    gpu = train_run(config(epochs=2, dtype="float64", device="cupy"), tmp_path / "gpu", synthetic)
+    assert gpu["status"] == "completed"
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-9, abs=1e-12), key
+    cpu_ckpt, gpu_ckpt = load_checkpoint(tmp_path / "cpu")[0], load_checkpoint(tmp_path / "gpu")[0]
+    for a, b in zip(gpu_ckpt, cpu_ckpt):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
