@@ -394,6 +394,10 @@ class Trainer:
         diverged = not np.isfinite(losses).all()
         if diverged:
             self.state["status"] = "diverged"
+            # Still evaluate: a network of NaNs predicts class 0 (arg-max of NaNs), which is
+            # the accuracy the report prints for its momentum 1.0 row (9.80% = class 0's share).
+            with np.errstate(all="ignore"):
+                record["test_loss"], record["test_acc"] = evaluate(self.model, x_test, y_test)
         elif epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             record["test_loss"], record["test_acc"] = evaluate(self.model, x_test, y_test)
         iter_records = [{"kind": "iter", "epoch": epoch, "iter": first_iter + i,
