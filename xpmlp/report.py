@@ -294,10 +294,15 @@ def write_figures(matched: dict, runs, out_dir) -> list[Path]:
             continue
         fig, a, b = _two_panels(plt, f"Figure {num}: training with different {what} "
                                 "(2-layer + Relu + SCE; mean over each epoch)", "epoch")
+        sane = []  # losses of the runs that did not diverge: they set the y range
         for i, (row, r) in enumerate(pairs):
             x, loss, acc = _per_epoch(r)
-            _lines(a, b, x, loss, acc, color=cmap(i / max(1, len(pairs) - 1)), marker=".",
-                   label=_label(row, r, loss))
+            label = _label(row, r, loss)
+            _lines(a, b, x, loss, acc, color=cmap(i / max(1, len(pairs) - 1)), marker=".", label=label)
+            if not label.endswith("(diverged)"):
+                sane += [v for v in loss if math.isfinite(v) and v > 0]
+        if sane:  # a diverging run's 1e30 losses would flatten every other curve
+            a.set_ylim(min(sane) / 1.5, max(sane) * 1.5)
         _save(plt, fig, out_dir / fname, written)
     return written
 
