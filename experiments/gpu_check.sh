@@ -15,7 +15,7 @@ b = xpmlp.get_backend("cuda")
 print("backend:", b.describe())
 PY
 echo "== CuPy tests (cross-backend, gradients, oracle, training on the GPU)"
-timeout 330 python -m pytest -q -x -k "cupy or cuda or gpu" tests 2>&1 | tail -n 25
+timeout 330 python -m pytest -q -k "cupy or cuda or gpu" tests 2>&1 | tail -n 25
 tests_rc=${PIPESTATUS[0]}
 echo "== GPU benchmark"
 timeout 120 python -m xpmlp bench --device cuda --epochs 5 --json
