@@ -12,6 +12,7 @@ Method (the README's "Performance" section says the same):
 - The GEMM limit times the same epoch's matrix products alone (forward, weight
   gradients, input gradients except the first layer's), into preallocated outputs.
 """
+import contextlib
 import json
 import os
 import platform
@@ -137,10 +138,13 @@ def _peak_memory_mb(backend):
 
 
 def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None):
-    from threadpoolctl import threadpool_limits
-
     threads = threads or os.cpu_count() or 1
-    with threadpool_limits(limits=threads, user_api="blas"):
+    try:
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(limits=threads, user_api="blas")
+    except ImportError:  # e.g. a GPU box with only the essentials: BLAS threads stay as they are
+        limits = contextlib.nullcontext()
+    with limits:
         return _run(get_backend(device), dtype, epochs, torch_peer, threads)
 
 
