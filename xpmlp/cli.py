@@ -132,11 +132,11 @@ def cmd_train(args):
     config = config_from_args(args)
     progress = not args.quiet and sys.stderr.isatty()
     log = _log_fn(progress)
-    get_backend(config.device, notice=lambda line: print(line, file=sys.stderr))  # fail before any file
+    backend = get_backend(config.device, notice=lambda line: print(line, file=sys.stderr))  # fail before any file
     data = load_mnist(config.data_dir, progress=progress)
     out = _prepare_out(args, config)
     trainer = Trainer(config, out, data, resume=bool(args.resume), progress=progress, log=log,
-                      notice=lambda line: None)
+                      backend=backend)
     trainer.write_config()
     log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
     summary = json.loads(trainer.run().read_text())

@@ -249,10 +249,11 @@ class Trainer:
     progress messages; ``progress`` switches the per-epoch tqdm bar."""
 
     def __init__(self, config, run_dir, data, *, resume=False, progress=True, log=print,
-                 notice=None):
+                 notice=None, backend=None):
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         self.progress, self.log = progress, log
-        self.backend = get_backend(config.device, notice=notice)
+        # ``backend``: one the caller already chose (probing CUDA can take seconds).
+        self.backend = backend or get_backend(config.device, notice=notice)
         self.model = config.build(self.backend)
         self.optimizer = SGD(self.model, lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
