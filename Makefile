@@ -3,23 +3,29 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Tests and CI read the real MNIST from here; users' runs download it.
-XPMLP_DATA_DIR ?= $(abspath ../shared/data/mnist)
-export XPMLP_DATA_DIR
+# Development and CI read the real MNIST from ../shared/data/mnist when it exists;
+# elsewhere the data lives in the per-user cache (~/.cache/xpmlp/mnist), downloaded
+# and verified on first use.  An XPMLP_DATA_DIR set by the caller wins.
+ifeq ($(origin XPMLP_DATA_DIR),undefined)
+  ifneq ($(wildcard ../shared/data/mnist/SHA256SUMS.uncompressed),)
+    export XPMLP_DATA_DIR := $(abspath ../shared/data/mnist)
+  endif
+endif
 
 .PHONY: test train bench reproduce gpu-check clean venv
 
+# Extras: test = pytest + array-api-strict; oracle = CPU PyTorch; cuda12 = real CuPy, so
+# the "CuPy present, no GPU" error path is tested even on machines without one;
+# fast = Numba's fused CPU kernels.
 venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# test: pytest + array-api-strict; oracle: CPU PyTorch; cuda12: real CuPy, so the
-	# "CuPy present, no GPU" error path is tested even on machines without one;
-	# fast: Numba's fused CPU kernels.
 	$(PY) -m pip install --quiet -e '.[fast,test,oracle,cuda12]'
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -c "from xpmlp.data import load_mnist; load_mnist()"  # the tests train on the real MNIST
 	$(PY) -m pytest -q
 
 train: $(STAMP)

@@ -49,3 +49,21 @@ def assert_backend_matches_numpy(fn, backend, *, rtol, atol, reference=None):
     actual = run_on(backend, fn)
     assert_tree_allclose(actual, expected, rtol=rtol, atol=atol)
     return actual
+
+
+def real_mnist_dir():
+    """The real MNIST for the tests: $XPMLP_DATA_DIR, else the development copy in
+    ../shared/data/mnist, else the per-user cache that `make test` fills on first use."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from xpmlp.data import default_cache_dir
+
+    candidates = [os.environ.get("XPMLP_DATA_DIR"),
+                  Path(__file__).resolve().parents[2] / "shared/data/mnist", default_cache_dir()]
+    for path in (Path(c) for c in candidates if c):
+        if path.is_dir() and any(path.glob("train-images-idx3-ubyte*")):
+            return path.resolve()
+    pytest.fail("real MNIST not found: set XPMLP_DATA_DIR, or run `make test`, which downloads it")

@@ -16,21 +16,14 @@ import termios
 from pathlib import Path
 
 import pytest
+from helpers import real_mnist_dir
 
 RESULT_FILES = ("config.json", "summary.json", "checkpoint.npz", "metrics.jsonl")
 FAST = ["--model", "mlp0-sce", "--batch-size", "600", "--device", "cpu"]  # an epoch in well under a second
 
 
-def mnist_dir():
-    """The real MNIST that CI provides: $XPMLP_DATA_DIR, else ../shared/data/mnist."""
-    path = Path(os.environ.get("XPMLP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/data/mnist")
-    if not path.is_dir():
-        pytest.fail(f"real MNIST not found at {path}: set XPMLP_DATA_DIR (CI and `make test` do)")
-    return path.resolve()
-
-
 def env():
-    return dict(os.environ, XPMLP_DATA_DIR=str(mnist_dir()), OPENBLAS_NUM_THREADS="1",
+    return dict(os.environ, XPMLP_DATA_DIR=str(real_mnist_dir()), OPENBLAS_NUM_THREADS="1",
                 OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
@@ -277,7 +270,7 @@ def test_corrupt_data_is_reported_without_downloading(tmp_path, damage):
     """Three good files and one damaged: an error naming the file, no download attempt."""
     data = tmp_path / "mnist"
     data.mkdir()
-    real = mnist_dir()
+    real = real_mnist_dir()
     for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (data / f"{name}.gz").symlink_to(real / f"{name}.gz")
     good = (real / "train-images-idx3-ubyte.gz").read_bytes()

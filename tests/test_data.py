@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import real_mnist_dir
 
 from xpmlp import data
 from xpmlp.data import FILES, SHA256, DataError, find_data_dir, load_mnist, read_idx
 
 NAMES = list(FILES.values())
-REAL_DIR = Path(os.environ.get("XPMLP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/data/mnist")
+REAL_DIR = real_mnist_dir()
 
 
 @pytest.fixture(scope="session")

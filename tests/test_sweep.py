@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import real_mnist_dir
 
 from xpmlp.sweep import load_grid, run_name, run_state, run_sweep
 from xpmlp.train import TrainConfig, TrainError
@@ -24,20 +25,12 @@ GOOD = run_name({"model": "mlp0-sce", "epochs": 2, "batch_size": 600, "lr": 0.01
 BAD = run_name({"model": "mlp0-sce", "epochs": 2, "batch_size": 600, "lr": 1e6})
 
 
-def mnist_dir():
-    """The real MNIST that CI provides: $XPMLP_DATA_DIR, else ../shared/data/mnist."""
-    path = Path(os.environ.get("XPMLP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/data/mnist")
-    if not path.is_dir():
-        pytest.fail(f"real MNIST not found at {path}: set XPMLP_DATA_DIR (CI and `make test` do)")
-    return path.resolve()
-
-
 @pytest.fixture
 def sweep_env(tmp_path, monkeypatch):
     """The sweep's subprocesses start in tmp_path (never the repository root, whose xpmlp/
     would shadow the installed package), quietly, on one BLAS thread each."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XPMLP_DATA_DIR", str(mnist_dir()))
+    monkeypatch.setenv("XPMLP_DATA_DIR", str(real_mnist_dir()))
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")  # the diverging run's overflow warnings
     return tmp_path
 
@@ -50,7 +43,7 @@ def write_config(directory, text=GRID, name="grid.toml", out="runs"):
 
 def sweep(config, capsys, **kwargs):
     kwargs.setdefault("jobs", 2)
-    kwargs.setdefault("data_dir", str(mnist_dir()))
+    kwargs.setdefault("data_dir", str(real_mnist_dir()))
     code = run_sweep([str(config)], **kwargs)
     out = capsys.readouterr().out
     return code, out
@@ -67,7 +60,7 @@ def finished_sweep(tmp_path_factory):
     import sys
     root = tmp_path_factory.mktemp("sweep")
     config = write_config(root)
-    env = dict(os.environ, XPMLP_DATA_DIR=str(mnist_dir()), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, XPMLP_DATA_DIR=str(real_mnist_dir()), PYTHONWARNINGS="ignore")
     p = subprocess.run([sys.executable, "-m", "xpmlp", "sweep", str(config), "--jobs", "2"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
     return root, p.returncode, p.stdout + p.stderr
@@ -149,7 +142,7 @@ def _cut_to_epoch_one(run, config_json):
     fields = {k: v for k, v in config_json.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**dict(fields, model="mlp0-sce", epochs=1, device="numpy"))
     with tempfile.TemporaryDirectory() as tmp:
-        Trainer(cfg, tmp, load_mnist(mnist_dir(), download=False, progress=False),
+        Trainer(cfg, tmp, load_mnist(real_mnist_dir(), download=False, progress=False),
                 progress=False, log=lambda s: None).run()
         shutil.copy(Path(tmp) / "checkpoint.npz", run / "checkpoint.npz")
         (run / "metrics.jsonl").write_text((Path(tmp) / "metrics.jsonl").read_text())
@@ -278,7 +271,7 @@ def test_sweep_command_reports_a_bad_config_in_one_line(tmp_path):
     import sys
     config = write_config(tmp_path, "[grid]\nlr = [0.1]\nmomentun = [0.5]\n")
     p = subprocess.run([sys.executable, "-m", "xpmlp", "sweep", str(config), "--jobs", "2"], cwd=tmp_path,
-                       env=dict(os.environ, XPMLP_DATA_DIR=str(mnist_dir())), capture_output=True, text=True,
+                       env=dict(os.environ, XPMLP_DATA_DIR=str(real_mnist_dir())), capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("xpmlp: error: ") and len(p.stderr.strip().splitlines()) == 1, p.stderr

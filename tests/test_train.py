@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import real_mnist_dir
 
 from xpmlp import train
 from xpmlp.data import Mnist, load_mnist
@@ -20,14 +21,6 @@ from xpmlp.train import Trainer, TrainConfig, load_checkpoint, save_checkpoint, 
 
 TRAIN_N, TEST_N, BATCH = 1000, 300, 100
 ITERS = TRAIN_N // BATCH  # iterations per epoch on the synthetic data
-
-
-def mnist_dir():
-    """The real MNIST that CI provides: $XPMLP_DATA_DIR, else ../shared/data/mnist."""
-    path = Path(os.environ.get("XPMLP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/data/mnist")
-    if not path.is_dir():
-        pytest.fail(f"real MNIST not found at {path}: set XPMLP_DATA_DIR (CI and `make test` do)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +99,7 @@ def no_temp_files(run_dir):
 # ---------------------------------------------------------------- the real MNIST
 
 def test_one_epoch_on_real_mnist_at_report_defaults(tmp_path):
-    data = load_mnist(mnist_dir(), download=False, progress=False)
+    data = load_mnist(real_mnist_dir(), download=False, progress=False)
     cfg = TrainConfig(model="mlp1-relu-sce", epochs=1, device="numpy").validate()
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.init_std, cfg.dtype) == \
         (100, 0.01, 0.9, 5e-4, 0.01, "float32"), "the report's defaults changed"
