@@ -5,7 +5,6 @@ import gzip
 import hashlib
 import http.server
 import io
-import os
 import socket
 import sys
 import threading

@@ -6,7 +6,6 @@ trains a real epoch on the real MNIST at the report's defaults.
 """
 import json
 import math
-import os
 import signal
 import threading
 from pathlib import Path

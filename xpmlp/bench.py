@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from .backends import get_backend
-from .model import accuracy, build_model
+from .model import build_model
 from .optim import SGD
 from .train import Stepper, versions
 
