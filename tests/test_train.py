@@ -368,3 +368,24 @@ def test_training_on_cupy_matches_numpy(tmp_path, synthetic):
     cpu_ckpt, gpu_ckpt = load_checkpoint(tmp_path / "cpu")[0], load_checkpoint(tmp_path / "gpu")[0]
     for a, b in zip(gpu_ckpt, cpu_ckpt):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["numpy", "array-api-strict"])
+def test_denormal_weights_are_flushed_once_per_epoch(tmp_path, synthetic, device):
+    """A dead network's weights decay into denormals, which x86 computes ~40x slower;
+    the trainer flushes them to zero at each epoch's end (normal values untouched)."""
+    t = trainer(config(epochs=1, device=device), tmp_path / "run", synthetic)
+    tiny = np.finfo(np.float32).smallest_normal
+    W = t.backend.to_numpy(t.model.layers[0].W).copy()
+    W[0, :3] = [tiny / 10, -tiny / 1000, tiny * 2]
+    t.model.load_state_arrays([W] + [t.backend.to_numpy(getattr(layer, name))
+                                     for layer, name in t.model.parameters()[1:]])
+    t.optimizer.flush_denormals()
+    W = np.asarray(t.backend.to_numpy(t.model.layers[0].W))
+    assert W[0, 0] == 0 and W[0, 1] == 0 and W[0, 2] == np.float32(tiny * 2)
+    calls = []
+    flush = t.optimizer.flush_denormals
+    t.optimizer.flush_denormals = lambda: (calls.append(1), flush())
+    t.config.epochs = 3
+    t.run()
+    assert len(calls) == 3, "the trainer flushes once per epoch"

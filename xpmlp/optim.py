@@ -38,6 +38,24 @@ class SGD:
             self.velocity[i] = m * self.velocity[i] + (g + wd * p)
             setattr(layer, name, p - lr * self.velocity[i])
 
+    def flush_denormals(self):
+        """Set parameters and velocities smaller than the dtype's smallest normal number
+        to zero.  Weight decay shrinks the weights of a dead network geometrically into
+        denormals, which x86 CPUs compute in slow microcode (a 40x slower epoch was
+        measured); the trainer calls this once per epoch, a negligible cost."""
+        xp, flat = self.model.xp, self.model.flat
+        if flat is not None:
+            for a in (flat.params, self.velocity):
+                a[xp.abs(a) < xp.finfo(a.dtype).smallest_normal] = 0
+            return
+
+        def flushed(a):
+            return xp.where(xp.abs(a) < xp.finfo(a.dtype).smallest_normal, xp.zeros_like(a), a)
+
+        for i, (layer, name) in enumerate(self.model.parameters()):
+            setattr(layer, name, flushed(getattr(layer, name)))
+            self.velocity[i] = flushed(self.velocity[i])
+
     def state(self):
         """Velocity as a list of arrays, one per parameter (for checkpoints)."""
         if self.model.flat is not None:

@@ -364,6 +364,7 @@ class Trainer:
                              f"resume with: xpmlp train --resume {self.run_dir}")
                     break
                 self.state["train_time_s"] += elapsed
+                self.optimizer.flush_denormals()
                 losses, accs = be.to_numpy(loss_per_iter), be.to_numpy(acc_per_iter)
                 last = self._end_epoch(epoch, iters, losses, accs, x_test, y_test)
                 if last.get("diverged"):
