@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .train import CHECKPOINT, TRAJECTORY_KEYS, TrainConfig, TrainError
+from .train import CHECKPOINT, TRAJECTORY_KEYS, TrainConfig, TrainError, load_run_config, read_json
 
 DEFAULTS = TrainConfig()
 
@@ -84,15 +84,12 @@ def config_from_args(args):
         raise UserError(f"--resume {run_dir}: not a run directory (no config.json)")
     if not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"--resume {run_dir}: no checkpoint to resume from")
-    saved = json.loads((run_dir / "config.json").read_text())
     summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "diverged":
+    if summary.is_file() and read_json(summary).get("status") == "diverged":
         raise UserError(f"--resume {run_dir}: the run diverged (non-finite loss); its weights are not worth continuing")
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    config, saved = load_run_config(run_dir)
     if config.hidden is None and config.model not in _models():
         raise UserError(f"--resume {run_dir}: unknown model {config.model!r} in config.json")
-    if config.hidden is not None:
-        config.model = DEFAULTS.model
     for key, value in given.items():
         old = getattr(config, key)
         if key in TRAJECTORY_KEYS and key != "model" and value != old:
@@ -139,7 +136,7 @@ def cmd_train(args):
                       backend=backend)
     trainer.write_config()
     log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
-    summary = json.loads(trainer.run().read_text())
+    summary = read_json(trainer.run())
     log(f"{summary['status']}: test accuracy {_pct(summary['test_acc'])}, "
         f"train time {summary['train_time_s']:.1f}s -> {out}/summary.json")
     return {"completed": 0, "diverged": 0}.get(summary["status"], 130)
@@ -152,11 +149,7 @@ def cmd_eval(args):
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"{run_dir}: holds no run (needs config.json and {CHECKPOINT})")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = json.loads((run_dir / "config.json").read_text())
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    if config.hidden is not None:
-        config.model = DEFAULTS.model
+    config, _ = load_run_config(run_dir)
     if args.device:
         config.device = args.device
     if args.data_dir:

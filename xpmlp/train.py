@@ -147,6 +147,16 @@ def versions():
     return found
 
 
+def load_run_config(run_dir):
+    """(TrainConfig, raw dict) from a run directory's config.json."""
+    saved = read_json(Path(run_dir) / "config.json")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if config.hidden is not None:  # the saved "model" is a name derived from hidden/activation/loss
+        config.model = TrainConfig.model
+    return config, saved
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(run_dir, model, optimizer, state, partial):
