@@ -27,13 +27,23 @@ def _build():
 
     @jit
     def softmax_xent(logits, labels, grad_out):
-        # Mean -log softmax(x)_label over rows, and its gradient (softmax - onehot)/N.
+        # Mean -log softmax(x)_label over rows, its gradient (softmax - onehot)/N, and the
+        # number of rows whose arg-max is the label: all from one read of the logits.
         n, k = logits.shape
         total = 0.0
+        hits = 0
         for r in range(n):
             row_max = logits[r, 0]
+            arg_max = 0
             for c in range(1, k):
-                row_max = max(row_max, logits[r, c])
+                v = logits[r, c]
+                if v > row_max:
+                    row_max, arg_max = v, c
+            for c in range(k):  # np.argmax semantics: the first NaN wins
+                if np.isnan(logits[r, c]):
+                    arg_max = c
+                    break
+            hits += arg_max == labels[r]
             sum_exp = 0.0
             for c in range(k):
                 e = np.exp(logits[r, c] - row_max)
@@ -43,24 +53,41 @@ def _build():
             for c in range(k):
                 grad_out[r, c] = grad_out[r, c] / sum_exp / n
             grad_out[r, labels[r]] -= 1.0 / n
-        return total / n
+        return total / n, hits / n
 
-    return sgd_step, softmax_xent
+    @jit
+    def relu_backward(y, grad_y, grad_x):
+        # dL/dx = dL/dy where y > 0, else 0 (Eq. 7): one pass, no boolean mask array.
+        y, grad_y, grad_x = y.reshape(-1), grad_y.reshape(-1), grad_x.reshape(-1)
+        for i in range(y.size):
+            grad_x[i] = grad_y[i] if y[i] > 0 else 0
+
+    return sgd_step, softmax_xent, relu_backward
 
 
 class NumbaKernels:
     """The fused kernels, as plain callables (scalars in the arrays' dtype)."""
 
     def __init__(self):
-        self._sgd, self._xent = _build()
+        self._sgd, self._xent, self._relu_backward = _build()
 
     def sgd_step(self, p, g, v, lr, momentum, weight_decay):
         t = p.dtype.type
         self._sgd(p, g, v, t(lr), t(momentum), t(weight_decay))
 
     def softmax_xent(self, logits, labels, grad_out):
-        """Loss (a 0-d array of the logits' dtype); writes dL/dlogits into grad_out."""
-        return np.asarray(self._xent(logits, labels, grad_out), dtype=logits.dtype)
+        """(loss, accuracy) as 0-d arrays of the logits' dtype; writes dL/dlogits into grad_out.
+        Takes C-contiguous 2-D logits and grad_out."""
+        loss, acc = self._xent(logits, labels, grad_out)
+        return np.asarray(loss, dtype=logits.dtype), np.asarray(acc, dtype=logits.dtype)
+
+    def relu_backward(self, y, grad_y, grad_x):
+        """grad_x = grad_y where y > 0, else 0 (arrays of one shape)."""
+        if y.flags.c_contiguous and grad_y.flags.c_contiguous and grad_x.flags.c_contiguous:
+            self._relu_backward(y, grad_y, grad_x)
+        else:  # the kernel walks flat memory
+            np.multiply(grad_y, y > 0, out=grad_x)
+        return grad_x
 
 
 def load():

@@ -1,8 +1,8 @@
 """Every backend and path computes what NumPy float64 on the plain path computes.
 
 For each of the ten networks: the forward output, the loss, every gradient (and the
-input gradient) of the first step, the loss of each of 5 SGD steps and the weights
-after them.  Also dtypes, and stacked models against one model per slice.
+input gradient) of the first step, the loss and accuracy of each of 5 SGD steps and the
+weights after them.  Also dtypes, and stacked models against one model per slice.
 """
 import numpy as np
 import pytest
@@ -37,10 +37,12 @@ def trajectory(name, dtype, fast, batches=BATCHES, stack=(), init=None):
             model.load_state_arrays(init)
         opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
         dt = backend.dtype(dtype)
-        result = {"losses": []}
+        result = {"losses": [], "accuracies": []}
         for step, (x, labels) in enumerate(batches):
             out = model.forward(backend.asarray(x, dtype=dt))
-            result["losses"].append(host(backend, model.loss.forward(out, backend.asarray(labels))))
+            loss, acc = model.loss.forward_with_accuracy(out, backend.asarray(labels))
+            result["losses"].append(host(backend, loss))
+            result["accuracies"].append(host(backend, acc))
             if step == STEPS:
                 break
             if step == 0:
@@ -111,6 +113,7 @@ def test_stacked_model_slices_equal_single_models(backend, fast, name):
         single = run_on(backend, trajectory(name, "float64", fast, batches, init=weights))
         sliced = {
             "losses": [v[s] for v in stacked["losses"]],
+            "accuracies": [v[s] for v in stacked["accuracies"]],
             "output": stacked["output"][s],
             "dx": stacked["dx"][s],
             "grads": [g[s].reshape(shape) for g, shape in zip(stacked["grads"], single_shapes)],

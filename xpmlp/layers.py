@@ -105,8 +105,12 @@ class ReLU(Layer):
         xp = self.xp
         if not self.fast:
             return xp.where(self.y > 0, grad_y, xp.zeros_like(grad_y))
+        grad_x = self.buffers.get("dx", grad_y.shape)
+        kernels = self.backend.kernels
+        if kernels is not None and kernels.relu_backward is not None:
+            return kernels.relu_backward(self.y, grad_y, grad_x)  # one fused pass
         mask = xp.greater(self.y, 0, out=self.buffers.get("mask", self.y.shape, dtype=bool))
-        return xp.multiply(grad_y, mask, out=self.buffers.get("dx", grad_y.shape))
+        return xp.multiply(grad_y, mask, out=grad_x)
 
 
 class Sigmoid(Layer):

@@ -11,6 +11,13 @@ def one_hot(xp, labels, num_classes, dtype):
     return xp.astype(match, dtype) if hasattr(xp, "astype") else match.astype(dtype)
 
 
+def accuracy(xp, output, labels):
+    """Fraction of rows whose arg-max equals the label (a device scalar; per stacked model)."""
+    hits = xp.argmax(output, axis=-1) == labels
+    return xp.mean(xp.astype(hits, output.dtype) if hasattr(xp, "astype") else hits.astype(output.dtype),
+                   axis=-1)
+
+
 class Loss:
     def __init__(self, backend, dtype, fast=False):
         self.backend, self.xp, self.dtype, self.fast = backend, backend.xp, dtype, fast
@@ -25,6 +32,10 @@ class Loss:
         classes[...] = xp.arange(output.shape[-1], dtype=labels.dtype)
         return xp.equal(xp.expand_dims(labels, -1), classes,
                         out=self.buffers.get("onehot", output.shape))
+
+    def forward_with_accuracy(self, output, labels):
+        """(mean loss, accuracy) of one batch; a fused kernel may compute both in one pass."""
+        return self.forward(output, labels), accuracy(self.xp, output, labels)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -54,14 +65,26 @@ class SoftmaxCrossEntropyLoss(Loss):
 
     grad = None  # set by a fused forward (kernels.softmax_xent)
 
+    def _fused(self, output):
+        kernels = self.backend.kernels if self.fast else None
+        if kernels is None or kernels.softmax_xent is None or output.ndim != 2:
+            return None
+        return kernels.softmax_xent
+
+    def forward_with_accuracy(self, output, labels):
+        fused = self._fused(output)
+        if fused is None:
+            return super().forward_with_accuracy(output, labels)
+        # One pass: the loss, its gradient, and the arg-max hits (the row maximum is at hand).
+        self.n = output.shape[-2]
+        self.grad = self.buffers.get("dx", output.shape)
+        return fused(output, labels, self.grad)
+
     def forward(self, output, labels):
         xp = self.xp
         self.n = output.shape[-2]
-        kernels = self.backend.kernels if self.fast else None
-        if kernels is not None and kernels.softmax_xent is not None and output.ndim == 2:
-            # One fused pass computes the loss and, already, its gradient.
-            self.grad = self.buffers.get("dx", output.shape)
-            return kernels.softmax_xent(output, labels, self.grad)
+        if self._fused(output) is not None:
+            return self.forward_with_accuracy(output, labels)[0]
         self.grad = None
         shifted = output - xp.max(output, axis=-1, keepdims=True)
         exp_shifted = xp.exp(shifted)

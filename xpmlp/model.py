@@ -2,7 +2,7 @@
 import numpy as np
 
 from .layers import Linear, ReLU, Sigmoid
-from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss
+from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss, accuracy  # noqa: F401 (re-exported)
 
 ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
 LOSSES = {"mse": EuclideanLoss, "sce": SoftmaxCrossEntropyLoss}
@@ -102,13 +102,6 @@ class Sequential:
 
     def __repr__(self):
         return f"Sequential({', '.join(map(repr, self.layers))}; loss={self.loss!r})"
-
-
-def accuracy(xp, output, labels):
-    """Fraction of rows whose arg-max equals the label (a device scalar; per stacked model)."""
-    hits = xp.argmax(output, axis=-1) == labels
-    return xp.mean(xp.astype(hits, output.dtype) if hasattr(xp, "astype") else hits.astype(output.dtype),
-                   axis=-1)
 
 
 def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", init_std=0.01,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import get_backend
-from .model import MODELS, accuracy, build_mlp, build_model
+from .model import MODELS, build_mlp, build_model
 from .optim import SGD
 
 CHECKPOINT = "checkpoint.npz"
@@ -213,16 +213,15 @@ class _StopFlag:
 
 def evaluate(model, x, y, chunk=1000):
     """Mean loss and accuracy over a whole set, read back once."""
-    xp = model.xp
     n = x.shape[0]
     loss_sum = acc_sum = 0
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)  # the Array API leaves 2-D x[a:b] and out-of-range stops unspecified
         xb, yb = x[start:stop, ...], y[start:stop]
-        out = model.forward(xb)
+        loss, acc = model.loss.forward_with_accuracy(model.forward(xb), yb)
         rows = xb.shape[0]
-        loss_sum = loss_sum + model.loss.forward(out, yb) * rows
-        acc_sum = acc_sum + accuracy(xp, out, yb) * rows
+        loss_sum = loss_sum + loss * rows
+        acc_sum = acc_sum + acc * rows
     be = model.backend
     return float(be.to_numpy(loss_sum)) / n, float(be.to_numpy(acc_sum)) / n
 
@@ -247,9 +246,7 @@ class Stepper:
     def step(self, x, y, idx, loss_out, acc_out, i):
         model = self.model
         xb, yb = self.gather(x, y, idx)
-        out = model.forward(xb)
-        loss_out[i] = model.loss.forward(out, yb)
-        acc_out[i] = accuracy(self.xp, out, yb)
+        loss_out[i], acc_out[i] = model.loss.forward_with_accuracy(model.forward(xb), yb)
         model.backward(model.loss.backward())
         self.optimizer.step()
 
