@@ -5,8 +5,10 @@ Method (the README's "Performance" section says the same):
 - One epoch = shuffle on the host, send the permutation, then 600 steps of gather,
   forward, loss, accuracy, backward and SGD (momentum 0.9, weight decay 5e-4), all
   kept on the device, losses read back once at the end.  No evaluation.
-- Each contender runs one warm-up epoch and then ``--epochs`` timed epochs; we report
-  the median.  The device is synchronised before and after each timed epoch.
+- Each contender runs one warm-up epoch, then ``--epochs`` rounds time one epoch of each
+  contender in turn (interleaved, so a shared machine's drift hits all alike), each after
+  a 0.5 s pause that lets the previous one's spinning threads go idle; we report each
+  one's median.  The device is synchronised before and after each timed epoch.
 - PyTorch eager runs the same model, loss and optimizer on the same device in the same
   process (when torch is installed), with the same number of CPU threads.
 - The GEMM limit times the same epoch's matrix products alone (forward, weight
@@ -30,21 +32,31 @@ from .train import Stepper, versions
 
 MODEL, BATCH, N_TRAIN, FEATURES, CLASSES = "mlp2-relu-sce", 100, 60000, 784, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+# Idle time before each timed epoch: the previous contender's thread pool (OpenBLAS, OpenMP)
+# keeps spinning for up to ~0.2 s after its last call and would slow the next one down.
+SETTLE_S = 0.5
 
 
-def _median_epoch(run_epoch, synchronize, epochs):
-    run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
-    times = []
+def _time_interleaved(contenders, epochs):
+    """Median epoch time of each contender: one warm-up epoch each, then ``epochs`` rounds
+    that time one epoch of every contender in turn, so drift in a shared machine's speed
+    hits all of them alike.  ``contenders`` maps a name to (run_epoch, synchronize)."""
+    for run_epoch, _ in contenders.values():
+        run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
+    times = {name: [] for name in contenders}
     for _ in range(epochs):
-        synchronize()
-        start = time.perf_counter()
-        run_epoch()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, (run_epoch, synchronize) in contenders.items():
+            synchronize()
+            time.sleep(SETTLE_S)
+            start = time.perf_counter()
+            run_epoch()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_ours(backend, x, y, dtype, epochs, seed=0):
+def bench_ours(backend, x, y, dtype, seed=0):
+    """(run_epoch, model): our training epoch."""
     model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed)
     stepper = Stepper(model, SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
     rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
@@ -57,10 +69,10 @@ def bench_ours(backend, x, y, dtype, epochs, seed=0):
             stepper.step(x, y, perm[i * BATCH:(i + 1) * BATCH], losses, accs, i)
         backend.to_numpy(losses)  # the once-per-epoch read of the metrics
 
-    return _median_epoch(epoch, backend.synchronize, epochs), model
+    return epoch, model
 
 
-def bench_gemm_limit(backend, model, epochs):
+def bench_gemm_limit(backend, model):
     """The epoch's matrix products alone, into preallocated outputs."""
     xp, iters = backend.xp, N_TRAIN // BATCH
     linears = [layer for layer in model.layers if hasattr(layer, "W")]
@@ -77,15 +89,16 @@ def bench_gemm_limit(backend, model, epochs):
                 if k > 0:
                     xp.matmul(y, layer.W.T, out=x)
 
-    return _median_epoch(epoch, backend.synchronize, epochs)
+    return epoch
 
 
-def bench_torch(backend, model, x_host, y_host, epochs, threads, seed=0):
-    """PyTorch eager, same model/loss/optimizer/device; None when torch is absent."""
+def bench_torch(backend, model, x_host, y_host, threads, seed=0):
+    """(run_epoch, synchronize, version) for PyTorch eager with the same model, loss,
+    optimizer and device; None when torch is not installed."""
     try:
         import torch
     except ImportError:
-        return None, None
+        return None
     device = "cuda" if backend.name == "cupy" else "cpu"
     dtype = getattr(torch, np.dtype(model.dtype).name)
     layers = []
@@ -127,7 +140,7 @@ def bench_torch(backend, model, x_host, y_host, epochs, threads, seed=0):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return _median_epoch(epoch, sync, epochs), torch.__version__
+    return epoch, sync, torch.__version__
 
 
 def _peak_memory_mb(backend):
@@ -154,10 +167,17 @@ def _run(backend, dtype, epochs, torch_peer, threads):
     y_host = rng.integers(0, CLASSES, N_TRAIN)
     x = backend.asarray(x_host, dtype=backend.dtype(dtype))
     y = backend.asarray(y_host)
-    epoch_s, model = bench_ours(backend, x, y, dtype, epochs)
+    ours, model = bench_ours(backend, x, y, dtype)
+    ours()  # its warm-up, so the memory peak below is the training's own
     memory_key, memory_mb = _peak_memory_mb(backend)  # before torch adds its own
-    gemm_s = bench_gemm_limit(backend, model, epochs)
-    torch_s, torch_version = bench_torch(backend, model, x_host, y_host, epochs, threads) if torch_peer else (None, None)
+    contenders = {"ours": (ours, backend.synchronize),
+                  "gemm": (bench_gemm_limit(backend, model), backend.synchronize)}
+    peer = bench_torch(backend, model, x_host, y_host, threads) if torch_peer else None
+    torch_version = None
+    if peer is not None:
+        contenders["torch"], torch_version = peer[:2], peer[2]
+    median = _time_interleaved(contenders, epochs)
+    epoch_s, gemm_s, torch_s = median["ours"], median["gemm"], median.get("torch")
     result = {
         "model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs,
         "epoch_s": epoch_s, "torch_epoch_s": torch_s, "gemm_limit_epoch_s": gemm_s,

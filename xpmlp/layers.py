@@ -33,7 +33,8 @@ def _call(fn, *args, out=None):
 
 
 def matrix_transpose(xp, a):
-    return xp.matrix_transpose(a) if hasattr(xp, "matrix_transpose") else xp.swapaxes(a, -1, -2)
+    # The ndarray method where there is one: NumPy's module function costs ~1 us a call in Python.
+    return a.swapaxes(-1, -2) if hasattr(a, "swapaxes") else xp.matrix_transpose(a)
 
 
 class Layer:
@@ -80,7 +81,7 @@ class Linear(Layer):
         x_T = matrix_transpose(xp, self.x)
         if self.fast:
             xp.matmul(x_T, grad_y, out=self.grad_W)
-            xp.sum(grad_y, axis=-2, keepdims=self.b.ndim > 1, out=self.grad_b)
+            grad_y.sum(axis=-2, keepdims=self.b.ndim > 1, out=self.grad_b)
         else:
             self.grad_W = xp.matmul(x_T, grad_y)
             self.grad_b = xp.reshape(xp.sum(grad_y, axis=-2), self.b.shape)
