@@ -51,29 +51,6 @@ def device_count(cupy):
     return count
 
 
-class CupyKernels:
-    """Fused elementwise kernels, compiled once per process (cached on disk by CuPy)."""
-
-    def __init__(self, cupy):
-        self._sgd = cupy.ElementwiseKernel(
-            "T g, T lr, T momentum, T weight_decay", "T p, T v",
-            "T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi;",
-            "xpmlp_sgd_step")
-        self._relu_backward = cupy.ElementwiseKernel(
-            "T y, T grad_y", "T grad_x", "grad_x = y > (T)0 ? grad_y : (T)0;", "xpmlp_relu_backward")
-
-    def sgd_step(self, p, g, v, lr, momentum, weight_decay):
-        t = p.dtype.type
-        self._sgd(g, t(lr), t(momentum), t(weight_decay), p, v)
-
-    def relu_backward(self, y, grad_y, grad_x):
-        """grad_x = grad_y where y > 0, else 0, in one kernel instead of a mask and a multiply."""
-        self._relu_backward(y, grad_y, grad_x)
-        return grad_x
-
-    softmax_xent = None  # the loss uses its xp path on CuPy
-
-
 class CupyBackend(Backend):
     name = "cupy"
     fast = True
@@ -89,6 +66,7 @@ class CupyBackend(Backend):
         self.cuda_device = cupy.cuda.Device(device_id)
         self.cuda_device.use()
         super().__init__(cupy, f"cuda:{device_id}")
+        from .cupy_kernels import CupyKernels
         self.kernels = CupyKernels(cupy)
 
     def asarray(self, a, dtype=None):

@@ -75,11 +75,16 @@ class NumbaKernels:
         t = p.dtype.type
         self._sgd(p, g, v, t(lr), t(momentum), t(weight_decay))
 
-    def softmax_xent(self, logits, labels, grad_out):
-        """(loss, accuracy) as 0-d arrays of the logits' dtype; writes dL/dlogits into grad_out.
-        Takes C-contiguous 2-D logits and grad_out."""
+    def softmax_xent(self, logits, labels, grad_out, out=None):
+        """(loss, accuracy) of 2-D logits in one pass; writes dL/dlogits into grad_out.
+
+        ``out``: two arrays to write the loss and the accuracy into (their first element),
+        e.g. this step's slots in the per-iteration records; else new 0-d arrays."""
         loss, acc = self._xent(logits, labels, grad_out)
-        return np.asarray(loss, dtype=logits.dtype), np.asarray(acc, dtype=logits.dtype)
+        if out is None:
+            return np.asarray(loss, dtype=logits.dtype), np.asarray(acc, dtype=logits.dtype)
+        out[0][0], out[1][0] = loss, acc
+        return out
 
     def relu_backward(self, y, grad_y, grad_x):
         """grad_x = grad_y where y > 0, else 0 (arrays of one shape)."""

@@ -9,18 +9,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import pytest  # noqa: E402
 
-import xpmlp  # noqa: E402
+from helpers import backend_or_reason  # noqa: E402
 
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy")
-
-_found = {}
-
-
-def backend_or_reason(name):
-    """The Backend called ``name``, or the reason it is unavailable here (a str); cached."""
-    if not _found:
-        _found.update(xpmlp.available_backends())
-    return _found[name]
 
 
 @pytest.fixture(params=[pytest.param(n, marks=pytest.mark.gpu) if n == "cupy" else n

@@ -12,6 +12,16 @@ def host(backend, a):
     return a.astype(np.float64) if a.dtype.kind == "f" else a
 
 
+_found = {}
+
+
+def backend_or_reason(name):
+    """The Backend called ``name``, or the reason it is unavailable here (a str); cached."""
+    if not _found:
+        _found.update(xpmlp.available_backends())
+    return _found[name]
+
+
 def run_on(backend, fn):
     """``fn(backend)`` with ``backend`` given as a Backend or a name."""
     return fn(xpmlp.get_backend(backend))

@@ -33,9 +33,16 @@ class Loss:
         return xp.equal(xp.expand_dims(labels, -1), classes,
                         out=self.buffers.get("onehot", output.shape))
 
-    def forward_with_accuracy(self, output, labels):
-        """(mean loss, accuracy) of one batch; a fused kernel may compute both in one pass."""
-        return self.forward(output, labels), accuracy(self.xp, output, labels)
+    def forward_with_accuracy(self, output, labels, out=None):
+        """(mean loss, accuracy) of one batch; a fused kernel may compute both in one pass.
+
+        ``out``: two length-1 arrays (e.g. slots of per-iteration records) that receive
+        the loss and the accuracy; they are then what is returned."""
+        loss, acc = self.forward(output, labels), accuracy(self.xp, output, labels)
+        if out is None:
+            return loss, acc
+        out[0][...], out[1][...] = loss, acc
+        return out
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -71,14 +78,14 @@ class SoftmaxCrossEntropyLoss(Loss):
             return None
         return kernels.softmax_xent
 
-    def forward_with_accuracy(self, output, labels):
+    def forward_with_accuracy(self, output, labels, out=None):
         fused = self._fused(output)
         if fused is None:
-            return super().forward_with_accuracy(output, labels)
+            return super().forward_with_accuracy(output, labels, out)
         # One pass: the loss, its gradient, and the arg-max hits (the row maximum is at hand).
         self.n = output.shape[-2]
         self.grad = self.buffers.get("dx", output.shape)
-        return fused(output, labels, self.grad)
+        return fused(output, labels, self.grad, out)
 
     def forward(self, output, labels):
         xp = self.xp

@@ -246,7 +246,7 @@ class Stepper:
     def step(self, x, y, idx, loss_out, acc_out, i):
         model = self.model
         xb, yb = self.gather(x, y, idx)
-        loss_out[i], acc_out[i] = model.loss.forward_with_accuracy(model.forward(xb), yb)
+        model.loss.forward_with_accuracy(model.forward(xb), yb, out=(loss_out[i:i + 1], acc_out[i:i + 1]))
         model.backward(model.loss.backward())
         self.optimizer.step()
 
