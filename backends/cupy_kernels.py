@@ -5,40 +5,27 @@ kernel here replaces several array operations, and therefore several launches.
 """
 import numpy as np
 
-# One block walks the rows (thread t takes rows t, t + blockDim.x, ...) and sums the loss
-# and the hits in shared memory in a fixed order: the result is the same bits every run,
-# which float atomics would not give.  Same arithmetic as the Numba kernel.
-SOFTMAX_XENT_SOURCE = r"""
+# The fused losses.  One block walks the rows (thread t takes rows t, t + blockDim.x, ...)
+# and sums the loss and the hits in shared memory in a fixed order: the result is the
+# same bits every run, which float atomics would not give.  Same arithmetic as the Numba
+# kernels.
+LOSS_SOURCE = r"""
 template <typename T>
-__global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* grad,
-                                   T* loss_out, T* acc_out, const int n, const int k) {
-    extern __shared__ double partial[];  // 2 * blockDim.x: losses, then hits
-    double loss = 0.0, hits = 0.0;
-    for (int r = threadIdx.x; r < n; r += blockDim.x) {
-        const T* row = logits + (long long)r * k;
-        T* g = grad + (long long)r * k;
-        T row_max = row[0];
-        int arg_max = 0;
-        for (int c = 1; c < k; ++c) {
-            if (row[c] > row_max) { row_max = row[c]; arg_max = c; }
-        }
-        for (int c = 0; c < k; ++c) {  // np.argmax semantics: the first NaN wins
-            if (isnan(row[c])) { arg_max = c; break; }
-        }
-        const int label = (int)labels[r];
-        hits += (arg_max == label) ? 1.0 : 0.0;
-        double sum_exp = 0.0;
-        for (int c = 0; c < k; ++c) {
-            const T e = exp(row[c] - row_max);
-            g[c] = e;
-            sum_exp += (double)e;
-        }
-        loss += log(sum_exp) - (double)(row[label] - row_max);
-        for (int c = 0; c < k; ++c) {
-            g[c] = (T)((double)g[c] / sum_exp / n);
-        }
-        g[label] = (T)((double)g[label] - 1.0 / n);
+__device__ int xpmlp_row_argmax(const T* row, const int k) {
+    int arg_max = 0;  // np.argmax semantics: the first maximum, or the first NaN
+    for (int c = 1; c < k; ++c) {
+        if (row[c] > row[arg_max]) arg_max = c;
     }
+    for (int c = 0; c < k; ++c) {
+        if (isnan(row[c])) return c;
+    }
+    return arg_max;
+}
+
+template <typename T>
+__device__ void xpmlp_write_means(const double loss, const double hits, const double loss_divisor,
+                                  const int n, T* loss_out, T* acc_out) {
+    extern __shared__ double partial[];  // 2 * blockDim.x: losses, then hits
     partial[threadIdx.x] = loss;
     partial[blockDim.x + threadIdx.x] = hits;
     __syncthreads();
@@ -50,13 +37,69 @@ __global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* 
         __syncthreads();
     }
     if (threadIdx.x == 0) {
-        *loss_out = (T)(partial[0] / n);
+        *loss_out = (T)(partial[0] / loss_divisor);
         *acc_out = (T)(partial[blockDim.x] / n);
     }
 }
+
+template <typename T>
+__global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* grad,
+                                   T* loss_out, T* acc_out, const int n, const int k) {
+    double loss = 0.0, hits = 0.0;
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        const T* row = logits + (long long)r * k;
+        T* g = grad + (long long)r * k;
+        const int label = (int)labels[r];
+        hits += (xpmlp_row_argmax(row, k) == label) ? 1.0 : 0.0;
+        T row_max = row[0];
+        for (int c = 1; c < k; ++c) row_max = max(row_max, row[c]);
+        double sum_exp = 0.0;
+        for (int c = 0; c < k; ++c) {
+            const T e = exp(row[c] - row_max);
+            g[c] = e;
+            sum_exp += (double)e;
+        }
+        loss += log(sum_exp) - (double)(row[label] - row_max);
+        for (int c = 0; c < k; ++c) g[c] = (T)((double)g[c] / sum_exp / n);
+        g[label] = (T)((double)g[label] - 1.0 / n);
+    }
+    xpmlp_write_means(loss, hits, (double)n, n, loss_out, acc_out);
+}
+
+template <typename T>
+__global__ void xpmlp_euclidean(const T* output, const long long* labels, T* grad,
+                                T* loss_out, T* acc_out, const int n, const int k) {
+    double loss = 0.0, hits = 0.0;
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        const T* row = output + (long long)r * k;
+        T* g = grad + (long long)r * k;
+        const int label = (int)labels[r];
+        hits += (xpmlp_row_argmax(row, k) == label) ? 1.0 : 0.0;
+        for (int c = 0; c < k; ++c) {
+            const T diff = (c == label) ? row[c] - (T)1 : row[c];
+            loss += (double)(diff * diff);
+            g[c] = diff / (T)n;
+        }
+    }
+    xpmlp_write_means(loss, hits, 2.0 * n, n, loss_out, acc_out);
+}
 """
-SOFTMAX_XENT_THREADS = 256
+LOSS_KERNELS = ("xpmlp_softmax_xent", "xpmlp_euclidean")
+LOSS_THREADS = 256
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+# name: (inputs, outputs, body) of each cupy.ElementwiseKernel.
+ELEMENTWISE = {
+    "xpmlp_sgd_step": (  # v <- m*v + (g + wd*p); p <- p - lr*v over the flat buffers
+        "T g, T lr, T momentum, T weight_decay", "T p, T v",
+        "T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi;"),
+    "xpmlp_relu_backward": (  # Eq. (7)
+        "T y, T grad_y", "T grad_x", "grad_x = y > (T)0 ? grad_y : (T)0;"),
+    "xpmlp_sigmoid_forward": (  # Eq. (8) from e^-|x|: no overflow
+        "T x", "T y", "T e = exp(-fabs(x)); y = x >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);"),
+    "xpmlp_sigmoid_backward": (  # Eq. (9)
+        "T y, T grad_y", "T grad_x", "grad_x = grad_y * y * ((T)1 - y);"),
+}
 
 
 class CupyKernels:
@@ -64,13 +107,12 @@ class CupyKernels:
 
     def __init__(self, cupy):
         self.cupy = cupy
-        self._sgd = cupy.ElementwiseKernel(
-            "T g, T lr, T momentum, T weight_decay", "T p, T v",
-            "T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi;",
-            "xpmlp_sgd_step")
-        self._relu_backward = cupy.ElementwiseKernel(
-            "T y, T grad_y", "T grad_x", "grad_x = y > (T)0 ? grad_y : (T)0;", "xpmlp_relu_backward")
-        self._xent_module = None
+        kernels = {name: cupy.ElementwiseKernel(*spec, name) for name, spec in ELEMENTWISE.items()}
+        self._sgd = kernels["xpmlp_sgd_step"]
+        self._relu_backward = kernels["xpmlp_relu_backward"]
+        self._sigmoid_forward = kernels["xpmlp_sigmoid_forward"]
+        self._sigmoid_backward = kernels["xpmlp_sigmoid_backward"]
+        self._loss_module = None
 
     def sgd_step(self, p, g, v, lr, momentum, weight_decay):
         t = p.dtype.type
@@ -81,21 +123,38 @@ class CupyKernels:
         self._relu_backward(y, grad_y, grad_x)
         return grad_x
 
-    def softmax_xent(self, logits, labels, grad_out, out=None):
-        """(loss, accuracy) of 2-D logits in one launch; writes dL/dlogits into grad_out (C-contiguous).
+    def sigmoid_forward(self, x, y):
+        """y = 1 / (1 + e^-x), written into y; returns y."""
+        self._sigmoid_forward(x, y)
+        return y
 
-        ``out``: two arrays to write the loss and the accuracy into (their first element),
-        e.g. this step's slots in the per-iteration records; else new 0-d arrays."""
+    def sigmoid_backward(self, y, grad_y, grad_x):
+        """grad_x = grad_y * y * (1 - y); returns grad_x."""
+        self._sigmoid_backward(y, grad_y, grad_x)
+        return grad_x
+
+    def softmax_xent(self, logits, labels, grad_out, out=None):
+        """(loss, accuracy) of 2-D logits in one launch; writes dL/dlogits into grad_out."""
+        return self._loss("xpmlp_softmax_xent", logits, labels, grad_out, out)
+
+    def euclidean(self, output, labels, grad_out, out=None):
+        """(loss, accuracy) of a 2-D output in one launch; writes dL/doutput into grad_out."""
+        return self._loss("xpmlp_euclidean", output, labels, grad_out, out)
+
+    def _loss(self, name, output, labels, grad_out, out):
+        """``grad_out`` must be C-contiguous.  ``out``: two arrays to write the loss and the
+        accuracy into (their first element), e.g. this step's slots in the per-iteration
+        records; else new 0-d arrays."""
         cp = self.cupy
-        if self._xent_module is None:
-            self._xent_module = cp.RawModule(
-                code=SOFTMAX_XENT_SOURCE, options=("-std=c++14",),
-                name_expressions=[f"xpmlp_softmax_xent<{t}>" for t in CTYPES.values()])
-        kernel = self._xent_module.get_function(f"xpmlp_softmax_xent<{CTYPES[logits.dtype]}>")
-        logits = cp.ascontiguousarray(logits)
+        if self._loss_module is None:
+            self._loss_module = cp.RawModule(
+                code=LOSS_SOURCE, options=("-std=c++14",),
+                name_expressions=[f"{k}<{t}>" for k in LOSS_KERNELS for t in CTYPES.values()])
+        kernel = self._loss_module.get_function(f"{name}<{CTYPES[output.dtype]}>")
+        output = cp.ascontiguousarray(output)
         labels = cp.ascontiguousarray(labels, dtype=cp.int64)
-        loss, acc = out if out is not None else (cp.empty((), logits.dtype), cp.empty((), logits.dtype))
-        n, k = logits.shape
-        kernel((1,), (SOFTMAX_XENT_THREADS,), (logits, labels, grad_out, loss, acc, np.int32(n), np.int32(k)),
-               shared_mem=2 * SOFTMAX_XENT_THREADS * 8)
+        loss, acc = out if out is not None else (cp.empty((), output.dtype), cp.empty((), output.dtype))
+        n, k = output.shape
+        kernel((1,), (LOSS_THREADS,), (output, labels, grad_out, loss, acc, np.int32(n), np.int32(k)),
+               shared_mem=2 * LOSS_THREADS * 8)
         return loss, acc

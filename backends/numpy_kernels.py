@@ -3,6 +3,9 @@
 Each replaces several whole-array NumPy passes with one loop, which matters for the
 memory-bound parts of a step (the optimizer touches every parameter three times).
 Without Numba the NumPy backend has no kernels and the layers use their NumPy path.
+There is no sigmoid forward kernel: Numba calls a scalar exp per element, 20x slower
+than NumPy's vectorised exp (measured 211 us against 10 us for a 100 x 256 batch).
+Constants come in as arguments of the arrays' dtype, so float32 stays float32.
 """
 import numpy as np
 
@@ -26,24 +29,30 @@ def _build():
             p[i] = p[i] - lr * vi
 
     @jit
+    def row_argmax(row):
+        # np.argmax: the first maximum, or the first NaN if there is one.
+        arg_max = 0
+        for c in range(1, row.size):
+            if row[c] > row[arg_max]:
+                arg_max = c
+        for c in range(row.size):
+            if np.isnan(row[c]):
+                return c
+        return arg_max
+
+    @jit
     def softmax_xent(logits, labels, grad_out):
         # Mean -log softmax(x)_label over rows, its gradient (softmax - onehot)/N, and the
-        # number of rows whose arg-max is the label: all from one read of the logits.
+        # fraction of rows whose arg-max is the label: all from one read of the logits.
         n, k = logits.shape
         total = 0.0
         hits = 0
         for r in range(n):
-            row_max = logits[r, 0]
-            arg_max = 0
-            for c in range(1, k):
-                v = logits[r, c]
-                if v > row_max:
-                    row_max, arg_max = v, c
-            for c in range(k):  # np.argmax semantics: the first NaN wins
-                if np.isnan(logits[r, c]):
-                    arg_max = c
-                    break
+            arg_max = row_argmax(logits[r])
             hits += arg_max == labels[r]
+            row_max = logits[r, 0]
+            for c in range(1, k):
+                row_max = max(row_max, logits[r, c])
             sum_exp = 0.0
             for c in range(k):
                 e = np.exp(logits[r, c] - row_max)
@@ -56,42 +65,84 @@ def _build():
         return total / n, hits / n
 
     @jit
+    def euclidean(output, labels, grad_out, one, n_t):
+        # Mean 1/2 ||x - t||^2 over rows, its gradient (x - t)/N, and the accuracy.
+        n, k = output.shape
+        total = 0.0
+        hits = 0
+        for r in range(n):
+            hits += row_argmax(output[r]) == labels[r]
+            for c in range(k):
+                diff = output[r, c] - one if c == labels[r] else output[r, c]
+                total += diff * diff
+                grad_out[r, c] = diff / n_t
+        return total / (2 * n), hits / n
+
+    @jit
     def relu_backward(y, grad_y, grad_x):
         # dL/dx = dL/dy where y > 0, else 0 (Eq. 7): one pass, no boolean mask array.
         y, grad_y, grad_x = y.reshape(-1), grad_y.reshape(-1), grad_x.reshape(-1)
         for i in range(y.size):
             grad_x[i] = grad_y[i] if y[i] > 0 else 0
 
-    return sgd_step, softmax_xent, relu_backward
+    @jit
+    def sigmoid_backward(y, grad_y, grad_x, one):
+        # Eq. (9): dL/dx = dL/dy * y * (1 - y).
+        y, grad_y, grad_x = y.reshape(-1), grad_y.reshape(-1), grad_x.reshape(-1)
+        for i in range(y.size):
+            grad_x[i] = grad_y[i] * y[i] * (one - y[i])
+
+    return sgd_step, softmax_xent, euclidean, relu_backward, sigmoid_backward
+
+
+def _contiguous(*arrays):
+    return all(a.flags.c_contiguous for a in arrays)
 
 
 class NumbaKernels:
     """The fused kernels, as plain callables (scalars in the arrays' dtype)."""
 
     def __init__(self):
-        self._sgd, self._xent, self._relu_backward = _build()
+        self._sgd, self._xent, self._euclidean, self._relu_backward, self._sigmoid_backward = _build()
 
     def sgd_step(self, p, g, v, lr, momentum, weight_decay):
         t = p.dtype.type
         self._sgd(p, g, v, t(lr), t(momentum), t(weight_decay))
 
-    def softmax_xent(self, logits, labels, grad_out, out=None):
-        """(loss, accuracy) of 2-D logits in one pass; writes dL/dlogits into grad_out.
-
-        ``out``: two arrays to write the loss and the accuracy into (their first element),
+    @staticmethod
+    def _metrics(loss, acc, dtype, out):
+        """``out``: two arrays to write the loss and the accuracy into (their first element),
         e.g. this step's slots in the per-iteration records; else new 0-d arrays."""
-        loss, acc = self._xent(logits, labels, grad_out)
         if out is None:
-            return np.asarray(loss, dtype=logits.dtype), np.asarray(acc, dtype=logits.dtype)
+            return np.asarray(loss, dtype=dtype), np.asarray(acc, dtype=dtype)
         out[0][0], out[1][0] = loss, acc
         return out
 
+    def softmax_xent(self, logits, labels, grad_out, out=None):
+        """(loss, accuracy) of 2-D logits in one pass; writes dL/dlogits into grad_out."""
+        loss, acc = self._xent(logits, labels, grad_out)
+        return self._metrics(loss, acc, logits.dtype, out)
+
+    def euclidean(self, output, labels, grad_out, out=None):
+        """(loss, accuracy) of a 2-D output in one pass; writes dL/doutput into grad_out."""
+        t = output.dtype.type
+        loss, acc = self._euclidean(output, labels, grad_out, t(1), t(output.shape[0]))
+        return self._metrics(loss, acc, output.dtype, out)
+
     def relu_backward(self, y, grad_y, grad_x):
         """grad_x = grad_y where y > 0, else 0 (arrays of one shape)."""
-        if y.flags.c_contiguous and grad_y.flags.c_contiguous and grad_x.flags.c_contiguous:
+        if _contiguous(y, grad_y, grad_x):
             self._relu_backward(y, grad_y, grad_x)
         else:  # the kernel walks flat memory
             np.multiply(grad_y, y > 0, out=grad_x)
+        return grad_x
+
+    def sigmoid_backward(self, y, grad_y, grad_x):
+        """grad_x = grad_y * y * (1 - y); returns grad_x."""
+        if _contiguous(y, grad_y, grad_x):
+            self._sigmoid_backward(y, grad_y, grad_x, y.dtype.type(1))
+        else:  # the kernel walks flat memory
+            np.multiply(grad_y * y, 1 - y, out=grad_x)
         return grad_x
 
 

@@ -12,7 +12,8 @@ import pytest
 
 import xpmlp
 from helpers import backend_or_reason
-from xpmlp.losses import SoftmaxCrossEntropyLoss
+from xpmlp.layers import Sigmoid
+from xpmlp.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
@@ -43,18 +44,24 @@ def test_sgd_step_equals_the_formula(backend, dtype):
         np.testing.assert_allclose(backend.to_numpy(p_dev), want_p, rtol=1e-6)
 
 
+LOSSES = pytest.mark.parametrize("kernel,loss_class,scale", [
+    ("softmax_xent", SoftmaxCrossEntropyLoss, 30),  # large logits: stability
+    ("euclidean", EuclideanLoss, 1)])
+
+
+@LOSSES
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-6), (np.float64, 1e-14)])
 @pytest.mark.parametrize("rows", [64, 1000])  # 1000: more rows than CUDA threads in the block
-def test_softmax_xent_matches_the_array_loss_and_accuracy(backend, dtype, rtol, rows):
+def test_fused_loss_matches_the_array_loss_and_accuracy(backend, kernel, loss_class, scale, dtype, rtol, rows):
     rng = np.random.default_rng(1)
-    logits = (rng.normal(size=(rows, 10)) * 30).astype(dtype)  # large logits: stability
+    logits = (rng.normal(size=(rows, 10)) * scale).astype(dtype)
     labels = rng.integers(0, 10, rows)
     labels[:20] = np.argmax(logits[:20], axis=1)  # some hits for certain, the rest by chance
-    plain = SoftmaxCrossEntropyLoss(xpmlp.get_backend("numpy"), dtype, fast=False)
+    plain = loss_class(xpmlp.get_backend("numpy"), dtype, fast=False)
     want_loss = plain.forward(logits, labels)
     want_grad = plain.backward()
     grad = backend.xp.empty(logits.shape, dtype=dtype)
-    loss, acc = backend.kernels.softmax_xent(backend.asarray(logits), backend.asarray(labels), grad)
+    loss, acc = getattr(backend.kernels, kernel)(backend.asarray(logits), backend.asarray(labels), grad)
     loss, acc, grad = (backend.to_numpy(a) for a in (loss, acc, grad))
     assert loss.dtype == dtype and acc.dtype == dtype and loss.shape == acc.shape == ()
     np.testing.assert_allclose(loss, want_loss, rtol=rtol)
@@ -63,20 +70,26 @@ def test_softmax_xent_matches_the_array_loss_and_accuracy(backend, dtype, rtol, 
     assert 20 / rows <= acc < 1
 
 
-def test_softmax_xent_writes_into_the_given_slots(backend):
+@pytest.mark.parametrize("kernel", ["softmax_xent", "euclidean"])
+def test_fused_loss_writes_into_the_given_slots(backend, kernel):
     logits = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]], dtype=np.float32)
     records = backend.xp.zeros((2, 4), dtype=backend.xp.float32)  # losses, accuracies
     out = (records[0, 1:2], records[1, 1:2])
     grad = backend.xp.empty(logits.shape, dtype=backend.xp.float32)
-    returned = backend.kernels.softmax_xent(backend.asarray(logits), backend.asarray(np.array([1, 2])), grad, out)
+    returned = getattr(backend.kernels, kernel)(backend.asarray(logits), backend.asarray(np.array([1, 2])),
+                                                grad, out)
     assert returned[0] is out[0] and returned[1] is out[1]
     got = backend.to_numpy(records)
-    want_loss = np.mean([np.log(np.exp(row).sum()) - row[label] for row, label in zip(logits, [1, 2])])
+    if kernel == "softmax_xent":
+        want_loss = np.mean([np.log(np.exp(row).sum()) - row[label] for row, label in zip(logits, [1, 2])])
+    else:
+        want_loss = np.sum((logits - np.eye(3)[[1, 2]]) ** 2) / (2 * 2)
     np.testing.assert_allclose(got[0], [0, want_loss, 0, 0], rtol=1e-6)
     np.testing.assert_array_equal(got[1], [0, 0.5, 0, 0])
 
 
-def test_softmax_xent_accuracy_follows_argmax_on_ties_and_nans(backend):
+@pytest.mark.parametrize("kernel", ["softmax_xent", "euclidean"])
+def test_fused_accuracy_follows_argmax_on_ties_and_nans(backend, kernel):
     logits = np.zeros((4, 10), dtype=np.float32)
     logits[1, [3, 7]] = 5.0                # a tie: the first maximum wins
     logits[2, [2, 6]] = np.nan, 9.0        # a NaN wins over any number
@@ -84,7 +97,7 @@ def test_softmax_xent_accuracy_follows_argmax_on_ties_and_nans(backend):
     for labels in ([0, 3, 2, 0], [1, 7, 6, 5]):
         labels = np.array(labels)
         grad = backend.xp.empty(logits.shape, dtype=backend.xp.float32)
-        _, acc = backend.kernels.softmax_xent(backend.asarray(logits), backend.asarray(labels), grad)
+        _, acc = getattr(backend.kernels, kernel)(backend.asarray(logits), backend.asarray(labels), grad)
         assert backend.to_numpy(acc) == xpmlp.accuracy(np, logits, labels), labels
 
 
@@ -105,16 +118,55 @@ def test_relu_backward_passes_the_gradient_where_the_output_is_positive(backend,
     np.testing.assert_array_equal(backend.to_numpy(strided), want)
 
 
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-14)])
+def test_fast_sigmoid_layer_matches_the_plain_one(backend, dtype, rtol):
+    """Forward by the backend's kernel where it has one (CuPy), else by the layer's
+    select-free array code (NumPy); backward by the kernel on both."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(40, 30)) * 5).astype(dtype)
+    x[0, :4] = [-1000, -100, 100, 1000]  # e^-x would overflow here; e^-|x| does not
+    plain = Sigmoid(xpmlp.get_backend("numpy"), dtype, fast=False)
+    want_y = plain.forward(x)
+    grad_y = rng.normal(size=x.shape).astype(dtype)
+    want_grad_x = plain.backward(grad_y)
+    fast = Sigmoid(backend, dtype, fast=True)
+    with np.errstate(over="raise", invalid="raise"):  # underflow to 0 is the right answer
+        y = fast.forward(backend.asarray(x))
+    np.testing.assert_allclose(backend.to_numpy(y), want_y, rtol=rtol, atol=0)
+    grad_x = backend.xp.empty(x.shape, dtype=dtype)
+    assert backend.kernels.sigmoid_backward(y, backend.asarray(grad_y), grad_x) is grad_x
+    np.testing.assert_allclose(backend.to_numpy(grad_x), want_grad_x, rtol=rtol, atol=0)
+    # a strided, aliased output takes another route and gives the same answer
+    out = backend.asarray(np.repeat(want_y, 2, axis=1))[:, ::2]
+    backend.kernels.sigmoid_backward(out, backend.asarray(grad_y), out)
+    np.testing.assert_allclose(backend.to_numpy(out), want_grad_x, rtol=rtol, atol=0)
+
+
+def cuda_translation_unit():
+    """All of the CuPy backend's CUDA code as one .cu file for nvcc: the loss kernels with
+    their templates instantiated, and each ElementwiseKernel body inside a device function
+    with its parameters declared as CuPy declares them."""
+    from xpmlp.backends.cupy_kernels import CTYPES, ELEMENTWISE, LOSS_KERNELS, LOSS_SOURCE
+    parts = [LOSS_SOURCE]
+    for name in LOSS_KERNELS:
+        for t in CTYPES.values():
+            parts.append(f"template __global__ void {name}<{t}>(const {t}*, const long long*, {t}*, "
+                         f"{t}*, {t}*, const int, const int);")
+    for name, (inputs, outputs, body) in ELEMENTWISE.items():
+        params = [f"const {p.strip()}" for p in inputs.split(",")] + \
+                 [p.strip().replace(" ", "& ", 1) for p in outputs.split(",")]
+        parts.append(f"template <typename T> __device__ void {name}({', '.join(params)}) {{ {body} }}")
+        for t in CTYPES.values():
+            parts.append(f"template __device__ void {name}<{t}>({', '.join(p.replace('T', t, 1) for p in params)});")
+    return "\n".join(parts) + "\n"
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
-def test_cuda_softmax_xent_source_compiles_for_hopper(tmp_path):
-    """Where no GPU is lent, at least the CUDA C of the fused loss must compile: nvcc checks
-    the same source NVRTC gets on a GPU machine, for both dtypes."""
-    from xpmlp.backends.cupy_kernels import CTYPES, SOFTMAX_XENT_SOURCE
-    instances = "".join(
-        f"template __global__ void xpmlp_softmax_xent<{t}>(const {t}*, const long long*, {t}*, {t}*, {t}*, "
-        "const int, const int);\n" for t in CTYPES.values())
-    source = tmp_path / "softmax_xent.cu"
-    source.write_text(SOFTMAX_XENT_SOURCE + instances)
+def test_cuda_sources_compile_for_hopper(tmp_path):
+    """Where no GPU is lent, at least the CUDA C must compile: nvcc checks the code NVRTC
+    gets on a GPU machine, for both dtypes."""
+    source = tmp_path / "xpmlp_kernels.cu"
+    source.write_text(cuda_translation_unit())
     result = subprocess.run(["nvcc", "-std=c++14", "-arch=sm_90", "-c", str(source), "-o",
-                             str(tmp_path / "softmax_xent.o")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+                             str(tmp_path / "xpmlp_kernels.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr + source.read_text()

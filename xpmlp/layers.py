@@ -108,7 +108,7 @@ class ReLU(Layer):
             return xp.where(self.y > 0, grad_y, xp.zeros_like(grad_y))
         grad_x = self.buffers.get("dx", grad_y.shape)
         kernels = self.backend.kernels
-        if kernels is not None and kernels.relu_backward is not None:
+        if kernels is not None and getattr(kernels, "relu_backward", None) is not None:
             return kernels.relu_backward(self.y, grad_y, grad_x)  # one fused pass
         mask = xp.greater(self.y, 0, out=self.buffers.get("mask", self.y.shape, dtype=bool))
         return xp.multiply(grad_y, mask, out=grad_x)
@@ -126,15 +126,18 @@ class Sigmoid(Layer):
             e = xp.exp(-xp.abs(x))
             self.y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
             return self.y
-        e = self.buffers.get("e", x.shape)
-        denom = self.buffers.get("denom", x.shape)
         y = self.buffers.get("y", x.shape)
-        xp.exp(xp.negative(xp.abs(x, out=e), out=e), out=e)
-        xp.add(e, 1, out=denom)
-        xp.divide(1, denom, out=y)                                  # x >= 0
-        xp.divide(e, denom, out=e)                                  # x < 0
-        xp.copyto(y, e, where=xp.less(x, 0, out=self.buffers.get("neg", x.shape, dtype=bool)))
-        self.y = y
+        kernels = self.backend.kernels
+        if kernels is not None and getattr(kernels, "sigmoid_forward", None) is not None:
+            self.y = kernels.sigmoid_forward(x, y)  # one fused pass
+            return self.y
+        # The same numbers without a select (a masked copy is ~20x slower than a ufunc):
+        # the numerator e^min(x, 0) is e^-|x| where x < 0 and 1 elsewhere.
+        denom = self.buffers.get("denom", x.shape)
+        xp.exp(xp.negative(xp.abs(x, out=denom), out=denom), out=denom)
+        xp.add(denom, 1, out=denom)
+        xp.exp(xp.minimum(x, 0, out=y), out=y)
+        self.y = xp.divide(y, denom, out=y)
         return y
 
     def backward(self, grad_y, need_input_grad=True):
@@ -142,6 +145,9 @@ class Sigmoid(Layer):
         if not self.fast:
             return grad_y * self.y * (1 - self.y)
         dx = self.buffers.get("dx", grad_y.shape)
+        kernels = self.backend.kernels
+        if kernels is not None and getattr(kernels, "sigmoid_backward", None) is not None:
+            return kernels.sigmoid_backward(self.y, grad_y, dx)
         xp.subtract(1, self.y, out=dx)
         xp.multiply(dx, self.y, out=dx)
         return xp.multiply(dx, grad_y, out=dx)

@@ -19,9 +19,48 @@ def accuracy(xp, output, labels):
 
 
 class Loss:
+    """Subclasses write the math as ``_loss(output, labels)`` and ``_grad()``.  On the fast
+    path, a backend kernel named ``kernel`` (where the backend has one) computes the loss,
+    its gradient and the accuracy in one pass instead."""
+
+    kernel = None
+    grad = None  # dL/doutput, when a fused kernel computed it with the loss
+
     def __init__(self, backend, dtype, fast=False):
         self.backend, self.xp, self.dtype, self.fast = backend, backend.xp, dtype, fast
         self.buffers = Buffers(self.xp, dtype, fast)
+
+    def _fused(self, output):
+        kernels = self.backend.kernels if self.fast and output.ndim == 2 else None
+        return getattr(kernels, self.kernel, None) if kernels is not None else None
+
+    def forward(self, output, labels):
+        """Mean loss over the batch (one value per stacked model)."""
+        if self._fused(output) is not None:
+            return self.forward_with_accuracy(output, labels)[0]
+        self.grad = None
+        self.n = output.shape[-2]
+        return self._loss(output, labels)
+
+    def backward(self):
+        """dL/d output of the last forward."""
+        return self.grad if self.grad is not None else self._grad()
+
+    def forward_with_accuracy(self, output, labels, out=None):
+        """(mean loss, accuracy) of one batch.
+
+        ``out``: two length-1 arrays (e.g. slots of per-iteration records) that receive
+        the loss and the accuracy; they are then what is returned."""
+        fused = self._fused(output)
+        if fused is not None:
+            self.n = output.shape[-2]
+            self.grad = self.buffers.get("dx", output.shape)
+            return fused(output, labels, self.grad, out)
+        loss, acc = self.forward(output, labels), accuracy(self.xp, output, labels)
+        if out is None:
+            return loss, acc
+        out[0][...], out[1][...] = loss, acc
+        return out
 
     def _targets(self, output, labels):
         """One-hot targets; on the fast path written into a reused buffer, not allocated."""
@@ -33,17 +72,6 @@ class Loss:
         return xp.equal(xp.expand_dims(labels, -1), classes,
                         out=self.buffers.get("onehot", output.shape))
 
-    def forward_with_accuracy(self, output, labels, out=None):
-        """(mean loss, accuracy) of one batch; a fused kernel may compute both in one pass.
-
-        ``out``: two length-1 arrays (e.g. slots of per-iteration records) that receive
-        the loss and the accuracy; they are then what is returned."""
-        loss, acc = self.forward(output, labels), accuracy(self.xp, output, labels)
-        if out is None:
-            return loss, acc
-        out[0][...], out[1][...] = loss, acc
-        return out
-
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -51,14 +79,15 @@ class Loss:
 class EuclideanLoss(Loss):
     """L = 1/(2N) sum_n ||x_n - t_n||^2 (Eq. 10); dL/dx_n = (x_n - t_n)/N (Eq. 11)."""
 
-    def forward(self, output, labels):
+    kernel = "euclidean"
+
+    def _loss(self, output, labels):
         xp = self.xp
-        self.n = output.shape[-2]
         t = self._targets(output, labels)
         self.diff = output - t if not self.fast else xp.subtract(output, t, out=t)
         return xp.sum(self.diff * self.diff, axis=(-2, -1)) / (2 * self.n)
 
-    def backward(self):
+    def _grad(self):
         if not self.fast:
             return self.diff / self.n
         return self.xp.divide(self.diff, self.n, out=self.buffers.get("dx", self.diff.shape))
@@ -70,29 +99,10 @@ class SoftmaxCrossEntropyLoss(Loss):
     Log-sum-exp with the row maximum subtracted, so no exponent overflows.
     """
 
-    grad = None  # set by a fused forward (kernels.softmax_xent)
+    kernel = "softmax_xent"
 
-    def _fused(self, output):
-        kernels = self.backend.kernels if self.fast else None
-        if kernels is None or kernels.softmax_xent is None or output.ndim != 2:
-            return None
-        return kernels.softmax_xent
-
-    def forward_with_accuracy(self, output, labels, out=None):
-        fused = self._fused(output)
-        if fused is None:
-            return super().forward_with_accuracy(output, labels, out)
-        # One pass: the loss, its gradient, and the arg-max hits (the row maximum is at hand).
-        self.n = output.shape[-2]
-        self.grad = self.buffers.get("dx", output.shape)
-        return fused(output, labels, self.grad, out)
-
-    def forward(self, output, labels):
+    def _loss(self, output, labels):
         xp = self.xp
-        self.n = output.shape[-2]
-        if self._fused(output) is not None:
-            return self.forward_with_accuracy(output, labels)[0]
-        self.grad = None
         shifted = output - xp.max(output, axis=-1, keepdims=True)
         exp_shifted = xp.exp(shifted)
         sum_exp = xp.sum(exp_shifted, axis=-1, keepdims=True)
@@ -101,10 +111,8 @@ class SoftmaxCrossEntropyLoss(Loss):
         log_prob = shifted - xp.log(sum_exp)
         return -xp.sum(self.targets * log_prob, axis=(-2, -1)) / self.n
 
-    def backward(self):
+    def _grad(self):
         xp = self.xp
-        if self.grad is not None:
-            return self.grad
         if not self.fast:
             return (self.prob - self.targets) / self.n
         dx = xp.subtract(self.prob, self.targets, out=self.buffers.get("dx", self.prob.shape))
