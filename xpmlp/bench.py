@@ -13,6 +13,10 @@ Method (the README's "Performance" section says the same):
   process (when torch is installed), with the same number of CPU threads.
 - The GEMM limit times the same epoch's matrix products alone (forward, weight
   gradients, input gradients except the first layer's), into preallocated outputs.
+- The floor adds to it the two memory-bound passes no fusion removes, each timed alone:
+  the batch gather (100 random rows) and the optimizer step (the fused SGD kernel over
+  every parameter).  What an epoch costs beyond the floor is everything else: bias,
+  activations, loss, the launches or Python calls between them, and cache traffic.
 """
 import contextlib
 import json
@@ -70,6 +74,26 @@ def bench_ours(backend, x, y, dtype, seed=0):
         backend.to_numpy(losses)  # the once-per-epoch read of the metrics
 
     return epoch, model
+
+
+def bench_memory_passes(backend, x, y, dtype, seed=0):
+    """(gather_epoch, sgd_epoch): the two memory-bound passes of an epoch that no fusion
+    removes, each alone on a model of its own: the batch gather and the optimizer step."""
+    model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed)
+    optimizer = SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    stepper = Stepper(model, optimizer)
+    rng, iters = np.random.default_rng(seed), N_TRAIN // BATCH
+
+    def gather_epoch():
+        perm = backend.asarray(rng.permutation(N_TRAIN))
+        for i in range(iters):
+            stepper.gather(x, y, perm[i * BATCH:(i + 1) * BATCH])
+
+    def sgd_epoch():
+        for _ in range(iters):
+            optimizer.step()
+
+    return gather_epoch, sgd_epoch
 
 
 def bench_gemm_limit(backend, model):
@@ -170,18 +194,23 @@ def _run(backend, dtype, epochs, torch_peer, threads):
     ours, model = bench_ours(backend, x, y, dtype)
     ours()  # its warm-up, so the memory peak below is the training's own
     memory_key, memory_mb = _peak_memory_mb(backend)  # before torch adds its own
+    gather, sgd = bench_memory_passes(backend, x, y, dtype)
     contenders = {"ours": (ours, backend.synchronize),
-                  "gemm": (bench_gemm_limit(backend, model), backend.synchronize)}
+                  "gemm": (bench_gemm_limit(backend, model), backend.synchronize),
+                  "gather": (gather, backend.synchronize), "sgd": (sgd, backend.synchronize)}
     peer = bench_torch(backend, model, x_host, y_host, threads) if torch_peer else None
     torch_version = None
     if peer is not None:
         contenders["torch"], torch_version = peer[:2], peer[2]
     median = _time_interleaved(contenders, epochs)
     epoch_s, gemm_s, torch_s = median["ours"], median["gemm"], median.get("torch")
+    floor_s = gemm_s + median["gather"] + median["sgd"]
     result = {
         "model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs,
         "epoch_s": epoch_s, "torch_epoch_s": torch_s, "gemm_limit_epoch_s": gemm_s,
         "ratio_torch": epoch_s / torch_s if torch_s else None, "ratio_limit": epoch_s / gemm_s,
+        "gather_epoch_s": median["gather"], "sgd_epoch_s": median["sgd"], "floor_epoch_s": floor_s,
+        "ratio_floor": epoch_s / floor_s,
         memory_key: memory_mb, **backend.describe(),
         "threads": threads,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -194,16 +223,18 @@ def format_table(r):
     def sec(v):
         return "n/a" if v is None else f"{v * 1000:8.1f} ms"
     rows = [("xpmlp", r["epoch_s"]), ("PyTorch eager", r["torch_epoch_s"]),
-            ("GEMM limit", r["gemm_limit_epoch_s"])]
+            ("GEMM limit", r["gemm_limit_epoch_s"]), ("  + gather", r["gather_epoch_s"]),
+            ("  + SGD step", r["sgd_epoch_s"]), ("  = floor", r["floor_epoch_s"])]
     mem = next(k for k in r if k.startswith("peak_"))
     lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}, on {r.get('device_name', r['device'])} "
              f"({r['backend']}); median of {r['epochs_timed']} epochs after a warm-up",
              f"{'':16}{'epoch':>11}   {'xpmlp time / this':>18}"]
     for name, t in rows:
-        ratio = f"{r['epoch_s'] / t:.2f}" if t else "n/a"
+        ratio = "" if name.startswith("  +") else f"{r['epoch_s'] / t:.2f}" if t else "n/a"
         lines.append(f"{name:16}{sec(t):>11}   {ratio:>18}")
     lines.append(f"ratio_torch {r['ratio_torch'] and round(r['ratio_torch'], 3)}  "
-                 f"ratio_limit {round(r['ratio_limit'], 3)}  {mem} {r[mem]:.0f}")
+                 f"ratio_limit {round(r['ratio_limit'], 3)}  ratio_floor {round(r['ratio_floor'], 3)}  "
+                 f"{mem} {r[mem]:.0f}")
     return "\n".join(lines)
 
 

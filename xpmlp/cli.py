@@ -31,6 +31,16 @@ def _finite_float(text):
     return value
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _hidden(text):
     try:
         return [int(h) for h in text.split(",") if h.strip()]
@@ -248,9 +258,10 @@ def build_parser():
     p = sub.add_parser("bench", help="time training epochs against PyTorch and the GEMM limit")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up (default: 3)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="timed epochs after one warm-up (default: 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--threads", type=int, help="CPU threads for NumPy's BLAS and PyTorch (default: all cores)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for NumPy's BLAS and PyTorch (default: all cores)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser
