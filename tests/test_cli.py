@@ -15,6 +15,7 @@ import sys
 import termios
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import real_mnist_dir
 
@@ -133,10 +134,29 @@ def test_eval_prints_test_accuracy_and_changes_nothing(finished):
     rc, out, err = xpmlp("eval", "run", "--device", "cpu", "--json", cwd=run.parent)
     assert rc == 0, out + err
     result = json.loads(out)
-    assert result["epoch"] == 2
+    assert (result["epoch"], result["iters_into_next_epoch"]) == (2, 0)
     assert result["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-4)
     assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
     assert snapshot(run) == before, "eval modified the run directory"
+
+
+def test_eval_of_a_checkpoint_taken_inside_an_epoch_says_how_far_in(tmp_path, monkeypatch):
+    """Ctrl-C in epoch 2 after 4 of its 10 steps: eval names that position, not epoch 1."""
+    from test_train import ITERS, config, interrupt_after, trainer
+
+    from xpmlp.data import Mnist
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1300, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 1300)
+    t = trainer(config(epochs=3, device="cpu"), tmp_path / "run", Mnist(x[:1000], y[:1000], x[1000:], y[1000:]))
+    interrupt_after(monkeypatch, t, ITERS + 4)
+    t.run()
+    rc, out, err = xpmlp("eval", "run", "--json", cwd=tmp_path)
+    assert rc == 0, out + err
+    result = json.loads(out)
+    assert (result["epoch"], result["iters_into_next_epoch"], result["iter"]) == (1, 4, ITERS + 4)
+    rc, out, err = xpmlp("eval", "run", cwd=tmp_path)
+    assert rc == 0 and "epoch 1 + 4 iterations" in out, out + err
 
 
 def test_help_shows_defaults(tmp_path):
@@ -278,8 +298,9 @@ def test_corrupt_data_is_reported_without_downloading(tmp_path, damage):
            "truncated-idx": lambda: gzip.compress(gzip.decompress(good)[:100_000]),
            "wrong-magic": lambda: gzip.compress(b"\x00\x00\x08\x99" + gzip.decompress(good)[4:100_000])}[damage]()
     (data / "train-images-idx3-ubyte.gz").write_bytes(bad)
-    line = assert_user_error(xpmlp("train", *FAST, "--epochs", "1", "--data-dir", data, "--out", "out",
-                                   cwd=tmp_path), "train-images-idx3-ubyte")
+    # --device auto: the CPU-fallback notice must not come on top of the error line
+    line = assert_user_error(xpmlp("train", *FAST, "--device", "auto", "--epochs", "1", "--data-dir", data,
+                                   "--out", "out", cwd=tmp_path), "train-images-idx3-ubyte")
     assert "download failed" not in line
     assert sorted(p.name for p in data.iterdir()) == sorted(
         ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",

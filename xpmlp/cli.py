@@ -139,9 +139,12 @@ def cmd_train(args):
     config = config_from_args(args)
     progress = not args.quiet and sys.stderr.isatty()
     log = _log_fn(progress)
-    backend = get_backend(config.device, notice=lambda line: print(line, file=sys.stderr))  # fail before any file
+    notices = []  # shown once the run starts, so that a mistake found first stays one line
+    backend = get_backend(config.device, notice=notices.append)  # fail before any file
     data = load_mnist(config.data_dir, progress=progress)
     out = _prepare_out(args, config)
+    for line in notices:
+        print(line, file=sys.stderr)
     trainer = Trainer(config, out, data, resume=bool(args.resume), progress=progress, log=log,
                       backend=backend)
     trainer.write_config()
@@ -166,13 +169,20 @@ def cmd_eval(args):
         config.data_dir = args.data_dir
     config.tensorboard = False  # eval reads the run; a SummaryWriter would add an events file to it
     data = load_mnist(config.data_dir, progress=sys.stderr.isatty())
+    notices = []  # shown with the result, so that an error stays one line
     trainer = Trainer(config, run_dir, data, resume=True, progress=False, log=lambda s: None,
-                      notice=lambda line: print(line, file=sys.stderr))
+                      notice=notices.append)
     be = trainer.backend
     loss, acc = evaluate(trainer.model, be.asarray(data.test_x, dtype=trainer.model.dtype), be.asarray(data.test_y))
-    result = {"run": str(run_dir), "epoch": trainer.state["epoch"], "test_loss": loss, "test_acc": acc}
+    for line in notices:
+        print(line, file=sys.stderr)
+    # A checkpoint taken inside an epoch (Ctrl-C) holds the weights `pos` steps past the last epoch's end.
+    pos = trainer.state.get("pos", 0)
+    result = {"run": str(run_dir), "epoch": trainer.state["epoch"], "iter": trainer.state["iter"] + pos,
+              "iters_into_next_epoch": pos, "test_loss": loss, "test_acc": acc}
+    where = f"epoch {result['epoch']}" + (f" + {pos} iterations" if pos else "")
     print(json.dumps(result) if args.json else
-          f"{run_dir}: epoch {result['epoch']}  test loss {loss:.4f}  test accuracy {_pct(acc)}")
+          f"{run_dir}: {where}  test loss {loss:.4f}  test accuracy {_pct(acc)}")
     return 0
 
 
