@@ -174,15 +174,24 @@ def _peak_memory_mb(backend):
     return "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None):
+def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None, kernels=True):
+    """The benchmark's result dict.  ``kernels=False`` runs the fast path's array code
+    without the backend's fused kernels, to see what they are worth."""
     threads = threads or os.cpu_count() or 1
     try:
         from threadpoolctl import threadpool_limits
         limits = threadpool_limits(limits=threads, user_api="blas")
     except ImportError:  # e.g. a GPU box with only the essentials: BLAS threads stay as they are
         limits = contextlib.nullcontext()
-    with limits:
-        return _run(get_backend(device), dtype, epochs, torch_peer, threads)
+    backend = get_backend(device)
+    saved = backend.kernels
+    if not kernels:
+        backend.kernels = None
+    try:
+        with limits:
+            return dict(_run(backend, dtype, epochs, torch_peer, threads), fused_kernels=kernels)
+    finally:
+        backend.kernels = saved
 
 
 def _run(backend, dtype, epochs, torch_peer, threads):
@@ -239,7 +248,8 @@ def format_table(r):
 
 
 def main(args):
-    result = run(args.device, args.dtype, args.epochs, torch_peer=not args.no_torch, threads=args.threads)
+    result = run(args.device, args.dtype, args.epochs, torch_peer=not args.no_torch, threads=args.threads,
+                 kernels=not args.no_kernels)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     sys.stdout.flush()
     return 0
