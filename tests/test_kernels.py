@@ -9,9 +9,9 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import backend_or_reason
 
 import xpmlp
-from helpers import backend_or_reason
 from xpmlp.layers import Sigmoid
 from xpmlp.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 
@@ -168,5 +168,5 @@ def test_cuda_sources_compile_for_hopper(tmp_path):
     source = tmp_path / "xpmlp_kernels.cu"
     source.write_text(cuda_translation_unit())
     result = subprocess.run(["nvcc", "-std=c++14", "-arch=sm_90", "-c", str(source), "-o",
-                             str(tmp_path / "xpmlp_kernels.o")], capture_output=True, text=True)
+                             str(tmp_path / "xpmlp_kernels.o")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr + source.read_text()
