@@ -142,6 +142,41 @@ def test_fast_sigmoid_layer_matches_the_plain_one(backend, dtype, rtol):
     np.testing.assert_allclose(backend.to_numpy(out), want_grad_x, rtol=rtol, atol=0)
 
 
+@pytest.fixture
+def numba_kernels():
+    """The kernels only the NumPy backend has: on CuPy each of these passes is one launch anyway."""
+    pytest.importorskip("numba")
+    return xpmlp.get_backend("numpy").kernels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_kernels_equal_numpy_bit_for_bit(numba_kernels, dtype):
+    rng = np.random.default_rng(4)
+    y, b = rng.normal(size=(100, 37)).astype(dtype), rng.normal(size=37).astype(dtype)
+    want = y + b
+    assert numba_kernels.bias_add(y, b) is y
+    np.testing.assert_array_equal(y, want)
+    grad_b = np.full(37, np.nan, dtype=dtype)
+    assert numba_kernels.bias_grad(y, grad_b) is grad_b
+    np.testing.assert_array_equal(grad_b, y.sum(axis=0))
+    strided = np.repeat(y, 2, axis=1)[:, ::2]  # any layout
+    numba_kernels.bias_grad(strided, grad_b)
+    np.testing.assert_array_equal(grad_b, y.sum(axis=0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_forward_is_np_maximum_nans_included(numba_kernels, dtype):
+    x = np.random.default_rng(5).normal(size=(20, 30)).astype(dtype)
+    x[0, :4] = [np.nan, -np.inf, np.inf, 0.0]
+    y = np.empty_like(x)
+    assert numba_kernels.relu_forward(x, y) is y
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    assert np.isnan(y[0, 0])
+    strided = np.empty((20, 60), dtype=dtype)[:, ::2]
+    numba_kernels.relu_forward(x, strided)
+    np.testing.assert_array_equal(strided, np.maximum(x, 0))
+
+
 def cuda_translation_unit():
     """All of the CuPy backend's CUDA code as one .cu file for nvcc: the loss kernels with
     their templates instantiated, and each ElementwiseKernel body inside a device function

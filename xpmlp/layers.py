@@ -73,7 +73,12 @@ class Linear(Layer):
         self.x = x
         xp = self.xp
         y = _call(xp.matmul, x, self.W, out=self.buffers.get("y", x.shape[:-1] + (self.out_features,)))
-        return y + self.b if not self.fast else xp.add(y, self.b, out=y)
+        if not self.fast:
+            return y + self.b
+        kernels = self.backend.kernels
+        if kernels is not None and getattr(kernels, "bias_add", None) is not None and y.ndim == 2:
+            return kernels.bias_add(y, self.b)
+        return xp.add(y, self.b, out=y)
 
     def backward(self, grad_y, need_input_grad=True):
         """Eq. (5): dL/dW = x^T g, dL/db = sum_n g, dL/dx = g W^T."""
@@ -81,7 +86,11 @@ class Linear(Layer):
         x_T = matrix_transpose(xp, self.x)
         if self.fast:
             xp.matmul(x_T, grad_y, out=self.grad_W)
-            grad_y.sum(axis=-2, keepdims=self.b.ndim > 1, out=self.grad_b)
+            kernels = self.backend.kernels
+            if kernels is not None and getattr(kernels, "bias_grad", None) is not None and grad_y.ndim == 2:
+                kernels.bias_grad(grad_y, self.grad_b)
+            else:
+                grad_y.sum(axis=-2, keepdims=self.b.ndim > 1, out=self.grad_b)
         else:
             self.grad_W = xp.matmul(x_T, grad_y)
             self.grad_b = xp.reshape(xp.sum(grad_y, axis=-2), self.b.shape)
@@ -98,8 +107,16 @@ class ReLU(Layer):
     """y = max(x, 0) (Eq. 6); dy/dx = 1 where x > 0, else 0 (Eq. 7)."""
 
     def forward(self, x):
-        self.y = _call(self.xp.maximum, x, self.xp.asarray(0, dtype=x.dtype) if not self.fast else 0,
-                       out=self.buffers.get("y", x.shape))
+        xp = self.xp
+        if not self.fast:
+            self.y = xp.maximum(x, xp.asarray(0, dtype=x.dtype))
+            return self.y
+        y = self.buffers.get("y", x.shape)
+        kernels = self.backend.kernels
+        if kernels is not None and getattr(kernels, "relu_forward", None) is not None:
+            self.y = kernels.relu_forward(x, y)
+        else:
+            self.y = xp.maximum(x, 0, out=y)
         return self.y
 
     def backward(self, grad_y, need_input_grad=True):
