@@ -64,10 +64,11 @@ def test_no_kernels_runs_the_array_code_and_leaves_the_backend_as_it_was(small, 
 
 def test_interleaving_times_each_contender_every_round(small):
     calls = []
-    contenders = {name: (lambda name=name: calls.append(name), lambda: None) for name in ("a", "b")}
-    medians = bench._time_interleaved(contenders, epochs=3)
-    assert calls == ["a", "b"] + ["a", "b"] * 3  # a warm-up each, then alternating rounds
-    assert set(medians) == {"a", "b"}
+    contenders = {name: (lambda name=name: calls.append(name), lambda: None) for name in "abc"}
+    medians = bench._time_interleaved(contenders, epochs=4)
+    # a warm-up each, then one epoch of each per round, the order rotating
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"
+    assert set(medians) == set("abc")
 
 
 BAD = [(["--epochs", "0"], ["--epochs", "positive"]), (["--threads", "0"], ["--threads", "positive"]),

@@ -6,7 +6,8 @@ Method (the README's "Performance" section says the same):
   forward, loss, accuracy, backward and SGD (momentum 0.9, weight decay 5e-4), all
   kept on the device, losses read back once at the end.  No evaluation.
 - Each contender runs one warm-up epoch, then ``--epochs`` rounds time one epoch of each
-  contender in turn (interleaved, so a shared machine's drift hits all alike), each after
+  contender in turn, the order rotating from round to round (interleaved, so a shared
+  machine's drift hits all alike, and no contender always follows the same one), each after
   a 0.5 s pause that lets the previous one's spinning threads go idle; we report each
   one's median.  The device is synchronised before and after each timed epoch.
 - PyTorch eager runs the same model, loss and optimizer on the same device in the same
@@ -43,13 +44,18 @@ SETTLE_S = 0.5
 
 def _time_interleaved(contenders, epochs):
     """Median epoch time of each contender: one warm-up epoch each, then ``epochs`` rounds
-    that time one epoch of every contender in turn, so drift in a shared machine's speed
-    hits all of them alike.  ``contenders`` maps a name to (run_epoch, synchronize)."""
+    that time one epoch of every contender in turn, in a rotating order, so drift in a
+    shared machine's speed hits all of them alike.  ``contenders`` maps a name to
+    (run_epoch, synchronize)."""
     for run_epoch, _ in contenders.values():
         run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
     times = {name: [] for name in contenders}
-    for _ in range(epochs):
-        for name, (run_epoch, synchronize) in contenders.items():
+    names = list(contenders)
+    for r in range(epochs):
+        # Rotate the order each round, so that no contender always follows the same one
+        # (a heavy epoch can leave the next one a little slower: caches, clocks, threads).
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            run_epoch, synchronize = contenders[name]
             synchronize()
             time.sleep(SETTLE_S)
             start = time.perf_counter()
