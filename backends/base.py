@@ -23,6 +23,12 @@ class Backend:
         self.xp = xp
         self.device = device
 
+    def kernel(self, name):
+        """The fused kernel called ``name`` where this backend has one, else None (the
+        caller then runs its array code)."""
+        kernels = self.kernels
+        return getattr(kernels, name, None) if kernels is not None else None
+
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)
 

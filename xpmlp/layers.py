@@ -75,9 +75,9 @@ class Linear(Layer):
         y = _call(xp.matmul, x, self.W, out=self.buffers.get("y", x.shape[:-1] + (self.out_features,)))
         if not self.fast:
             return y + self.b
-        kernels = self.backend.kernels
-        if kernels is not None and getattr(kernels, "bias_add", None) is not None and y.ndim == 2:
-            return kernels.bias_add(y, self.b)
+        bias_add = self.backend.kernel("bias_add")
+        if bias_add is not None and y.ndim == 2:
+            return bias_add(y, self.b)
         return xp.add(y, self.b, out=y)
 
     def backward(self, grad_y, need_input_grad=True):
@@ -86,9 +86,9 @@ class Linear(Layer):
         x_T = matrix_transpose(xp, self.x)
         if self.fast:
             xp.matmul(x_T, grad_y, out=self.grad_W)
-            kernels = self.backend.kernels
-            if kernels is not None and getattr(kernels, "bias_grad", None) is not None and grad_y.ndim == 2:
-                kernels.bias_grad(grad_y, self.grad_b)
+            bias_grad = self.backend.kernel("bias_grad")
+            if bias_grad is not None and grad_y.ndim == 2:
+                bias_grad(grad_y, self.grad_b)
             else:
                 grad_y.sum(axis=-2, keepdims=self.b.ndim > 1, out=self.grad_b)
         else:
@@ -112,9 +112,9 @@ class ReLU(Layer):
             self.y = xp.maximum(x, xp.asarray(0, dtype=x.dtype))
             return self.y
         y = self.buffers.get("y", x.shape)
-        kernels = self.backend.kernels
-        if kernels is not None and getattr(kernels, "relu_forward", None) is not None:
-            self.y = kernels.relu_forward(x, y)
+        relu_forward = self.backend.kernel("relu_forward")
+        if relu_forward is not None:
+            self.y = relu_forward(x, y)
         else:
             self.y = xp.maximum(x, 0, out=y)
         return self.y
@@ -124,9 +124,9 @@ class ReLU(Layer):
         if not self.fast:
             return xp.where(self.y > 0, grad_y, xp.zeros_like(grad_y))
         grad_x = self.buffers.get("dx", grad_y.shape)
-        kernels = self.backend.kernels
-        if kernels is not None and getattr(kernels, "relu_backward", None) is not None:
-            return kernels.relu_backward(self.y, grad_y, grad_x)  # one fused pass
+        relu_backward = self.backend.kernel("relu_backward")
+        if relu_backward is not None:
+            return relu_backward(self.y, grad_y, grad_x)  # one fused pass
         mask = xp.greater(self.y, 0, out=self.buffers.get("mask", self.y.shape, dtype=bool))
         return xp.multiply(grad_y, mask, out=grad_x)
 
@@ -144,9 +144,9 @@ class Sigmoid(Layer):
             self.y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
             return self.y
         y = self.buffers.get("y", x.shape)
-        kernels = self.backend.kernels
-        if kernels is not None and getattr(kernels, "sigmoid_forward", None) is not None:
-            self.y = kernels.sigmoid_forward(x, y)  # one fused pass
+        sigmoid_forward = self.backend.kernel("sigmoid_forward")
+        if sigmoid_forward is not None:
+            self.y = sigmoid_forward(x, y)  # one fused pass
             return self.y
         # The same numbers without a select (a masked copy is ~20x slower than a ufunc):
         # the numerator e^min(x, 0) is e^-|x| where x < 0 and 1 elsewhere.
@@ -162,9 +162,9 @@ class Sigmoid(Layer):
         if not self.fast:
             return grad_y * self.y * (1 - self.y)
         dx = self.buffers.get("dx", grad_y.shape)
-        kernels = self.backend.kernels
-        if kernels is not None and getattr(kernels, "sigmoid_backward", None) is not None:
-            return kernels.sigmoid_backward(self.y, grad_y, dx)
+        sigmoid_backward = self.backend.kernel("sigmoid_backward")
+        if sigmoid_backward is not None:
+            return sigmoid_backward(self.y, grad_y, dx)
         xp.subtract(1, self.y, out=dx)
         xp.multiply(dx, self.y, out=dx)
         return xp.multiply(dx, grad_y, out=dx)

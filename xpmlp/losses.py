@@ -31,8 +31,8 @@ class Loss:
         self.buffers = Buffers(self.xp, dtype, fast)
 
     def _fused(self, output):
-        kernels = self.backend.kernels if self.fast and output.ndim == 2 else None
-        return getattr(kernels, self.kernel, None) if kernels is not None else None
+        fusable = self.fast and self.kernel is not None and output.ndim == 2
+        return self.backend.kernel(self.kernel) if fusable else None
 
     def forward(self, output, labels):
         """Mean loss over the batch (one value per stacked model)."""

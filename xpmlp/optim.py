@@ -20,9 +20,9 @@ class SGD:
     def step(self):
         lr, m, wd = self.lr, self.momentum, self.weight_decay
         flat = self.model.flat
-        kernels = self.model.backend.kernels if flat is not None else None
-        if kernels is not None:  # one fused pass over the flat buffers
-            kernels.sgd_step(flat.params, flat.grads, self.velocity, lr, m, wd)
+        sgd_step = self.model.backend.kernel("sgd_step") if flat is not None else None
+        if sgd_step is not None:  # one fused pass over the flat buffers
+            sgd_step(flat.params, flat.grads, self.velocity, lr, m, wd)
             return
         if flat is not None:
             xp, v, tmp = self.model.xp, self.velocity, self._scratch
