@@ -69,6 +69,9 @@ def test_interleaving_times_each_contender_every_round(small):
     # a warm-up each, then one epoch of each per round, the order rotating
     assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"
     assert set(medians) == set("abc")
+    calls.clear()
+    bench._time_interleaved(contenders, epochs=1, warmed=("b",))
+    assert "".join(calls) == "ac" + "abc"  # b's warm-up was done by the caller
 
 
 BAD = [(["--epochs", "0"], ["--epochs", "positive"]), (["--threads", "0"], ["--threads", "positive"]),

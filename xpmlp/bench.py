@@ -42,13 +42,14 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 SETTLE_S = 0.5
 
 
-def _time_interleaved(contenders, epochs):
+def _time_interleaved(contenders, epochs, warmed=()):
     """Median epoch time of each contender: one warm-up epoch each, then ``epochs`` rounds
     that time one epoch of every contender in turn, in a rotating order, so drift in a
     shared machine's speed hits all of them alike.  ``contenders`` maps a name to
-    (run_epoch, synchronize)."""
-    for run_epoch, _ in contenders.values():
-        run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
+    (run_epoch, synchronize); those named in ``warmed`` had their warm-up already."""
+    for name, (run_epoch, _) in contenders.items():
+        if name not in warmed:
+            run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
     times = {name: [] for name in contenders}
     names = list(contenders)
     for r in range(epochs):
@@ -217,7 +218,7 @@ def _run(backend, dtype, epochs, torch_peer, threads):
     torch_version = None
     if peer is not None:
         contenders["torch"], torch_version = peer[:2], peer[2]
-    median = _time_interleaved(contenders, epochs)
+    median = _time_interleaved(contenders, epochs, warmed=("ours",))
     epoch_s, gemm_s, torch_s = median["ours"], median["gemm"], median.get("torch")
     floor_s = gemm_s + median["gather"] + median["sgd"]
     result = {
