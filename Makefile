@@ -12,7 +12,7 @@ ifeq ($(origin XPMLP_DATA_DIR),undefined)
   endif
 endif
 
-.PHONY: test train bench reproduce gpu-check clean venv
+.PHONY: test train bench reproduce report gpu-check clean venv
 
 # Extras: test = pytest + array-api-strict; oracle = CPU PyTorch; cuda12 = real CuPy, so
 # the "CuPy present, no GPU" error path is tested even on machines without one;
@@ -34,10 +34,17 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/xpmlp bench
 
+# The whole reproduction: restartable (rerun it after an interruption: finished runs are
+# skipped, interrupted ones resume), then the records and tables under experiments/results.
+REFERENCE := experiments/published.toml
 reproduce: $(STAMP)
 	$(VENV)/bin/xpmlp sweep experiments/table11_models.toml experiments/table12_learning_rate.toml \
 	    experiments/table13_momentum.toml experiments/table14_batch_size.toml --jobs 2 --device cpu
-	$(VENV)/bin/xpmlp report --runs-under runs/reproduce --out experiments/results --copy-runs
+	$(VENV)/bin/xpmlp report --runs-under runs/reproduce --published $(REFERENCE) --out experiments/results --copy-runs
+
+# Tables and figures again from the committed records alone: no training, no data.
+report: $(STAMP)
+	$(VENV)/bin/xpmlp report --runs-under experiments/results/runs --published $(REFERENCE) --out experiments/results
 
 gpu-check:
 	bash experiments/gpu_check.sh

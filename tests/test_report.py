@@ -1,6 +1,7 @@
 """experiments/published.toml (the report's Tables 11-14) and xpmlp.report on synthetic run dirs."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +14,12 @@ MODEL_NAMES = ["mlp0-mse", "mlp0-sce", "mlp1-sigmoid-mse", "mlp1-relu-mse", "mlp
                "mlp2-relu-sce"]
 
 
+PUBLISHED = Path(__file__).resolve().parents[1] / "experiments" / "published.toml"
+
+
 @pytest.fixture(scope="module")
 def pub():
-    return report.load_published()
+    return report.load_reference(PUBLISHED)
 
 
 def rows(pub, table):
@@ -158,7 +162,7 @@ def test_make_report(tmp_path):
     ]
     (root / "empty").mkdir()                                       # no config.json: skipped
     out = tmp_path / "report"
-    paths = report.make_report(dirs + [root / "empty"], out)
+    paths = report.make_report(dirs + [root / "empty"], out, PUBLISHED)
     md = (out / "tables.md").read_text()
     assert paths[0] == out / "tables.md"
     # 1 default run fills a row in each of the four tables, + 7 other matched rows.
@@ -191,7 +195,7 @@ def test_make_report(tmp_path):
 
 
 def test_make_report_no_runs(tmp_path):
-    paths = report.make_report([], tmp_path)
+    paths = report.make_report([], tmp_path, PUBLISHED)
     md = paths[0].read_text()
     assert paths == [tmp_path / "tables.md"]
     assert "0 of 37 grid rows have a run" in md and md.count("— (not run)") == 37
@@ -205,3 +209,84 @@ def test_last_epochs_column_is_mean_min_max_of_test_accuracy(tmp_path):
     # the last 10 evaluated epochs skip the unevaluated one and the early 0.5s
     assert _tail(run) == "94.00 [90.00, 98.00]"
     assert _tail(None) == "—"
+
+
+# ----------------------------------------------------------------------------- seeds
+def test_rows_with_several_seeds_get_mean_std_range_and_z(tmp_path, pub):
+    root = tmp_path / "runs"
+    root.mkdir()
+    accs = {0: 0.9800, 1: 0.9820, 2: 0.9840}
+    dirs = [make_run(root, f"s{seed}", seed=seed, final={"test_acc": acc}) for seed, acc in accs.items()]
+    (root / "s2" / "summary.json").touch()   # the newest file must not change the choice
+    paths = report.make_report(dirs, tmp_path / "out", PUBLISHED, figures=False)
+    md = paths[0].read_text()
+    row = next(ln for ln in md.split("## Table 11")[1].splitlines() if ln.startswith("| 2-layer + Relu + SCE"))
+    assert "98.00 (98.34, -0.34)" in row and "`s0`" in row          # the lowest seed's run
+    seeds = md.split("### Table 11: the ten networks on MNIST: over seeds")[1].split("##")[0]
+    line = next(ln for ln in seeds.splitlines() if ln.startswith("| 2-layer + Relu + SCE"))
+    # mean 98.20, sample std 0.20, report 98.34 -> z = +0.7
+    assert "| 0, 1, 2 |" in line and "98.20 ± 0.20 [98.00, 98.40] (98.34, z +0.7)" in line
+    assert report.seed_stats([1.0]) is None and report.seed_stats([1.0, float("nan")]) is None
+
+
+# ----------------------------------------------------------------------------- records
+def test_records_keep_what_the_tables_and_figures_need(tmp_path):
+    root, out_a, out_b = tmp_path / "runs", tmp_path / "a", tmp_path / "b"
+    root.mkdir()
+    dirs = [make_run(root, "default", epochs=3, ipe=25),
+            make_run(root, "lr1.0", lr=1.0, diverge_at=2, status="diverged", epochs=2, ipe=25),
+            make_run(root, "mlp0-mse", model="mlp0-mse", only_epochs=True)]
+    (root / "default" / "checkpoint.npz").write_bytes(b"not kept")
+    records = report.export_records(dirs, out_a)
+    assert [p.name for p in records] == ["default", "lr1.0", "mlp0-mse"]
+    assert sorted(p.name for p in (out_a / "runs" / "default").iterdir()) == sorted(report.RECORD_FILES)
+    assert not (out_a / "runs" / "mlp0-mse" / "curve.npy").exists()   # it had no iteration records
+    for d, rec in zip(dirs, records):
+        live, kept = report.load_run(d), report.load_run(rec)
+        assert kept.config == live.config and kept.summary == live.summary and kept.epochs == live.epochs
+    live, kept = report.load_run(dirs[0]), report.load_run(records[0])
+    assert kept.iter_window == 10 and [r["iter"] for r in kept.iters][:3] == [10, 20, 30]
+    assert kept.iters[-1]["iter"] == 75                                # a partial last window
+    assert kept.iters[1]["loss"] == pytest.approx(
+        sum(r["loss"] for r in live.iters[10:20]) / 10, rel=1e-6)
+    # a diverged window with no finite value is nan, not an error
+    assert math.isnan(report.load_run(records[1]).iters[-1]["loss"])
+    # the same tables from the runs and from their records, byte for byte
+    a = report.make_report(dirs, out_a, PUBLISHED, figures=False)[0].read_bytes()
+    b = report.make_report(records, out_b, PUBLISHED)[0].read_bytes()
+    assert a == b
+
+
+def test_compact_curve_caps_the_number_of_points():
+    iters = [{"iter": i, "loss": 1.0 / i, "acc": 0.5} for i in range(1, 60_001)]
+    curve = report.compact_curve(iters, max_points=1000)
+    assert len(curve) == 1000 and curve[0, 0] == 60 and curve[-1, 0] == 60_000
+    assert curve[:, 2].tolist() == [0.5] * 1000
+    assert len(report.compact_curve(iters[:95])) == 10                 # windows of 10, last one 5
+
+
+def test_report_command_needs_reference_tables(tmp_path, capsys):
+    from xpmlp.cli import main
+    run = make_run(tmp_path, "default", epochs=1, ipe=2)
+    assert main(["report", str(run), "--out", str(tmp_path / "o"), "--published", str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no reference tables" in err[0]
+    assert main(["report", str(run), "--out", str(tmp_path / "o"), "--published", str(PUBLISHED),
+                 "--copy-runs"]) == 0
+    assert (tmp_path / "o" / "runs" / "default" / "curve.npy").exists()
+    assert "`default` (completed)" in (tmp_path / "o" / "tables.md").read_text()
+
+
+# ----------------------------------------------------------------------------- committed tables
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "report"
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
+
+
+@pytest.mark.parametrize("where", [FIXTURE, RESULTS], ids=["fixture", "experiments-results"])
+def test_committed_tables_are_what_their_records_rebuild(tmp_path, where):
+    """`make report` must rebuild the committed tables.md byte for byte from the committed
+    records alone. The fixture is small synthetic records (regenerate: see its README)."""
+    runs = sorted((where / "runs").glob("*/config.json"))
+    assert runs, f"no records under {where / 'runs'}"
+    rebuilt = report.make_report([p.parent for p in runs], tmp_path, PUBLISHED, figures=False)[0]
+    assert rebuilt.read_bytes() == (where / "tables.md").read_bytes()

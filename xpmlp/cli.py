@@ -193,22 +193,21 @@ def cmd_sweep(args):
 
 
 def cmd_report(args):
-    from .report import make_report
+    from .report import export_records, make_report
     run_dirs = list(args.run_dirs)
     for root in args.runs_under or []:
         run_dirs += sorted(str(p.parent) for p in Path(root).glob("**/config.json"))
     if not run_dirs:
         raise UserError("report: no run directories given (RUN_DIRS... or --runs-under DIR)")
-    from .report import PUBLISHED
-    published = Path(args.published) if args.published else PUBLISHED
-    if not published.is_file():
-        raise UserError(f"report: the report's published numbers are not at {published} "
-                        "(they live in experiments/published.toml of the source tree; pass --published PATH)")
-    for path in make_report(run_dirs, args.out, published_path=published, ignore=tuple(args.ignore or ())):
+    if not Path(args.published).is_file():
+        raise UserError(f"report: no reference tables at {args.published} "
+                        "(the report's are experiments/published.toml in the source tree)")
+    if args.copy_runs:   # the tables and figures are then drawn from the records alone, so
+        # `make report` rebuilds them from what is kept, byte for byte (the tables)
+        run_dirs = export_records(run_dirs, args.out)
+        print(f"wrote the records of {len(run_dirs)} runs to {Path(args.out) / 'runs'}")
+    for path in make_report(run_dirs, args.out, args.published, ignore=tuple(args.ignore or ())):
         print(path)
-    if args.copy_runs:
-        from .report import export_runs
-        print(f"copied the records of {len(export_runs(run_dirs, args.out))} runs to {Path(args.out) / 'runs'}")
     return 0
 
 
@@ -258,9 +257,11 @@ def build_parser():
     p.add_argument("run_dirs", nargs="*")
     p.add_argument("--runs-under", action="append", metavar="DIR", help="use every run below DIR")
     p.add_argument("--out", required=True)
-    p.add_argument("--published", metavar="TOML", help="the report's numbers (default: experiments/published.toml)")
+    p.add_argument("--published", metavar="TOML", required=True,
+                   help="the reference tables, e.g. the report's experiments/published.toml")
     p.add_argument("--copy-runs", action="store_true",
-                   help="also copy each run's config, summary and epoch records to OUT/runs/")
+                   help="also write each run's record (config, summary, epoch records, compact "
+                        "iteration curve) to OUT/runs/")
     p.add_argument("--ignore", action="append", metavar="KEY",
                    help="config key not to match on (e.g. epochs, for short trial runs)")
     p.set_defaults(func=cmd_report)

@@ -1,13 +1,30 @@
-"""Compare training runs with the report's published Tables 11-14 (tables.md and figures).
+"""Training runs against a reference grid: tables, seed statistics, figures, compact records.
+
+A reference file (TOML) holds tables of rows. Each row is a run config (its keys other
+than `label` and the metrics, on top of [defaults]) plus the reference numbers. A table
+may say how to draw it:
+
+    [tables.t1]                       # a table of different models
+    title = "..."; key = "model"
+    plot = "runs"                     # one figure per run + one of all rows (with seed bands)
+    run_figure = "curve_{model}.png"  # formatted with the row; run_figure_title likewise
+    figure = "all.png"; figure_title = "..."
+    [tables.t2]                       # a sweep
+    plot = "epochs"                   # one figure, per-epoch means, a line per row
 
 A run directory holds config.json, summary.json (absent while a run is going) and
-metrics.jsonl (iteration and epoch records) or, in a committed results copy, only
-epochs.jsonl (epoch records). The published numbers live in experiments/published.toml.
+metrics.jsonl (iteration and epoch records) or, as a committed record made by
+`export_records`, epochs.jsonl (epoch records) and curve.npy (window means of the
+iteration records). Several runs of a row that differ only in their seed are its seeds:
+the tables give the lowest seed's numbers and, where a row has more than one, the mean,
+standard deviation and range over seeds.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import statistics
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +34,7 @@ COLUMNS = {"train_time_s": "Train Time (s)", "train_loss": "Train Loss",
            "train_acc": "Train Accuracy (%)", "test_loss": "Test Loss",
            "test_acc": "Test Accuracy (%)"}
 STATUS_RANK = {"completed": 0, "diverged": 1}     # anything else (interrupted, running) after
-SWEEPS = {"table12": (4, "fig4_learning_rate.png", "learning rates"),
-          "table13": (5, "fig5_momentum.png", "momentums"),
-          "table14": (6, "fig6_batch_size.png", "batch sizes")}
+RECORD_FILES = ("config.json", "summary.json", "epochs.jsonl", "curve.npy")
 NAN = float("nan")
 
 
@@ -29,11 +44,16 @@ class Run:
     config: dict
     summary: dict = field(default_factory=dict)
     epochs: list = field(default_factory=list)   # {"kind": "epoch", ...} records
-    iters: list = field(default_factory=list)    # {"kind": "iter", ...} records (may be empty)
+    iters: list = field(default_factory=list)    # {"iter", "loss", "acc"} records (may be empty)
+    iter_window: int = 1                          # iterations averaged into each of `iters`
 
     @property
     def status(self) -> str:
         return self.summary.get("status") or "running/unfinished"
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
 
     def metric(self, key: str) -> float:
         """Final value of a metric: summary.json, else the last epoch record; nan if null."""
@@ -55,16 +75,15 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-PUBLISHED = Path(__file__).resolve().parents[1] / "experiments/published.toml"
-
-
-def load_published(path=None) -> dict:
-    """The report's Tables 11-14 (default: experiments/published.toml in the repo)."""
-    with open(Path(path) if path else PUBLISHED, "rb") as f:
+def load_reference(path) -> dict:
+    """The reference tables (e.g. a report's published numbers) from a TOML file."""
+    with open(path, "rb") as f:
         return tomllib.load(f)
 
 
 def load_run(run_dir) -> Run:
+    import numpy as np
+
     d = Path(run_dir)
     config = json.loads((d / "config.json").read_text())
     summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
@@ -72,12 +91,21 @@ def load_run(run_dir) -> Run:
     recs = _read_jsonl(d / name) if (d / name).exists() else []
     epochs = [r for r in recs if r.get("kind", "epoch") == "epoch"]
     iters = [r for r in recs if r.get("kind") == "iter"]
-    return Run(d, config, summary, epochs, iters)
+    window = int(config.get("log_every", 1))
+    if not iters and (d / "curve.npy").exists():
+        curve = np.load(d / "curve.npy")     # rows: last iteration of the window, loss, acc
+        iters = [{"iter": int(i), "loss": float(l), "acc": float(a)} for i, l, a in curve]
+        window = int(curve[1, 0] - curve[0, 0]) if len(curve) > 1 else 1
+    return Run(d, config, summary, epochs, iters, window)
 
 
-def row_config(published: dict, row: dict) -> dict:
+def load_runs(run_dirs) -> list[Run]:
+    return [load_run(d) for d in run_dirs if (Path(d) / "config.json").exists()]
+
+
+def row_config(reference: dict, row: dict) -> dict:
     """The run config of a table row: the defaults updated with the row's config keys."""
-    cfg = dict(published["defaults"])
+    cfg = dict(reference["defaults"])
     cfg.update({k: v for k, v in row.items()
                 if k != "label" and k not in METRICS and not k.startswith("_")})
     return cfg
@@ -89,26 +117,31 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _mtime(run: Run) -> float:
-    p = run.path / "summary.json"
-    return (p if p.exists() else run.path).stat().st_mtime
-
-
-def match_runs(published: dict, runs, ignore=()) -> dict:
-    """{table: [(row, Run | None), ...]}. A run matches a row when its config equals the row's
-    config on every key (keys in `ignore`, e.g. ("epochs",), are skipped). Among several, the
-    completed one wins (then diverged, then the rest); ties go to the newest."""
+def match_seeds(reference: dict, runs, ignore=()) -> dict:
+    """{table: [(row, [Run, ...]), ...]}: every run whose config equals the row's on each
+    of its keys (keys in `ignore`, e.g. ("epochs",), skipped), one per seed, lowest seed
+    first. Among runs of one seed the completed one wins, then diverged, then the rest;
+    ties go by directory name, so the choice never depends on file times."""
     out = {}
-    for name, table in published["tables"].items():
+    for name, table in reference["tables"].items():
         out[name] = []
         for row in table["rows"]:
             row = {**row, "_title": table.get("title", name)}   # a copy, for write_tables
-            want = {k: v for k, v in row_config(published, row).items() if k not in ignore}
-            cands = [r for r in runs if all(k in r.config and _same(r.config[k], v)
-                                            for k, v in want.items())]
-            cands.sort(key=lambda r: (STATUS_RANK.get(r.summary.get("status"), 2), -_mtime(r)))
-            out[name].append((row, cands[0] if cands else None))
+            want = {k: v for k, v in row_config(reference, row).items() if k not in ignore}
+            cands = sorted((r for r in runs if all(k in r.config and _same(r.config[k], v)
+                                                   for k, v in want.items())),
+                           key=lambda r: (r.seed, STATUS_RANK.get(r.summary.get("status"), 2), r.path.name))
+            by_seed = {}
+            for r in cands:
+                by_seed.setdefault(r.seed, r)
+            out[name].append((row, list(by_seed.values())))
     return out
+
+
+def match_runs(reference: dict, runs, ignore=()) -> dict:
+    """{table: [(row, Run | None), ...]}: the lowest seed's run of each row (see match_seeds)."""
+    return {t: [(row, rs[0] if rs else None) for row, rs in pairs]
+            for t, pairs in match_seeds(reference, runs, ignore).items()}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -131,6 +164,30 @@ def _cell(key: str, ours: float | None, rep: float) -> str:
             d = ours - rep
             s += f", {d * 100:+.2f}" if key.endswith("_acc") else f", {d:+.4f}"
     return s + ")"
+
+
+def seed_stats(values) -> dict | None:
+    """mean, sample standard deviation, min and max of the finite values (None if fewer than 2)."""
+    v = [x for x in values if math.isfinite(x)]
+    if len(v) < 2:
+        return None
+    return {"n": len(v), "mean": statistics.fmean(v), "std": statistics.stdev(v),
+            "min": min(v), "max": max(v)}
+
+
+def _seed_cell(key: str, values, rep: float) -> str:
+    """'mean ± std [min, max] (reference, z)': z = how many of our standard deviations the
+    reference lies from our mean."""
+    s = seed_stats(values)
+    if s is None:
+        return "—"
+    scale = 100 if key.endswith("_acc") else 1
+    digits = 2 if key.endswith("_acc") else 4
+    cell = (f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f} "
+            f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}] ({_fmt(key, rep)}")
+    if math.isfinite(rep) and s["std"] > 0:
+        cell += f", z {(rep - s['mean']) / s['std']:+.1f}"
+    return cell + ")"
 
 
 def _tail(run: Run | None, k: int = 10) -> str:
@@ -169,29 +226,50 @@ def _notes(pairs) -> list[str]:
     return lines
 
 
-def write_tables(matched: dict, out_dir, runs) -> Path:
+def _seed_section(title: str, keys, seeded) -> list[str]:
+    """A table of mean ± std [min, max] over seeds, for the rows run with several seeds."""
+    rows = [(row, rs) for row, rs in seeded if len(rs) > 1]
+    if not rows:
+        return []
+    keys = [k for k in keys if k != "train_time_s"]
+    lines = [f"### {title}: over seeds", "",
+             "Each cell: **mean ± standard deviation [min, max] over seeds (report, z)**, z = "
+             "(report − our mean) / our standard deviation.", "",
+             "| Row | Seeds | " + " | ".join(COLUMNS[k] for k in keys) + " |",
+             "|---|---|" + "---:|" * len(keys)]
+    for row, rs in rows:
+        cells = [_seed_cell(k, [r.metric(k) for r in rs], _num(row[k])) for k in keys]
+        lines.append(f"| {row['label']} | {', '.join(str(r.seed) for r in rs)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_tables(seeded: dict, out_dir, runs, title="Runs vs. the reference tables") -> Path:
+    """tables.md: per table, the lowest seed's run of each row against the reference, and
+    where rows have several seeds, their statistics. Depends only on the records read."""
+    matched = {t: [(row, rs[0] if rs else None) for row, rs in pairs] for t, pairs in seeded.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_rows = sum(len(p) for p in matched.values())
     n_hit = sum(r is not None for p in matched.values() for _, r in p)
-    used = {id(r) for p in matched.values() for _, r in p if r is not None}
-    lines = ["# Reproduction vs. the report (Tables 11-14)", "",
+    used = {id(r) for p in seeded.values() for _, rs in p for r in rs}
+    lines = [f"# {title}", "",
              f"{n_hit} of {n_rows} grid rows have a run ({len(runs)} run directories read, "
              f"{sum(id(r) not in used for r in runs)} matched no row).", "",
              "Each cell: **ours (report, Δ = ours − report)**; accuracies in %, Δ in points; "
              "train time Δ is the ratio ours/report. `—` = not run. The last-10-epochs column "
-             "gives our test accuracy's mean [min, max] over the final 10 epochs.", ""]
+             "gives our test accuracy's mean [min, max] over the final 10 epochs. Where a row "
+             "was run with several seeds, these columns give the lowest seed's run.", ""]
     for name, pairs in matched.items():
-        title = pairs[0][0].get("_title", name) if pairs else name
+        table_title = pairs[0][0].get("_title", name) if pairs else name
         keys = [k for k in METRICS if any(k in row for row, _ in pairs)]
-        lines += [f"## {title}", "", "| Row | " + " | ".join(COLUMNS[k] for k in keys)
+        lines += [f"## {table_title}", "", "| Row | " + " | ".join(COLUMNS[k] for k in keys)
                   + " | Test Acc., last 10 epochs (%) | Run |",
                   "|---|" + "---:|" * (len(keys) + 1) + "---|"]
         for row, r in pairs:
             cells = [_cell(k, None if r is None else r.metric(k), _num(row[k])) for k in keys]
             run = "— (not run)" if r is None else f"`{r.path.name}` ({r.status})"
             lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {_tail(r)} | {run} |")
-        lines += [""] + _notes(pairs) + [""]
+        lines += [""] + _notes(pairs) + [""] + _seed_section(table_title, keys, seeded[name])
     path = out / "tables.md"
     path.write_text("\n".join(lines))
     return path
@@ -265,67 +343,126 @@ def _save(plt, fig, path: Path, out: list):
     out.append(path)
 
 
-def write_figures(matched: dict, runs, out_dir) -> list[Path]:
+def _run_figure(plt, path: Path, title: str, r: Run, written: list):
+    """One run: its training curve against iterations and its test metrics per epoch."""
+    fig, a, b = _two_panels(plt, title, "iteration")
+    what = "per iteration" if r.iter_window == 1 else f"mean of {r.iter_window} iterations"
+    _lines(a, b, *_curve(r), lw=0.4, alpha=0.35 if r.iters else 1.0, color="tab:blue",
+           label=f"train ({what})" if r.iters else "train (epoch mean)")
+    if r.iters:  # the raw curve is a band of noise: draw its running mean on top
+        _lines(a, b, *_curve(r, window=100), lw=1.2, color="navy", label="train (mean of 100 iterations)")
+    ev = [e for e in r.epochs if (e.get("test_acc"), e.get("test_loss")) != (None, None)]
+    _lines(a, b, [e["iter"] for e in ev], [_num(e.get("test_loss")) for e in ev],
+           [_num(e.get("test_acc")) for e in ev], "o", ms=3, color="tab:orange", label="test (per epoch)")
+    _save(plt, fig, path, written)
+
+
+def _all_runs_figure(plt, path: Path, title: str, seeded, written: list):
+    """Every row's training curve (mean over 100 iterations); a row with several seeds is
+    drawn as the mean over seeds inside a band from their minimum to their maximum."""
+    fig, a, b = _two_panels(plt, title, "iteration")
+    for i, (row, rs) in enumerate(seeded):
+        curves = [_curve(r, window=100) for r in rs]
+        n = min(len(c[0]) for c in curves)
+        x = curves[0][0][:n]
+        loss = [_nanmean(c[1][j] for c in curves) for j in range(n)]
+        acc = [_nanmean(c[2][j] for c in curves) for j in range(n)]
+        label = _label(row, rs[0], loss) + (f" ({len(rs)} seeds)" if len(rs) > 1 else "")
+        _lines(a, b, x, loss, acc, lw=1, color=f"C{i}", label=label)
+        if len(rs) > 1:
+            for ax, k, scale in ((a, 1, 1), (b, 2, 100)):
+                lo = [min(c[k][j] for c in curves) * scale for j in range(n)]
+                hi = [max(c[k][j] for c in curves) * scale for j in range(n)]
+                ax.fill_between(x, lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+    _save(plt, fig, path, written)
+
+
+def _epochs_figure(plt, path: Path, title: str, pairs, written: list):
+    """A sweep: per-epoch train curves, one line per row (x = epoch, since iterations per
+    epoch differ between batch sizes)."""
+    cmap = plt.get_cmap("viridis")
+    fig, a, b = _two_panels(plt, title, "epoch")
+    sane = []  # losses of the runs that did not diverge: they set the y range
+    for i, (row, r) in enumerate(pairs):
+        x, loss, acc = _per_epoch(r)
+        label = _label(row, r, loss)
+        _lines(a, b, x, loss, acc, color=cmap(i / max(1, len(pairs) - 1)), marker=".", label=label)
+        if not label.endswith("(diverged)"):
+            sane += [v for v in loss if math.isfinite(v) and v > 0]
+    if sane:  # a diverging run's 1e30 losses would flatten every other curve
+        a.set_ylim(min(sane) / 1.5, max(sane) * 1.5)
+    _save(plt, fig, path, written)
+
+
+def write_figures(reference: dict, seeded: dict, out_dir) -> list[Path]:
+    """The figures each reference table asks for (its `plot`, `figure` and `run_figure`)."""
     plt, out_dir, written = _plt(), Path(out_dir), []
     out_dir.mkdir(parents=True, exist_ok=True)
-    t11 = [(row, r) for row, r in matched.get("table11", []) if r is not None]
-    for row, r in t11:   # Figure 2: one per network
-        fig, a, b = _two_panels(plt, f"Figure 2: {row['label']} ({r.path.name})", "iteration")
-        _lines(a, b, *_curve(r), lw=0.4, alpha=0.35 if r.iters else 1.0, color="tab:blue",
-               label="train (per iteration)" if r.iters else "train (epoch mean)")
-        if r.iters:  # the raw curve is a band of noise: draw its running mean on top
-            _lines(a, b, *_curve(r, window=100), lw=1.2, color="navy", label="train (mean of 100 iterations)")
-        ev = [e for e in r.epochs if (e.get("test_acc"), e.get("test_loss")) != (None, None)]
-        _lines(a, b, [e["iter"] for e in ev], [_num(e.get("test_loss")) for e in ev],
-               [_num(e.get("test_acc")) for e in ev], "o", ms=3, color="tab:orange", label="test (per epoch)")
-        _save(plt, fig, out_dir / f"fig2_{row['model']}.png", written)
-    if t11:   # Figure 3: all networks, down-sampled
-        fig, a, b = _two_panels(plt, "Figure 3: training of the ten networks "
-                                "(train, mean over 100 iterations)", "iteration")
-        for row, r in t11:
-            x, loss, acc = _curve(r, window=100)
-            _lines(a, b, x, loss, acc, lw=1, label=_label(row, r, loss))
-        _save(plt, fig, out_dir / "fig3_all_models.png", written)
-    cmap = plt.get_cmap("viridis")
-    for name, (num, fname, what) in SWEEPS.items():   # Figures 4-6: x = epoch, since
-        # iterations per epoch differ between batch sizes; all three sweeps alike.
-        pairs = [(row, r) for row, r in matched.get(name, []) if r is not None]
-        if not pairs:
+    for name, table in reference["tables"].items():
+        pairs = [(row, rs) for row, rs in seeded.get(name, []) if rs]
+        if not pairs or "plot" not in table:
             continue
-        fig, a, b = _two_panels(plt, f"Figure {num}: training with different {what} "
-                                "(2-layer + Relu + SCE; mean over each epoch)", "epoch")
-        sane = []  # losses of the runs that did not diverge: they set the y range
-        for i, (row, r) in enumerate(pairs):
-            x, loss, acc = _per_epoch(r)
-            label = _label(row, r, loss)
-            _lines(a, b, x, loss, acc, color=cmap(i / max(1, len(pairs) - 1)), marker=".", label=label)
-            if not label.endswith("(diverged)"):
-                sane += [v for v in loss if math.isfinite(v) and v > 0]
-        if sane:  # a diverging run's 1e30 losses would flatten every other curve
-            a.set_ylim(min(sane) / 1.5, max(sane) * 1.5)
-        _save(plt, fig, out_dir / fname, written)
+        if table["plot"] == "runs":
+            for row, rs in pairs:
+                _run_figure(plt, out_dir / table["run_figure"].format(**row),
+                            table["run_figure_title"].format(**row) + f" ({rs[0].path.name})", rs[0], written)
+            _all_runs_figure(plt, out_dir / table["figure"], table["figure_title"], pairs, written)
+        elif table["plot"] == "epochs":
+            _epochs_figure(plt, out_dir / table["figure"], table["figure_title"],
+                           [(row, rs[0]) for row, rs in pairs], written)
+        else:
+            raise ValueError(f"table {name}: plot must be 'runs' or 'epochs', not {table['plot']!r}")
     return written
 
 
-def make_report(run_dirs, out_dir, published_path=None, ignore=()) -> list[Path]:
-    """Load the runs, match them to the published grid, write tables.md and the figures."""
-    published = load_published(published_path)
-    runs = [load_run(d) for d in run_dirs if (Path(d) / "config.json").exists()]
-    matched = match_runs(published, runs, ignore=ignore)
-    return [write_tables(matched, out_dir, runs), *write_figures(matched, runs, out_dir)]
+def make_report(run_dirs, out_dir, reference_path, ignore=(), figures=True) -> list[Path]:
+    """Load the runs, match them to the reference grid, write tables.md and the figures."""
+    reference = load_reference(reference_path)
+    runs = load_runs(run_dirs)
+    seeded = match_seeds(reference, runs, ignore=ignore)
+    title = reference.get("title", "Runs vs. the reference tables")
+    tables = write_tables(seeded, out_dir, runs, title=title)
+    return [tables, *(write_figures(reference, seeded, out_dir) if figures else [])]
 
 
-def export_runs(run_dirs, out_dir) -> list[Path]:
-    """Copy each run's light records (config.json, summary.json and its epoch records as
-    epochs.jsonl; no checkpoints, no per-iteration logs) to out_dir/runs/<run name>."""
+# ----------------------------------------------------------------------------- records
+def compact_curve(iters, max_points: int = 6000):
+    """The iteration records as an (n, 3) float32 array of window means: the window's last
+    iteration, mean loss, mean accuracy (finite values only). The window is 10 iterations,
+    or a larger multiple of 10 so that a long run keeps at most `max_points` rows."""
+    import numpy as np
+
+    window = 10 * max(1, math.ceil(len(iters) / (10 * max_points)))
+    rows = []
+    for start in range(0, len(iters), window):
+        group = iters[start:start + window]
+        rows.append((group[-1]["iter"], _nanmean(_num(r.get("loss")) for r in group),
+                     _nanmean(_num(r.get("acc")) for r in group)))
+    return np.asarray(rows, dtype=np.float32).reshape(-1, 3)
+
+
+def export_records(run_dirs, out_dir) -> list[Path]:
+    """Write each run's record to out_dir/runs/<run name>: config.json, summary.json, its
+    epoch records as epochs.jsonl and its iteration curve as curve.npy (compact_curve); no
+    checkpoints. Each file is written atomically; a record is replaced only as a whole
+    set of files from one reading of the run."""
+    import numpy as np
+
+    from .train import atomic_write_bytes
+
     written = []
     for d in map(Path, run_dirs):
         run = load_run(d)
         dest = Path(out_dir) / "runs" / d.name
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "summary.json"):
-            if (d / name).exists():
-                (dest / name).write_bytes((d / name).read_bytes())
-        (dest / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run.epochs))
+        files = {name: (d / name).read_bytes() for name in ("config.json", "summary.json")
+                 if (d / name).exists()}
+        files["epochs.jsonl"] = "".join(json.dumps(r) + "\n" for r in run.epochs).encode()
+        if run.iters:
+            buf = io.BytesIO()
+            np.save(buf, compact_curve(run.iters))
+            files["curve.npy"] = buf.getvalue()
+        for name, data in files.items():
+            atomic_write_bytes(dest / name, data)
         written.append(dest)
     return written
