@@ -47,7 +47,7 @@ report: $(STAMP)
 	$(VENV)/bin/xpmlp report --runs-under experiments/results/runs --published $(REFERENCE) --out experiments/results
 
 gpu-check:
-	bash experiments/gpu_check.sh
+	PYTHON=$(PYTHON) bash experiments/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -8,7 +8,8 @@ import numpy as np
 # The fused losses.  One block walks the rows (thread t takes rows t, t + blockDim.x, ...)
 # and sums the loss and the hits in shared memory in a fixed order: the result is the
 # same bits every run, which float atomics would not give.  Same arithmetic as the Numba
-# kernels.
+# kernels.  A label outside [0, k) is never used as an index: its row gets no target, as
+# the array code's one_hot gives it (a row of zeros), instead of a write out of bounds.
 LOSS_SOURCE = r"""
 template <typename T>
 __device__ int xpmlp_row_argmax(const T* row, const int k) {
@@ -49,7 +50,8 @@ __global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* 
     for (int r = threadIdx.x; r < n; r += blockDim.x) {
         const T* row = logits + (long long)r * k;
         T* g = grad + (long long)r * k;
-        const int label = (int)labels[r];
+        const long long label = labels[r];
+        const bool has_target = 0 <= label && label < k;  // else a row of zeros, as one_hot gives
         hits += (xpmlp_row_argmax(row, k) == label) ? 1.0 : 0.0;
         T row_max = row[0];
         for (int c = 1; c < k; ++c) row_max = max(row_max, row[c]);
@@ -59,9 +61,9 @@ __global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* 
             g[c] = e;
             sum_exp += (double)e;
         }
-        loss += log(sum_exp) - (double)(row[label] - row_max);
+        if (has_target) loss += log(sum_exp) - (double)(row[label] - row_max);
         for (int c = 0; c < k; ++c) g[c] = (T)((double)g[c] / sum_exp / n);
-        g[label] = (T)((double)g[label] - 1.0 / n);
+        if (has_target) g[label] = (T)((double)g[label] - 1.0 / n);
     }
     xpmlp_write_means(loss, hits, (double)n, n, loss_out, acc_out);
 }
@@ -73,7 +75,7 @@ __global__ void xpmlp_euclidean(const T* output, const long long* labels, T* gra
     for (int r = threadIdx.x; r < n; r += blockDim.x) {
         const T* row = output + (long long)r * k;
         T* g = grad + (long long)r * k;
-        const int label = (int)labels[r];
+        const long long label = labels[r];  // outside [0, k): no column matches, no target
         hits += (xpmlp_row_argmax(row, k) == label) ? 1.0 : 0.0;
         for (int c = 0; c < k; ++c) {
             const T diff = (c == label) ? row[c] - (T)1 : row[c];
@@ -86,6 +88,7 @@ __global__ void xpmlp_euclidean(const T* output, const long long* labels, T* gra
 """
 LOSS_KERNELS = ("xpmlp_softmax_xent", "xpmlp_euclidean")
 LOSS_THREADS = 256
+LOSS_OPTIONS = ("-std=c++14",)
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 # name: (inputs, outputs, body) of each cupy.ElementwiseKernel.
@@ -100,6 +103,13 @@ ELEMENTWISE = {
     "xpmlp_sigmoid_backward": (  # Eq. (9)
         "T y, T grad_y", "T grad_x", "grad_x = grad_y * y * ((T)1 - y);"),
 }
+# NVRTC options per ElementwiseKernel (CuPy adds -ftz=true to all).  The SGD step is compiled
+# without multiply-add contraction: NVRTC would otherwise fuse m*v + (...) into one FMA,
+# whose single rounding differs from NumPy's where the terms nearly cancel (716 of 100,003
+# float32 elements beyond rtol 1e-6).  Separate IEEE roundings cost nothing in a step that
+# is bound by memory traffic, and give the CPU's bits exactly (subnormals aside, which
+# -ftz flushes), so the GPU and CPU optimizers can be compared bit for bit.
+ELEMENTWISE_OPTIONS = {"xpmlp_sgd_step": ("--fmad=false",)}
 
 
 class CupyKernels:
@@ -107,12 +117,14 @@ class CupyKernels:
 
     def __init__(self, cupy):
         self.cupy = cupy
-        kernels = {name: cupy.ElementwiseKernel(*spec, name) for name, spec in ELEMENTWISE.items()}
+        kernels = {name: cupy.ElementwiseKernel(*spec, name, options=ELEMENTWISE_OPTIONS.get(name, ()))
+                   for name, spec in ELEMENTWISE.items()}
         self._sgd = kernels["xpmlp_sgd_step"]
         self._relu_backward = kernels["xpmlp_relu_backward"]
         self._sigmoid_forward = kernels["xpmlp_sigmoid_forward"]
         self._sigmoid_backward = kernels["xpmlp_sigmoid_backward"]
         self._loss_module = None
+        self._loss_functions = {}  # (name, dtype) -> the module's compiled function
 
     def sgd_step(self, p, g, v, lr, momentum, weight_decay):
         t = p.dtype.type
@@ -146,11 +158,14 @@ class CupyKernels:
         accuracy into (their first element), e.g. this step's slots in the per-iteration
         records; else new 0-d arrays."""
         cp = self.cupy
-        if self._loss_module is None:
-            self._loss_module = cp.RawModule(
-                code=LOSS_SOURCE, options=("-std=c++14",),
-                name_expressions=[f"{k}<{t}>" for k in LOSS_KERNELS for t in CTYPES.values()])
-        kernel = self._loss_module.get_function(f"{name}<{CTYPES[output.dtype]}>")
+        kernel = self._loss_functions.get((name, output.dtype))
+        if kernel is None:  # looked up once per dtype, not on every step
+            if self._loss_module is None:
+                self._loss_module = cp.RawModule(
+                    code=LOSS_SOURCE, options=LOSS_OPTIONS,
+                    name_expressions=[f"{k}<{t}>" for k in LOSS_KERNELS for t in CTYPES.values()])
+            kernel = self._loss_module.get_function(f"{name}<{CTYPES[output.dtype]}>")
+            self._loss_functions[(name, output.dtype)] = kernel
         output = cp.ascontiguousarray(output)
         labels = cp.ascontiguousarray(labels, dtype=cp.int64)
         loss, acc = out if out is not None else (cp.empty((), output.dtype), cp.empty((), output.dtype))

@@ -44,12 +44,16 @@ def _build():
     def softmax_xent(logits, labels, grad_out):
         # Mean -log softmax(x)_label over rows, its gradient (softmax - onehot)/N, and the
         # fraction of rows whose arg-max is the label: all from one read of the logits.
+        # A label outside [0, k) gives its row no target (one_hot's row of zeros) and is
+        # never used as an index: Numba does not check bounds.
         n, k = logits.shape
         total = 0.0
         hits = 0
         for r in range(n):
+            label = labels[r]
+            has_target = 0 <= label < k
             arg_max = row_argmax(logits[r])
-            hits += arg_max == labels[r]
+            hits += arg_max == label
             row_max = logits[r, 0]
             for c in range(1, k):
                 row_max = max(row_max, logits[r, c])
@@ -58,15 +62,18 @@ def _build():
                 e = np.exp(logits[r, c] - row_max)
                 grad_out[r, c] = e
                 sum_exp += e
-            total += np.log(sum_exp) - (logits[r, labels[r]] - row_max)
+            if has_target:
+                total += np.log(sum_exp) - (logits[r, label] - row_max)
             for c in range(k):
                 grad_out[r, c] = grad_out[r, c] / sum_exp / n
-            grad_out[r, labels[r]] -= 1.0 / n
+            if has_target:
+                grad_out[r, label] -= 1.0 / n
         return total / n, hits / n
 
     @jit
     def euclidean(output, labels, grad_out, one, n_t):
-        # Mean 1/2 ||x - t||^2 over rows, its gradient (x - t)/N, and the accuracy.
+        # Mean 1/2 ||x - t||^2 over rows, its gradient (x - t)/N, and the accuracy.  A label
+        # outside [0, k) matches no column: no target, as with one_hot.
         n, k = output.shape
         total = 0.0
         hits = 0

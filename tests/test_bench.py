@@ -81,3 +81,32 @@ BAD = [(["--epochs", "0"], ["--epochs", "positive"]), (["--threads", "0"], ["--t
 @pytest.mark.parametrize("args, needles", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_bench_flags(tmp_path, args, needles):
     assert_user_error(xpmlp("bench", "--device", "cpu", "--no-torch", *args, cwd=tmp_path), *needles)
+
+
+@pytest.mark.parametrize("failure", ["not installed", "broken install", "no CUDA"])
+def test_pytorch_that_cannot_run_on_the_device_is_left_out_with_the_reason(small, monkeypatch, failure):
+    """A GPU machine may have torch without CUDA, or a torch whose import fails with more than
+    ImportError: the bench leaves PyTorch out and says why instead of crashing."""
+    import sys
+    import types
+    if failure == "not installed":
+        monkeypatch.setitem(sys.modules, "torch", None)  # ``import torch`` raises ImportError
+    elif failure == "broken install":
+        class Broken:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise OSError("libcudart.so.12: cannot open shared object file")
+        monkeypatch.delitem(sys.modules, "torch", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    else:
+        cpu_only = types.SimpleNamespace(__version__="2.13.0+cpu", version=types.SimpleNamespace(cuda=None),
+                                         cuda=types.SimpleNamespace(is_available=lambda: False))
+        monkeypatch.setitem(sys.modules, "torch", cpu_only)
+    torch, why = bench.torch_for("cuda")
+    assert torch is None
+    assert {"not installed": "cannot be imported", "broken install": "OSError: libcudart",
+            "no CUDA": "has no usable CUDA"}[failure] in why
+    if failure != "no CUDA":  # on the CPU the whole bench runs without the peer
+        r = bench.run(device="cpu", epochs=1, threads=1)
+        assert r["torch_epoch_s"] is None and r["ratio_torch"] is None and r["torch_note"] == why
+        assert why in bench.format_table(r)

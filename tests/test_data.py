@@ -19,15 +19,21 @@ from xpmlp import data
 from xpmlp.data import FILES, SHA256, DataError, find_data_dir, load_mnist, read_idx
 
 NAMES = list(FILES.values())
-REAL_DIR = real_mnist_dir()
 
 
 @pytest.fixture(scope="session")
-def real_gz():
+def real_dir():
+    """The real MNIST's folder, found when a test first needs it, not at import: collecting
+    this file must not need MNIST (the GPU check runs other files where MNIST is absent)."""
+    return real_mnist_dir()
+
+
+@pytest.fixture(scope="session")
+def real_gz(real_dir):
     """name -> the real .gz bytes."""
-    if not all((REAL_DIR / f"{n}.gz").is_file() for n in NAMES):
-        pytest.skip(f"real MNIST .gz files not found in {REAL_DIR}")
-    return {n: (REAL_DIR / f"{n}.gz").read_bytes() for n in NAMES}
+    if not all((real_dir / f"{n}.gz").is_file() for n in NAMES):
+        pytest.skip(f"real MNIST .gz files not found in {real_dir}")
+    return {n: (real_dir / f"{n}.gz").read_bytes() for n in NAMES}
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +43,8 @@ def real_raw(real_gz):
 
 
 @pytest.fixture(scope="session")
-def mnist(real_gz):
-    return load_mnist(REAL_DIR, download=False)
+def mnist(real_dir, real_gz):
+    return load_mnist(real_dir, download=False)
 
 
 @pytest.fixture(scope="session")
@@ -148,10 +154,10 @@ def test_pixels_are_scaled_row_major(mnist, real_raw):
     np.testing.assert_array_equal(mnist.train_x[0], (img.astype(np.float32) - 128) / 255)
 
 
-def test_read_idx_raw_and_gz_agree(tmp_path, real_raw):
+def test_read_idx_raw_and_gz_agree(tmp_path, real_dir, real_raw):
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (tmp_path / name).write_bytes(real_raw[name])
-        raw, gz = read_idx(tmp_path / name), read_idx(REAL_DIR / f"{name}.gz")
+        raw, gz = read_idx(tmp_path / name), read_idx(real_dir / f"{name}.gz")
         assert raw.dtype == np.uint8
         np.testing.assert_array_equal(raw, gz)
     assert read_idx(tmp_path / "t10k-images-idx3-ubyte").shape == (10000, 28, 28)
@@ -338,8 +344,8 @@ def test_progress_bar_on_a_tty(monkeypatch, tmp_path, good_mirror_dir, real_gz):
     assert "labels" in sys.stderr.getvalue()  # tqdm drew something
 
 
-def test_sha256_table_matches_shipped_sums():
-    sums = REAL_DIR / "SHA256SUMS.uncompressed"
+def test_sha256_table_matches_shipped_sums(real_dir):
+    sums = real_dir / "SHA256SUMS.uncompressed"
     if not sums.is_file():
         pytest.skip(f"{sums} not found")
     table = dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip())

@@ -36,12 +36,11 @@ def test_sgd_step_equals_the_formula(backend, dtype):
     want_p = p - lr * want_v
     p_dev, g_dev, v_dev = (backend.asarray(a) for a in (p, g, v))
     backend.kernels.sgd_step(p_dev, g_dev, v_dev, 0.01, 0.9, 5e-4)
-    if backend.name == "numpy":  # the same operations in the same order: the same bits
-        np.testing.assert_array_equal(v_dev, want_v)
-        np.testing.assert_array_equal(p_dev, want_p)
-    else:  # nvcc may contract a multiply and an add into one FMA
-        np.testing.assert_allclose(backend.to_numpy(v_dev), want_v, rtol=1e-6)
-        np.testing.assert_allclose(backend.to_numpy(p_dev), want_p, rtol=1e-6)
+    # The same operations in the same order, each rounded: the same bits.  On CUDA this holds
+    # because the kernel is compiled without FMA contraction (cupy_kernels.ELEMENTWISE_OPTIONS);
+    # there are no subnormals here for CuPy's -ftz to flush.
+    np.testing.assert_array_equal(backend.to_numpy(v_dev), want_v)
+    np.testing.assert_array_equal(backend.to_numpy(p_dev), want_p)
 
 
 LOSSES = pytest.mark.parametrize("kernel,loss_class,scale", [
@@ -101,6 +100,25 @@ def test_fused_accuracy_follows_argmax_on_ties_and_nans(backend, kernel):
         assert backend.to_numpy(acc) == xpmlp.accuracy(np, logits, labels), labels
 
 
+@LOSSES
+def test_fused_loss_gives_a_label_out_of_range_no_target_and_writes_nothing_outside(backend, kernel,
+                                                                                    loss_class, scale):
+    """A label outside [0, classes) must not be used as an index (the kernels do not check
+    bounds): its row gets no target, a row of zeros as the array code's one_hot gives it."""
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(size=(5, 10)) * scale).astype(np.float32)
+    labels = np.array([3, -1, 10, 1 << 40, 10])  # the last row's label points past the buffer
+    plain = loss_class(xpmlp.get_backend("numpy"), np.float32, fast=False)
+    want_loss, want_grad = plain.forward(logits, labels), plain.backward()
+    buffer = backend.asarray(np.full((7, 10), 7.0, dtype=np.float32))  # rows 5 and 6: sentinels
+    grad = buffer[:5]
+    loss, acc = getattr(backend.kernels, kernel)(backend.asarray(logits), backend.asarray(labels), grad)
+    np.testing.assert_allclose(backend.to_numpy(loss), want_loss, rtol=1e-6)
+    np.testing.assert_allclose(backend.to_numpy(grad), want_grad, rtol=1e-6, atol=1e-7)
+    assert backend.to_numpy(acc) == xpmlp.accuracy(np, logits, labels)
+    np.testing.assert_array_equal(backend.to_numpy(buffer[5:]), 7.0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_backward_passes_the_gradient_where_the_output_is_positive(backend, dtype):
     rng = np.random.default_rng(2)
@@ -121,7 +139,9 @@ def test_relu_backward_passes_the_gradient_where_the_output_is_positive(backend,
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-14)])
 def test_fast_sigmoid_layer_matches_the_plain_one(backend, dtype, rtol):
     """Forward by the backend's kernel where it has one (CuPy), else by the layer's
-    select-free array code (NumPy); backward by the kernel on both."""
+    select-free array code (NumPy); backward by the kernel on both.  ``atol`` is the dtype's
+    smallest normal number: CuPy compiles with -ftz=true, so where the CPU gives a subnormal
+    (the sigmoid of -100 is 3.8e-44 in float32) the GPU gives 0."""
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(40, 30)) * 5).astype(dtype)
     x[0, :4] = [-1000, -100, 100, 1000]  # e^-x would overflow here; e^-|x| does not
@@ -130,16 +150,17 @@ def test_fast_sigmoid_layer_matches_the_plain_one(backend, dtype, rtol):
     grad_y = rng.normal(size=x.shape).astype(dtype)
     want_grad_x = plain.backward(grad_y)
     fast = Sigmoid(backend, dtype, fast=True)
+    atol = np.finfo(dtype).smallest_normal
     with np.errstate(over="raise", invalid="raise"):  # underflow to 0 is the right answer
         y = fast.forward(backend.asarray(x))
-    np.testing.assert_allclose(backend.to_numpy(y), want_y, rtol=rtol, atol=0)
+    np.testing.assert_allclose(backend.to_numpy(y), want_y, rtol=rtol, atol=atol)
     grad_x = backend.xp.empty(x.shape, dtype=dtype)
     assert backend.kernels.sigmoid_backward(y, backend.asarray(grad_y), grad_x) is grad_x
-    np.testing.assert_allclose(backend.to_numpy(grad_x), want_grad_x, rtol=rtol, atol=0)
+    np.testing.assert_allclose(backend.to_numpy(grad_x), want_grad_x, rtol=rtol, atol=atol)
     # a strided, aliased output takes another route and gives the same answer
     out = backend.asarray(np.repeat(want_y, 2, axis=1))[:, ::2]
     backend.kernels.sigmoid_backward(out, backend.asarray(grad_y), out)
-    np.testing.assert_allclose(backend.to_numpy(out), want_grad_x, rtol=rtol, atol=0)
+    np.testing.assert_allclose(backend.to_numpy(out), want_grad_x, rtol=rtol, atol=atol)
 
 
 @pytest.fixture
@@ -177,31 +198,95 @@ def test_relu_forward_is_np_maximum_nans_included(numba_kernels, dtype):
     np.testing.assert_array_equal(strided, np.maximum(x, 0))
 
 
-def cuda_translation_unit():
-    """All of the CuPy backend's CUDA code as one .cu file for nvcc: the loss kernels with
-    their templates instantiated, and each ElementwiseKernel body inside a device function
-    with its parameters declared as CuPy declares them."""
-    from xpmlp.backends.cupy_kernels import CTYPES, ELEMENTWISE, LOSS_KERNELS, LOSS_SOURCE
-    parts = [LOSS_SOURCE]
-    for name in LOSS_KERNELS:
-        for t in CTYPES.values():
-            parts.append(f"template __global__ void {name}<{t}>(const {t}*, const long long*, {t}*, "
-                         f"{t}*, {t}*, const int, const int);")
+def cuda_units():
+    """All of the CuPy backend's CUDA code as .cu files for nvcc, each with the NVRTC options
+    CuPy gets for it: the loss module with its templates instantiated, and each
+    ElementwiseKernel body in a kernel, its parameters declared as CuPy declares them, once
+    per dtype, one file per set of options.  Returns {name: (source, options)}: "losses",
+    then the name of each elementwise kernel with options of its own, then "elementwise"."""
+    from xpmlp.backends.cupy_kernels import (CTYPES, ELEMENTWISE, ELEMENTWISE_OPTIONS, LOSS_KERNELS,
+                                             LOSS_OPTIONS, LOSS_SOURCE)
+    loss = [LOSS_SOURCE] + [f"template __global__ void {name}<{t}>(const {t}*, const long long*, {t}*, "
+                            f"{t}*, {t}*, const int, const int);" for name in LOSS_KERNELS for t in CTYPES.values()]
+    units, plain = {"losses": ("\n".join(loss), LOSS_OPTIONS)}, []
     for name, (inputs, outputs, body) in ELEMENTWISE.items():
-        params = [f"const {p.strip()}" for p in inputs.split(",")] + \
-                 [p.strip().replace(" ", "& ", 1) for p in outputs.split(",")]
-        parts.append(f"template <typename T> __device__ void {name}({', '.join(params)}) {{ {body} }}")
+        ins = [p.split() for p in inputs.split(",")]
+        outs = [p.split() for p in outputs.split(",")]
+        kernels = []
         for t in CTYPES.values():
-            parts.append(f"template __device__ void {name}<{t}>({', '.join(p.replace('T', t, 1) for p in params)});")
-    return "\n".join(parts) + "\n"
+            params = ", ".join([f"const {t}* _in_{n}" for _, n in ins] + [f"{t}* _out_{n}" for _, n in outs])
+            loads = " ".join([f"const T {n} = _in_{n}[i];" for _, n in ins] + [f"T& {n} = _out_{n}[i];" for _, n in outs])
+            kernels.append(f'extern "C" __global__ void {name}_{t}({params}, const long long size) {{\n'
+                           f"  typedef {t} T;\n  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+                           f"  if (i >= size) return;\n  {loads}\n  {body}\n}}")
+        if name in ELEMENTWISE_OPTIONS:
+            units[name] = ("\n".join(kernels), ELEMENTWISE_OPTIONS[name])
+        else:
+            plain += kernels
+    units["elementwise"] = ("\n".join(plain), ())
+    return units
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+def nvcc_problem(tmp_path):
+    """Why nvcc cannot compile any CUDA here (not installed, or no host compiler it accepts),
+    or None.  Asked only when a compile failed, so that a missing tool is a skip, not a failure."""
+    if shutil.which("nvcc") is None:
+        return "nvcc (CUDA toolkit) is not installed"
+    source = tmp_path / "empty.cu"
+    source.write_text("__global__ void empty_kernel() {}\n")
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", str(source), "-o", str(tmp_path / "empty.cubin")],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        return f"nvcc cannot compile even an empty kernel here ({lines[-1] if lines else 'no message'})"
+    return None
+
+
+def nvcc(tmp_path, name, source, options, output):
+    """Compile ``source`` for sm_90 as CuPy has NVRTC do it (-ftz=true added to the options);
+    returns the output file.  Skips the test where nvcc cannot compile anything here."""
+    path, target = tmp_path / f"{name}.cu", tmp_path / f"{name}.{output.lstrip('-')}"
+    path.write_text(source + "\n")
+    command = ["nvcc", "-std=c++14", "-arch=sm_90", "-ftz=true", *options, output, str(path), "-o", str(target)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        result = None
+    if result is None or result.returncode != 0:
+        problem = nvcc_problem(tmp_path)
+        if problem:
+            pytest.skip(problem)
+    assert result.returncode == 0, result.stderr + source
+    return target
+
+
 def test_cuda_sources_compile_for_hopper(tmp_path):
     """Where no GPU is lent, at least the CUDA C must compile: nvcc checks the code NVRTC
-    gets on a GPU machine, for both dtypes."""
-    source = tmp_path / "xpmlp_kernels.cu"
-    source.write_text(cuda_translation_unit())
-    result = subprocess.run(["nvcc", "-std=c++14", "-arch=sm_90", "-c", str(source), "-o",
-                             str(tmp_path / "xpmlp_kernels.o")], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr + source.read_text()
+    gets on a GPU machine, for both dtypes, with each kernel's own options."""
+    for name, (source, options) in cuda_units().items():
+        assert nvcc(tmp_path, name, source, options, "-cubin").stat().st_size > 0, name
+
+
+def test_sgd_kernel_is_compiled_without_fused_multiply_adds(tmp_path):
+    """The SGD step's bits equal NumPy's only if no multiply and add are contracted into an
+    FMA; the PTX shows it.  Without the option nvcc does contract them (the check can fail)."""
+    source, options = cuda_units()["xpmlp_sgd_step"]
+    assert "--fmad=false" in options
+    ptx = nvcc(tmp_path, "sgd", source, options, "-ptx").read_text()
+    assert "mul.rn.ftz.f32" in ptx and "mul.rn.f64" in ptx
+    assert "fma." not in ptx
+    contracted = nvcc(tmp_path, "sgd_fmad", source, (), "-ptx").read_text()
+    assert "fma.rn.ftz.f32" in contracted and "fma.rn.f64" in contracted
+
+
+def test_nvcc_without_a_host_compiler_skips_with_the_reason(tmp_path, monkeypatch):
+    """nvcc needs a host compiler even for device code; where it has none, the compile tests
+    skip and say so instead of failing."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed")
+    lonely = tmp_path / "bin"
+    lonely.mkdir()
+    (lonely / "nvcc").symlink_to(shutil.which("nvcc"))
+    monkeypatch.setenv("PATH", str(lonely))  # nvcc, and no gcc, g++ or cc
+    with pytest.raises(pytest.skip.Exception, match="nvcc cannot compile even an empty kernel here"):
+        nvcc(tmp_path, "sgd", *cuda_units()["xpmlp_sgd_step"], "-ptx")

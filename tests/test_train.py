@@ -389,3 +389,46 @@ def test_denormal_weights_are_flushed_once_per_epoch(tmp_path, synthetic, device
     t.config.epochs = 3
     t.run()
     assert len(calls) == 3, "the trainer flushes once per epoch"
+
+
+# ---------------------------------------------------------------- timing and the progress bar
+
+def test_the_warm_up_step_leaves_weights_and_momenta_as_they_were(tmp_path, synthetic):
+    t = trainer(config(epochs=1), tmp_path / "run", synthetic)
+    t.optimizer.velocity[...] = 0.5  # a momentum the step would change
+    before = ([a.copy() for a in t.model.state_arrays()], [v.copy() for v in t.optimizer.state()])
+    x, y = t.backend.asarray(synthetic.train_x), t.backend.asarray(synthetic.train_y)
+    t._warm_up(x, y, BATCH)
+    for want, got in zip(before, (t.model.state_arrays(), t.optimizer.state())):
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_epoch_time_excludes_the_warm_up(tmp_path, synthetic, monkeypatch):
+    """On a GPU the first step compiles kernels: that happens before the clock starts.  A
+    fake clock that only the warm-up advances shows it (no real time is measured)."""
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    warm_up = Trainer._warm_up
+
+    def slow_warm_up(self, *args):
+        clock[0] += 1000.0
+        warm_up(self, *args)
+
+    monkeypatch.setattr(Trainer, "_warm_up", slow_warm_up)
+    summary = train_run(config(epochs=1), tmp_path / "run", synthetic)
+    assert clock[0] == 1000.0, "the warm-up ran once"
+    assert summary["train_time_s"] == 0.0
+
+
+@pytest.mark.parametrize("interval, reads", [(3600.0, 0), (0.0, ITERS)])
+def test_progress_bar_reads_the_device_at_most_once_per_interval(tmp_path, synthetic, monkeypatch, interval, reads):
+    """Each read of a step's loss waits for the GPU, so the bar reads at most once per
+    BAR_READ_INTERVAL_S, not every few steps."""
+    monkeypatch.setattr(train, "BAR_READ_INTERVAL_S", interval)
+    shown = []
+    monkeypatch.setattr(Trainer, "_show_metrics", lambda self, bar, losses, accs, i: shown.append(i))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    Trainer(config(epochs=1), run_dir, synthetic, progress=True, log=lambda line: None).run()
+    assert len(shown) == reads

@@ -123,14 +123,27 @@ def bench_gemm_limit(backend, model):
     return epoch
 
 
-def bench_torch(backend, model, x_host, y_host, threads, seed=0):
-    """(run_epoch, synchronize, version) for PyTorch eager with the same model, loss,
-    optimizer and device; None when torch is not installed."""
+def torch_for(device):
+    """(torch, None) when PyTorch can run on ``device`` ("cpu" or "cuda"), else (None, why)."""
     try:
         import torch
-    except ImportError:
-        return None
+    except Exception as exc:  # noqa: BLE001 - not only ImportError: a broken CUDA build raises OSError
+        return None, f"PyTorch cannot be imported ({type(exc).__name__}: {exc})"
+    try:
+        if device == "cuda" and not torch.cuda.is_available():
+            return None, f"PyTorch {torch.__version__} has no usable CUDA (torch.version.cuda = {torch.version.cuda})"
+    except Exception as exc:  # noqa: BLE001 - asking the driver can fail in many ways
+        return None, f"PyTorch cannot use CUDA ({type(exc).__name__}: {exc})"
+    return torch, None
+
+
+def bench_torch(backend, model, x_host, y_host, threads, seed=0):
+    """(run_epoch, synchronize, version) for PyTorch eager with the same model, loss,
+    optimizer and device, or the reason it cannot run here (a str)."""
     device = "cuda" if backend.name == "cupy" else "cpu"
+    torch, why = torch_for(device)
+    if torch is None:
+        return why
     dtype = getattr(torch, np.dtype(model.dtype).name)
     layers = []
     for layer in model.layers:
@@ -214,16 +227,18 @@ def _run(backend, dtype, epochs, torch_peer, threads):
     contenders = {"ours": (ours, backend.synchronize),
                   "gemm": (bench_gemm_limit(backend, model), backend.synchronize),
                   "gather": (gather, backend.synchronize), "sgd": (sgd, backend.synchronize)}
-    peer = bench_torch(backend, model, x_host, y_host, threads) if torch_peer else None
-    torch_version = None
-    if peer is not None:
+    peer = bench_torch(backend, model, x_host, y_host, threads) if torch_peer else "left out (--no-torch)"
+    torch_version, torch_note = None, None
+    if isinstance(peer, str):
+        torch_note = peer
+    else:
         contenders["torch"], torch_version = peer[:2], peer[2]
     median = _time_interleaved(contenders, epochs, warmed=("ours",))
     epoch_s, gemm_s, torch_s = median["ours"], median["gemm"], median.get("torch")
     floor_s = gemm_s + median["gather"] + median["sgd"]
     result = {
         "model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs,
-        "epoch_s": epoch_s, "torch_epoch_s": torch_s, "gemm_limit_epoch_s": gemm_s,
+        "epoch_s": epoch_s, "torch_epoch_s": torch_s, "torch_note": torch_note, "gemm_limit_epoch_s": gemm_s,
         "ratio_torch": epoch_s / torch_s if torch_s else None, "ratio_limit": epoch_s / gemm_s,
         "gather_epoch_s": median["gather"], "sgd_epoch_s": median["sgd"], "floor_epoch_s": floor_s,
         "ratio_floor": epoch_s / floor_s,
@@ -251,6 +266,8 @@ def format_table(r):
     lines.append(f"ratio_torch {r['ratio_torch'] and round(r['ratio_torch'], 3)}  "
                  f"ratio_limit {round(r['ratio_limit'], 3)}  ratio_floor {round(r['ratio_floor'], 3)}  "
                  f"{mem} {r[mem]:.0f}")
+    if r.get("torch_note"):
+        lines.append(f"PyTorch eager: {r['torch_note']}")
     return "\n".join(lines)
 
 

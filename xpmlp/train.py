@@ -30,6 +30,11 @@ TRAJECTORY_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "lr", 
                    "weight_decay", "init_std", "seed", "dtype")
 
 
+# The progress bar shows the latest step's loss and accuracy, read from the device at most
+# this often: each read waits for the GPU to finish the queued steps.
+BAR_READ_INTERVAL_S = 2.0
+
+
 class TrainError(Exception):
     """A user-facing problem with the run (bad settings, unusable directory): one line."""
 
@@ -331,6 +336,8 @@ class Trainer:
         last = {}
         if self._resumed:
             self._truncate_metrics(self.state["epoch"])
+        if self.state["epoch"] < cfg.epochs:
+            self._warm_up(x_train, y_train, batch)
         with _StopFlag() as flag:
             while self.state["epoch"] < cfg.epochs:
                 epoch = self.state["epoch"] + 1
@@ -346,15 +353,16 @@ class Trainer:
                 bar = self._bar(epoch, iters, pos)
                 stopped_at = None
                 be.synchronize()
-                start = time.perf_counter()
+                start = shown = time.perf_counter()
                 for i in range(pos, iters):
                     idx = perm[i * batch:(i + 1) * batch]
                     self.stepper.step(x_train, y_train, idx, loss_per_iter, acc_per_iter, i)
                     if bar is not None:
                         bar.update(1)
-                        if i % 20 == 19:
-                            bar.set_postfix(loss=f"{float(be.to_numpy(loss_per_iter[i])):.4f}",
-                                            acc=f"{float(be.to_numpy(acc_per_iter[i])):.3f}", refresh=False)
+                        # Reading a device value waits for the GPU: at most once per interval.
+                        if time.perf_counter() - shown >= BAR_READ_INTERVAL_S:
+                            shown = time.perf_counter()
+                            self._show_metrics(bar, loss_per_iter, acc_per_iter, i)
                     if flag.stop and i + 1 < iters:
                         stopped_at = i + 1
                         break
@@ -391,6 +399,19 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         return self.run_dir / "summary.json"
+
+    def _warm_up(self, x, y, batch):
+        """One step on the first batch before any epoch is timed, then the weights and
+        momenta put back as they were: it compiles what a step runs (CuPy's kernels and ours,
+        Numba's), so that epoch 1's train_time_s is training, not compilation."""
+        be, model = self.backend, self.model
+        params = [np.array(a, copy=True) for a in model.state_arrays()]
+        velocity = [np.array(be.to_numpy(v), copy=True) for v in self.optimizer.state()]
+        loss, acc = (be.xp.zeros((1,), dtype=model.dtype) for _ in range(2))
+        self.stepper.step(x, y, be.asarray(np.arange(batch)), loss, acc, 0)
+        model.load_state_arrays(params)
+        self.optimizer.load_state([be.asarray(v, dtype=model.dtype) for v in velocity])
+        be.synchronize()
 
     def _end_epoch(self, epoch, iters, losses, accs, x_test, y_test):
         cfg = self.config
@@ -441,6 +462,11 @@ class Trainer:
         if rec["test_loss"] is not None:
             text += f"  test loss {fmt(rec['test_loss'], '.4f')} acc {fmt(rec['test_acc'], '.4f')}"
         return text + f"  time {rec['train_time_s']:.1f}s"
+
+    def _show_metrics(self, bar, losses, accs, i):
+        be = self.backend
+        bar.set_postfix(loss=f"{float(be.to_numpy(losses[i])):.4f}", acc=f"{float(be.to_numpy(accs[i])):.3f}",
+                        refresh=False)
 
     def _bar(self, epoch, iters, pos):
         if not self.progress:

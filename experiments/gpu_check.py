@@ -1,0 +1,367 @@
+"""The one-shot GPU check behind `make gpu-check` (run through experiments/gpu_check.sh).
+
+A session is lent a GPU for about 15 minutes in all, so this does everything in one run,
+stops at the first thing that makes the rest meaningless, and keeps what a reviewer needs:
+  1. preflight: one line per fact (card, driver, CUDA runtime, NVRTC, CuPy, torch's CUDA),
+     then every fused kernel compiled and launched once on tiny inputs; any failure stops
+     the check here with the reason and exit status 1;
+  2. the CuPy tests (the files that hold them, `-m gpu`), the full log kept in a file and
+     its last lines printed; on its timeout pytest gets SIGINT, so it still prints its
+     summary; fails unless at least one CuPy test passed and none failed;
+  3. `xpmlp bench --device cuda --json`, and `--stack 17` where the bench has --stack;
+  4. one JSON record: into $OUT when set (the device tool brings back what is written
+     there), else into experiments/results/gpu/; the logs go beside it ($OUT) or under
+     runs/gpu-check/.
+The whole run is held under DEADLINE_S; each step also has a cap of its own.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 330  # 5.5 minutes: a 15-minute loan then holds the machine start and a rerun
+CAPS_S = {"preflight": 120, "tests": 210, "bench": 75, "bench_stack": 45}
+SIGINT_GRACE_S = 20  # after SIGINT, time for pytest to print its summary before a kill
+TAIL_LINES = 60
+# The test files that hold CuPy tests (tests/test_gpu_check.py checks this list against
+# a collection of `-m gpu` over the whole suite).
+GPU_TEST_FILES = ("tests/test_backends.py", "tests/test_cross_backend.py", "tests/test_gradients.py",
+                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_train.py")
+STACK_MODELS = 17
+
+
+class CheckFailed(Exception):
+    """A step that makes the rest of the check meaningless failed; the message says why."""
+
+
+def python():
+    """This interpreter, with -P where gpu_check.sh runs a staged copy (keeps xpmlp/ off sys.path)."""
+    return [sys.executable, "-P"] if sys.flags.safe_path else [sys.executable]
+
+
+def run_with_timeout(command, timeout_s, log_path=None, env=None):
+    """Run ``command``; on timeout send SIGINT (pytest then prints its summary), then kill
+    after SIGINT_GRACE_S.  Output goes to ``log_path`` (else is returned).  Returns
+    (returncode, timed_out, output or None)."""
+    log = open(log_path, "w") if log_path else subprocess.PIPE
+    try:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+        timed_out = False
+        try:
+            output, _ = proc.communicate(timeout=max(timeout_s, 1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.send_signal(signal.SIGINT)
+            try:
+                output, _ = proc.communicate(timeout=SIGINT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+    finally:
+        if log_path:
+            log.close()
+    return proc.returncode, timed_out, output
+
+
+def tail(path, lines=TAIL_LINES):
+    text = Path(path).read_text(errors="replace") if Path(path).exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- 1. preflight
+
+# Every fused kernel with tiny arguments: (name, call(kernels, xp, dtype)).  A test checks
+# that this covers every public method of CupyKernels.
+def _preflight_calls():
+    def arrays(xp, dtype, *shapes):
+        return [xp.linspace(-1, 1, math.prod(s), dtype=dtype).reshape(s) for s in shapes]
+
+    def labels(xp):
+        return xp.asarray([0, 2, 1, 2])
+
+    return {
+        "sgd_step": lambda k, xp, dt: k.sgd_step(*arrays(xp, dt, (8,), (8,), (8,)), 0.01, 0.9, 5e-4),
+        "relu_backward": lambda k, xp, dt: k.relu_backward(*arrays(xp, dt, (4, 3), (4, 3), (4, 3))),
+        "sigmoid_forward": lambda k, xp, dt: k.sigmoid_forward(*arrays(xp, dt, (4, 3), (4, 3))),
+        "sigmoid_backward": lambda k, xp, dt: k.sigmoid_backward(*arrays(xp, dt, (4, 3), (4, 3), (4, 3))),
+        "softmax_xent": lambda k, xp, dt: k.softmax_xent(*arrays(xp, dt, (4, 3)), labels(xp),
+                                                         *arrays(xp, dt, (4, 3))),
+        "euclidean": lambda k, xp, dt: k.euclidean(*arrays(xp, dt, (4, 3)), labels(xp), *arrays(xp, dt, (4, 3))),
+    }
+
+
+PREFLIGHT_CALLS = _preflight_calls()
+
+
+def _version(number):
+    """CUDA's 12080 as '12.8'."""
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def preflight():
+    """In a child process: print one line per fact, compile and launch every fused kernel,
+    and print the facts as JSON on the last line (prefixed FACTS).  Exit 1 with the reason
+    on the first failure."""
+    import numpy as np
+
+    import xpmlp
+    try:
+        backend = xpmlp.get_backend("cuda")
+    except xpmlp.BackendUnavailable as exc:
+        sys.exit(f"no usable CUDA GPU: {exc}")
+    cp = backend.cupy
+    props = cp.cuda.runtime.getDeviceProperties(backend.cuda_device.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    nvrtc = cp.cuda.nvrtc.getVersion()
+    facts = {"card": name, "compute_capability": f"{props['major']}.{props['minor']}",
+             "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+             "driver_cuda": _version(cp.cuda.runtime.driverGetVersion()),
+             "cuda_runtime": _version(cp.cuda.runtime.runtimeGetVersion()),
+             "nvrtc": f"{nvrtc[0]}.{nvrtc[1]}", "cupy": cp.__version__, "numpy": np.__version__,
+             "python": sys.version.split()[0], "xpmlp": xpmlp.__version__, "xpmlp_from": xpmlp.__file__}
+    print(f"card: {name} (compute capability {facts['compute_capability']}, {facts['memory_gib']} GiB)")
+    print(f"driver: supports CUDA {facts['driver_cuda']}")
+    print(f"CUDA runtime: {facts['cuda_runtime']}")
+    print(f"NVRTC: {facts['nvrtc']}")
+    print(f"CuPy {facts['cupy']}, NumPy {facts['numpy']}, Python {facts['python']}, xpmlp from {xpmlp.__file__}")
+    try:
+        import torch
+        facts.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
+                     torch_cuda_usable=bool(torch.cuda.is_available()))
+        print(f"torch.version.cuda: {torch.version.cuda} (torch {torch.__version__}, "
+              f"CUDA usable: {facts['torch_cuda_usable']})")
+    except Exception as exc:  # noqa: BLE001 - the bench then leaves PyTorch out
+        facts.update(torch=None, torch_cuda=None, torch_cuda_usable=False)
+        print(f"torch.version.cuda: n/a (torch unusable: {type(exc).__name__}: {exc})")
+    start = time.perf_counter()
+    for dtype in (np.float32, np.float64):
+        for kernel, call in PREFLIGHT_CALLS.items():
+            try:
+                result = call(backend.kernels, cp, dtype)
+                backend.synchronize()
+            except Exception as exc:  # noqa: BLE001 - any failure here is the reason to stop
+                sys.exit(f"fused kernel {kernel} ({np.dtype(dtype).name}) failed: {type(exc).__name__}: {exc}")
+            outputs = result if isinstance(result, tuple) else (result,)
+            if any(o is not None and not bool(cp.isfinite(o).all()) for o in outputs):
+                sys.exit(f"fused kernel {kernel} ({np.dtype(dtype).name}) gave non-finite values on tiny inputs")
+    facts["kernels_s"] = round(time.perf_counter() - start, 2)
+    print(f"fused kernels: {len(PREFLIGHT_CALLS)} x 2 dtypes compiled and launched in {facts['kernels_s']} s")
+    print("FACTS " + json.dumps(facts))
+
+
+def run_preflight(timeout_s):
+    """Facts (a dict) from the preflight child, its lines relayed; CheckFailed with its reason."""
+    rc, timed_out, output = run_with_timeout(python() + [__file__, "--preflight"], timeout_s)
+    facts = None
+    for line in output.splitlines():
+        if line.startswith("FACTS "):
+            facts = json.loads(line[len("FACTS "):])
+        else:
+            print(line, flush=True)
+    if timed_out:
+        raise CheckFailed(f"preflight did not finish in {timeout_s:.0f} s")
+    if rc != 0 or facts is None:
+        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {rc}, no output"
+        raise CheckFailed(f"preflight: {last}")
+    return facts
+
+
+# ---------------------------------------------------------------- 2. the CuPy tests
+
+def junit_counts(path):
+    """passed / failed / errors / skipped and the ids of failing tests from a JUnit XML file,
+    or None when pytest wrote none."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failing": []}
+    for case in root.iter("testcase"):
+        if case.get("name") is None:  # the test an interruption cut short leaves an empty entry
+            continue
+        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+        if case.find("failure") is not None:
+            counts["failed"] += 1
+            counts["failing"].append(test_id)
+        elif case.find("error") is not None:
+            counts["errors"] += 1
+            counts["failing"].append(test_id)
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+def problems_of_tests(counts, returncode, timed_out):
+    """Why the test step failed (an empty list when it passed)."""
+    if counts is None:
+        return [f"pytest wrote no report (exit status {returncode})"]
+    problems = []
+    if timed_out:
+        problems.append("the tests ran out of time and were interrupted")
+    if counts["failed"] or counts["errors"]:
+        problems.append(f"{counts['failed']} CuPy test(s) failed, {counts['errors']} error(s)")
+    if counts["passed"] == 0:
+        problems.append(f"no CuPy test passed ({counts['skipped']} skipped: see the skip reasons above)")
+    if returncode not in (0, 1, 2) and not problems:  # 1: failures, 2: interrupted; else pytest broke
+        problems.append(f"pytest exited with status {returncode}")
+    return problems
+
+
+def run_tests(files, timeout_s, log_dir, marker="gpu"):
+    """Run the tests, print the log's tail; returns the counts dict with ``problems``."""
+    log, report = Path(log_dir) / "gpu_check_pytest.log", Path(log_dir) / "gpu_check_junit.xml"
+    report.unlink(missing_ok=True)
+    command = python() + ["-m", "pytest", "-m", marker, "-rfEs", "--tb=short", "--durations=15",
+                          "-p", "no:cacheprovider", f"--junitxml={report}", *files]
+    start = time.perf_counter()
+    rc, timed_out, _ = run_with_timeout(command, timeout_s, log_path=log)
+    print(tail(log), flush=True)
+    print(f"(full log: {log})")
+    counts = junit_counts(report) or {}
+    result = dict(counts, exit_status=rc, timed_out=timed_out, seconds=round(time.perf_counter() - start, 1),
+                  log=log.name)
+    result["problems"] = problems_of_tests(counts or None, rc, timed_out)
+    return result
+
+
+# ---------------------------------------------------------------- 3. the benchmark
+
+def bench_has_stack():
+    rc, _, output = run_with_timeout(python() + ["-m", "xpmlp", "bench", "--help"], 60)
+    return rc == 0 and "--stack" in output
+
+
+def run_bench(args, timeout_s, log_dir, name):
+    """The bench's JSON (a dict), or {"problem": why}; its stderr and stdout go to a log."""
+    log = Path(log_dir) / f"gpu_check_{name}.log"
+    command = python() + ["-m", "xpmlp", "bench", "--json", *args]
+    print(f"$ xpmlp bench --json {' '.join(args)}", flush=True)
+    rc, timed_out, _ = run_with_timeout(command, timeout_s, log_path=log)
+    text = log.read_text(errors="replace")
+    found = re.search(r"^\{.*^\}", text, re.S | re.M)  # the JSON object among any warnings
+    if timed_out or rc != 0 or not found:
+        why = f"timed out after {timeout_s:.0f} s" if timed_out else f"exit status {rc}"
+        print(tail(log, 20))
+        return {"problem": f"bench {' '.join(args)}: {why}"}
+    result = json.loads(found.group(0))
+    torch_s = result.get("torch_epoch_s")
+    torch_text = "n/a" if torch_s is None else f"{torch_s * 1000:.1f} ms"
+    print(f"epoch {result['epoch_s'] * 1000:.1f} ms, PyTorch eager {torch_text}, "
+          f"ratio_torch {result.get('ratio_torch')}, ratio_limit {result.get('ratio_limit')}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- 4. the record
+
+def record_path(out_dir, card, when):
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown-card"
+    return Path(out_dir) / f"gpu-check_{slug}_{when:%Y%m%dT%H%M%SZ}.json"
+
+
+def git_commit():
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return head.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def write_record(record, out_dir):
+    path = record_path(out_dir, record["card"], datetime.datetime.strptime(record["date_utc"], "%Y-%m-%dT%H:%M:%SZ"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- the check
+
+def check(out_dir, log_dir, deadline_s=DEADLINE_S, device="cuda"):
+    """Run every step; returns (exit status, record path or None)."""
+    start = time.monotonic()
+
+    def budget(step):
+        return max(min(CAPS_S[step], deadline_s - (time.monotonic() - start)), 1)
+
+    def section(title):
+        print(f"\n== {title} ({time.monotonic() - start:.0f} s in)", flush=True)
+
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    section("device")
+    try:
+        facts = run_preflight(budget("preflight"))
+    except CheckFailed as exc:
+        print(f"gpu-check: FAILED: {exc}", file=sys.stderr)
+        return 1, None
+    seconds = {"preflight": round(time.monotonic() - start, 1)}
+    commit, dirty = git_commit()
+    record = {"check": "xpmlp gpu-check", "date_utc": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}",
+              "git_commit": commit, "git_dirty": dirty, **facts}
+
+    section(f"CuPy tests: pytest -m gpu {' '.join(GPU_TEST_FILES)}")
+    record["tests"] = run_tests(GPU_TEST_FILES, budget("tests"), log_dir)
+    seconds["tests"] = record["tests"]["seconds"]
+
+    section("GPU benchmark")
+    t = time.monotonic()
+    record["bench"] = run_bench(["--device", device, "--epochs", "5"], budget("bench"), log_dir, "bench")
+    seconds["bench"] = round(time.monotonic() - t, 1)
+    if bench_has_stack():
+        t = time.monotonic()
+        record["bench_stack"] = run_bench(["--device", device, "--epochs", "5", "--stack", str(STACK_MODELS)],
+                                          budget("bench_stack"), log_dir, "bench_stack")
+        seconds["bench_stack"] = round(time.monotonic() - t, 1)
+    else:  # HOOK: runs by itself once `xpmlp bench --stack` exists (issue 10)
+        record["bench_stack"] = {"problem": "not run: this xpmlp bench has no --stack option yet"}
+        print(record["bench_stack"]["problem"])
+    seconds["total"] = round(time.monotonic() - start, 1)
+    record["seconds"] = seconds
+
+    problems = list(record["tests"]["problems"])
+    problems += [b["problem"] for b in (record["bench"],) if "problem" in b]
+    if "problem" in record["bench_stack"] and not record["bench_stack"]["problem"].startswith("not run"):
+        problems.append(record["bench_stack"]["problem"])
+    record["status"], record["problems"] = ("failed" if problems else "passed"), problems
+    path = write_record(record, out_dir)
+    section(f"summary: {record['status'].upper()} on {facts['card']}")
+    t = record["tests"]
+    print(f"tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
+          f"{t.get('skipped', 0)} skipped in {t['seconds']} s")
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"seconds: {json.dumps(seconds)}")
+    print(f"record: {path}")
+    return (1 if problems else 0), path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)  # the child's part
+    args = parser.parse_args(argv)
+    if args.preflight:
+        preflight()
+        return 0
+    os.environ["CUPY_TF32"] = "0"  # TF32 GEMMs would change float32 results in comparisons
+    out = os.environ.get("OUT")
+    out_dir = Path(out) if out else REPO / "experiments/results/gpu"
+    log_dir = Path(out) if out else REPO / "runs/gpu-check"
+    status, _ = check(out_dir, log_dir)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

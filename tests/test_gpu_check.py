@@ -1,0 +1,174 @@
+"""experiments/gpu_check.py, the one-shot GPU check, on the CPU: its failure paths (no CuPy,
+CuPy without a driver), the SIGINT on timeout, the verdict on the test counts, and the
+record it writes.  A device run is scarce, so everything but the GPU itself is tested here."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "gpu_check.py"
+_spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+
+def run_check(tmp_path, **env):
+    """Run the whole check as `make gpu-check` would; returns (returncode, stdout, stderr)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OUT=str(out), **env), check=False)
+    return result.returncode, result.stdout, result.stderr, out
+
+
+def cupy_state():
+    """'missing', 'no-gpu' or 'gpu'."""
+    if importlib.util.find_spec("cupy") is None:
+        return "missing"
+    try:
+        import cupy
+        return "gpu" if cupy.cuda.runtime.getDeviceCount() > 0 else "no-gpu"
+    except Exception:  # noqa: BLE001 - no driver
+        return "no-gpu"
+
+
+# ---------------------------------------------------------------- failure paths, for real
+
+def test_without_cupy_the_check_stops_at_the_preflight_with_the_reason(tmp_path):
+    fake = tmp_path / "fake" / "cupy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("No module named cupy (hidden by the test)")\n')
+    rc, out, err, out_dir = run_check(tmp_path, PYTHONPATH=str(tmp_path / "fake"))
+    assert rc == 1
+    assert "gpu-check: FAILED: preflight: no usable CUDA GPU: CuPy is not installed" in err, out + err
+    assert "CuPy tests" not in out, "nothing runs after a failed preflight"
+    assert list(out_dir.iterdir()) == [], "no record that could pass for a result"
+
+
+@pytest.mark.skipif(cupy_state() != "no-gpu", reason="needs CuPy installed on a machine without a usable GPU")
+def test_with_cupy_but_no_driver_the_check_stops_at_the_preflight_with_the_reason(tmp_path):
+    rc, out, err, out_dir = run_check(tmp_path)
+    assert rc == 1
+    line = next(line for line in err.splitlines() if line.startswith("gpu-check: FAILED"))
+    assert "no usable CUDA GPU: CuPy is installed but" in line, err
+    assert "driver" in line or "no CUDA device" in line or "could not list devices" in line, line
+    assert list(out_dir.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the pieces
+
+def test_the_listed_test_files_are_the_ones_holding_cupy_tests():
+    """The check runs only the files with CuPy tests: the list must follow the suite."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                             "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, check=False)
+    files = {line.split("::")[0] for line in result.stdout.splitlines() if "::" in line}
+    assert files == set(gpu_check.GPU_TEST_FILES), result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_preflight_launches_every_fused_kernel():
+    """Every public kernel of CupyKernels has a tiny call in the preflight; the calls' arguments
+    are checked here on the Numba kernels, which have the same contracts."""
+    from xpmlp.backends.cupy_kernels import CupyKernels
+    public = {name for name in vars(CupyKernels) if not name.startswith("_") and callable(getattr(CupyKernels, name))}
+    assert set(gpu_check.PREFLIGHT_CALLS) == public
+    import xpmlp
+    kernels = xpmlp.get_backend("numpy").kernels
+    if kernels is None:
+        pytest.skip("Numba (the [fast] extra) is not installed")
+    for dtype in (np.float32, np.float64):
+        for name, call in gpu_check.PREFLIGHT_CALLS.items():
+            if hasattr(kernels, name):  # Numba has no sigmoid forward
+                result = call(kernels, np, dtype)
+                for out in result if isinstance(result, tuple) else (result,):
+                    assert out is None or np.isfinite(out).all(), name
+
+
+def test_a_timeout_interrupts_pytest_with_sigint_and_keeps_its_summary(tmp_path):
+    tests = tmp_path / "test_slow.py"
+    tests.write_text(
+        "import time\nimport pytest\n\n"
+        "@pytest.mark.gpu\ndef test_fast():\n    pass\n\n"
+        "@pytest.mark.gpu\ndef test_skipped():\n    pytest.skip('no GPU here, said the test')\n\n"
+        "@pytest.mark.gpu\ndef test_slow():\n    time.sleep(120)\n")
+    result = gpu_check.run_tests([str(tests)], timeout_s=8, log_dir=tmp_path)
+    log = (tmp_path / "gpu_check_pytest.log").read_text()
+    assert "KeyboardInterrupt" in log and "1 passed, 1 skipped" in log, log
+    assert "SKIPPED" in log and "no GPU here, said the test" in log, "-rs shows skip reasons"
+    assert result["timed_out"] and (result["passed"], result["skipped"]) == (1, 1)
+    assert result["problems"] == ["the tests ran out of time and were interrupted"]
+
+
+@pytest.mark.parametrize("counts, rc, timed_out, needle", [
+    (None, 4, False, "pytest wrote no report"),
+    ({"passed": 0, "failed": 0, "errors": 0, "skipped": 30}, 0, False, "no CuPy test passed (30 skipped"),
+    ({"passed": 0, "failed": 0, "errors": 0, "skipped": 0}, 5, False, "no CuPy test passed"),
+    ({"passed": 20, "failed": 1, "errors": 2, "skipped": 0}, 1, False, "1 CuPy test(s) failed, 2 error(s)"),
+    ({"passed": 20, "failed": 0, "errors": 0, "skipped": 0}, 2, True, "ran out of time"),
+])
+def test_the_test_step_fails_unless_cupy_tests_passed(counts, rc, timed_out, needle):
+    problems = gpu_check.problems_of_tests(counts, rc, timed_out)
+    assert any(needle in p for p in problems), problems
+    assert gpu_check.problems_of_tests({"passed": 20, "failed": 0, "errors": 0, "skipped": 3}, 0, False) == []
+
+
+def fake_command(tmp_path, monkeypatch, code):
+    """Make the check's child commands run ``code`` instead of python -m xpmlp ..."""
+    script = tmp_path / "fake.py"
+    script.write_text(code)
+    monkeypatch.setattr(gpu_check, "python", lambda: [sys.executable, str(script)])
+
+
+def test_bench_json_is_found_among_warnings(tmp_path, monkeypatch):
+    fake_command(tmp_path, monkeypatch, "import sys, json\nprint('a warning', file=sys.stderr)\n"
+                 "print(json.dumps({'epoch_s': 0.05, 'torch_epoch_s': None, 'ratio_torch': None,"
+                 " 'ratio_limit': 2.0}, indent=2))\n")
+    assert gpu_check.run_bench(["--device", "cuda"], 30, tmp_path, "bench")["epoch_s"] == 0.05
+    fake_command(tmp_path, monkeypatch, "import sys\nsys.exit('xpmlp: no GPU')\n")
+    assert gpu_check.run_bench(["--device", "cuda"], 30, tmp_path, "bench") == \
+        {"problem": "bench --device cuda: exit status 1"}
+
+
+FACTS = {"card": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "driver_cuda": "12.8",
+         "cuda_runtime": "12.9", "nvrtc": "12.9", "cupy": "14.2.0", "torch_cuda": "12.8"}
+
+
+@pytest.mark.parametrize("failed, stack", [(0, False), (0, True), (2, False)])
+def test_the_check_writes_one_record_and_its_verdict(tmp_path, monkeypatch, failed, stack):
+    benches = []
+    monkeypatch.setattr(gpu_check, "run_preflight", lambda timeout_s: dict(FACTS))
+    monkeypatch.setattr(gpu_check, "run_tests", lambda files, timeout_s, log_dir: {
+        "passed": 40, "failed": failed, "errors": 0, "skipped": 0, "seconds": 1.0,
+        "problems": gpu_check.problems_of_tests({"passed": 40, "failed": failed, "errors": 0, "skipped": 0}, 0, False)})
+    monkeypatch.setattr(gpu_check, "run_bench", lambda args, timeout_s, log_dir, name: benches.append(args) or
+                        {"epoch_s": 0.05, "stack": name == "bench_stack"})
+    monkeypatch.setattr(gpu_check, "bench_has_stack", lambda: stack)
+    status, path = gpu_check.check(tmp_path / "out", tmp_path / "logs")
+    assert status == (1 if failed else 0)
+    assert list((tmp_path / "out").iterdir()) == [path]
+    assert path.name.startswith("gpu-check_nvidia-h100-80gb-hbm3_") and path.suffix == ".json"
+    record = json.loads(path.read_text())
+    assert record["status"] == ("failed" if failed else "passed")
+    assert record["card"] == FACTS["card"] and record["nvrtc"] == "12.9" and record["tests"]["passed"] == 40
+    assert record["bench"]["epoch_s"] == 0.05
+    assert benches[0] == ["--device", "cuda", "--epochs", "5"]
+    if stack:
+        assert benches[1][-2:] == ["--stack", "17"] and record["bench_stack"]["stack"] is True
+    else:
+        assert len(benches) == 1 and record["bench_stack"]["problem"].startswith("not run")
+    assert set(record["seconds"]) >= {"preflight", "tests", "bench", "total"}
+
+
+def test_records_go_to_a_folder_that_git_keeps():
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    path = gpu_check.record_path(REPO / "experiments/results/gpu", "NVIDIA H100", __import__("datetime").datetime(2026, 1, 1))
+    result = subprocess.run(["git", "check-ignore", "-q", str(path.relative_to(REPO))], cwd=REPO, check=False)
+    assert result.returncode == 1, f"{path} would be git-ignored"
