@@ -172,3 +172,16 @@ def test_records_go_to_a_folder_that_git_keeps():
     path = gpu_check.record_path(REPO / "experiments/results/gpu", "NVIDIA H100", __import__("datetime").datetime(2026, 1, 1))
     result = subprocess.run(["git", "check-ignore", "-q", str(path.relative_to(REPO))], cwd=REPO, check=False)
     assert result.returncode == 1, f"{path} would be git-ignored"
+
+
+def test_steps_left_without_time_are_not_started_and_fail_the_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "run_preflight", lambda timeout_s: dict(FACTS))
+    monkeypatch.setattr(gpu_check, "run_tests", lambda files, timeout_s, log_dir: {
+        "passed": 40, "failed": 0, "errors": 0, "skipped": 0, "seconds": 1.0, "problems": []})
+    monkeypatch.setattr(gpu_check, "run_bench", lambda *args: pytest.fail("started without time left"))
+    monkeypatch.setattr(gpu_check, "bench_has_stack", lambda: pytest.fail("asked without time left"))
+    status, path = gpu_check.check(tmp_path / "out", tmp_path / "logs", deadline_s=gpu_check.MIN_STEP_S - 1)
+    record = json.loads(path.read_text())
+    assert status == 1 and record["status"] == "failed"
+    assert record["bench"]["problem"].startswith("not run: the check's") and record["problems"] == \
+        [record["bench"]["problem"], record["bench_stack"]["problem"]]

@@ -290,3 +290,40 @@ def test_nvcc_without_a_host_compiler_skips_with_the_reason(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", str(lonely))  # nvcc, and no gcc, g++ or cc
     with pytest.raises(pytest.skip.Exception, match="nvcc cannot compile even an empty kernel here"):
         nvcc(tmp_path, "sgd", *cuda_units()["xpmlp_sgd_step"], "-ptx")
+
+
+def test_cuda_kernels_are_built_with_their_options_and_looked_up_once_per_dtype():
+    """Without a GPU, a stand-in ``cupy`` records what CupyKernels asks of it: the SGD kernel
+    gets --fmad=false, and each loss function is fetched from the module once per dtype,
+    not on every step."""
+    import types
+
+    from xpmlp.backends.cupy_kernels import CupyKernels
+    built, fetched, modules = {}, [], []
+
+    class FakeModule:
+        def __init__(self, code, options, name_expressions):
+            modules.append(options)
+
+        def get_function(self, name):
+            fetched.append(name)
+            return lambda grid, block, args, shared_mem: None
+
+    def elementwise(inputs, outputs, body, name, options=()):
+        built[name] = options
+        return lambda *args: None
+
+    fake = types.SimpleNamespace(ElementwiseKernel=elementwise, RawModule=FakeModule, int64=np.int64,
+                                 ascontiguousarray=lambda a, dtype=None: np.ascontiguousarray(a, dtype=dtype),
+                                 empty=np.empty)
+    kernels = CupyKernels(fake)
+    assert built["xpmlp_sgd_step"] == ("--fmad=false",)
+    assert all(options == () for name, options in built.items() if name != "xpmlp_sgd_step")
+    for _ in range(3):
+        for dtype in (np.float32, np.float64):
+            logits = np.zeros((4, 3), dtype=dtype)
+            kernels.softmax_xent(logits, np.zeros(4, dtype=np.int64), np.empty_like(logits))
+            kernels.euclidean(logits, np.zeros(4, dtype=np.int64), np.empty_like(logits))
+    assert len(modules) == 1
+    assert sorted(fetched) == sorted(f"{k}<{t}>" for k in ("xpmlp_softmax_xent", "xpmlp_euclidean")
+                                     for t in ("float", "double"))
