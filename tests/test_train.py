@@ -193,6 +193,8 @@ def interrupt_after(monkeypatch, t, steps):
 
     def counting_step():
         step()
+        if not flags:  # the warm-up step, taken before the epochs (and the stop flag) begin
+            return
         count[0] += 1
         if count[0] == steps:
             if threading.current_thread() is threading.main_thread():
