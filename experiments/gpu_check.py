@@ -163,8 +163,10 @@ def preflight():
 def run_preflight(timeout_s):
     """Facts (a dict) from the preflight child, its lines relayed; CheckFailed with its reason."""
     rc, timed_out, output = run_with_timeout(python() + [__file__, "--preflight"], timeout_s)
+    lines = output.strip().splitlines()
+    reason = lines.pop() if rc != 0 and lines else None  # the child's last words: printed once, below
     facts = None
-    for line in output.splitlines():
+    for line in lines:
         if line.startswith("FACTS "):
             facts = json.loads(line[len("FACTS "):])
         else:
@@ -172,8 +174,7 @@ def run_preflight(timeout_s):
     if timed_out:
         raise CheckFailed(f"preflight did not finish in {timeout_s:.0f} s")
     if rc != 0 or facts is None:
-        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {rc}, no output"
-        raise CheckFailed(f"preflight: {last}")
+        raise CheckFailed(f"preflight: {reason or f'exit status {rc}, no facts reported'}")
     return facts
 
 

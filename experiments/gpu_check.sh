@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 command -v "$PYTHON" >/dev/null || PYTHON=python
 PY=("$PYTHON")
-if ! (cd / && "$PYTHON" -c "import xpmlp.backends") 2>/dev/null; then
+# Installed already, from this checkout (not a stale copy elsewhere)?
+repo=$PWD
+if ! (cd / && "$PYTHON" -c "import sys, xpmlp.backends; sys.exit(not xpmlp.__file__.startswith('$repo/'))") 2>/dev/null; then
   if ! "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . ; then
     # An old setuptools without 'wheel' cannot build an editable install: stage the
     # package as installed (backends/ inside xpmlp/) and import it from there instead.

@@ -1,6 +1,7 @@
 """experiments/gpu_check.py, the one-shot GPU check, on the CPU: its failure paths (no CuPy,
 CuPy without a driver), the SIGINT on timeout, the verdict on the test counts, and the
 record it writes.  A device run is scarce, so everything but the GPU itself is tested here."""
+import datetime
 import importlib.util
 import json
 import os
@@ -20,11 +21,17 @@ _spec.loader.exec_module(gpu_check)
 
 
 def run_check(tmp_path, **env):
-    """Run the whole check as `make gpu-check` would; returns (returncode, stdout, stderr)."""
+    """Run the whole check as `make gpu-check` does, through gpu_check.sh with this
+    interpreter (whose xpmlp is this checkout, so the script installs nothing); returns
+    (returncode, stdout, stderr, the $OUT folder)."""
+    import xpmlp
+    if not xpmlp.__file__.startswith(f"{REPO}/"):
+        pytest.skip(f"xpmlp here comes from {xpmlp.__file__}: gpu_check.sh would install this checkout over it")
     out = tmp_path / "out"
     out.mkdir()
-    result = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, OUT=str(out), **env), check=False)
+    result = subprocess.run(["bash", str(SCRIPT.with_suffix(".sh"))], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, check=False,
+                            env=dict(os.environ, OUT=str(out), PYTHON=sys.executable, **env))
     return result.returncode, result.stdout, result.stderr, out
 
 
@@ -169,7 +176,7 @@ def test_the_check_writes_one_record_and_its_verdict(tmp_path, monkeypatch, fail
 def test_records_go_to_a_folder_that_git_keeps():
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    path = gpu_check.record_path(REPO / "experiments/results/gpu", "NVIDIA H100", __import__("datetime").datetime(2026, 1, 1))
+    path = gpu_check.record_path(REPO / "experiments/results/gpu", "NVIDIA H100", datetime.datetime(2026, 1, 1))
     result = subprocess.run(["git", "check-ignore", "-q", str(path.relative_to(REPO))], cwd=REPO, check=False)
     assert result.returncode == 1, f"{path} would be git-ignored"
 
@@ -185,3 +192,35 @@ def test_steps_left_without_time_are_not_started_and_fail_the_check(tmp_path, mo
     assert status == 1 and record["status"] == "failed"
     assert record["bench"]["problem"].startswith("not run: the check's") and record["problems"] == \
         [record["bench"]["problem"], record["bench_stack"]["problem"]]
+
+
+def test_preflight_reports_one_line_per_fact_and_the_facts_as_json(monkeypatch, capsys):
+    """The preflight's own code, run against a stand-in CUDA backend made of NumPy and the
+    Numba kernels: a slip in it would otherwise first show on the lent device."""
+    import types
+
+    import xpmlp
+    kernels = xpmlp.get_backend("numpy").kernels
+    if kernels is None:
+        pytest.skip("Numba (the [fast] extra) is not installed")
+    runtime = types.SimpleNamespace(
+        getDeviceProperties=lambda i: {"name": b"NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
+                                       "totalGlobalMem": 80 * 2**30},
+        driverGetVersion=lambda: 12080, runtimeGetVersion=lambda: 12090)
+    nvrtc = types.SimpleNamespace(getVersion=lambda: (12, 9))
+    cupy = types.SimpleNamespace(__version__="14.2.0", isfinite=np.isfinite, linspace=np.linspace,
+                                 asarray=np.asarray, cuda=types.SimpleNamespace(runtime=runtime, nvrtc=nvrtc))
+    with_sigmoid = types.SimpleNamespace(**{name: getattr(kernels, name) for name in dir(kernels)
+                                            if not name.startswith("_")},
+                                         sigmoid_forward=lambda x, y: np.divide(1, 1 + np.exp(-x), out=y))
+    backend = types.SimpleNamespace(cupy=cupy, cuda_device=types.SimpleNamespace(id=0), kernels=with_sigmoid,
+                                    synchronize=lambda: None)
+    monkeypatch.setattr(xpmlp, "get_backend", lambda name: backend)
+    gpu_check.preflight()
+    lines = capsys.readouterr().out.splitlines()
+    facts = json.loads(lines[-1].removeprefix("FACTS "))
+    assert (facts["card"], facts["compute_capability"], facts["driver_cuda"], facts["cuda_runtime"],
+            facts["nvrtc"]) == ("NVIDIA H100 80GB HBM3", "9.0", "12.8", "12.9", "12.9")
+    for start in ("card: NVIDIA H100 80GB HBM3", "driver: supports CUDA 12.8", "CUDA runtime: 12.9",
+                  "NVRTC: 12.9", "torch.version.cuda: ", "fused kernels: 6 x 2 dtypes"):
+        assert any(line.startswith(start) for line in lines), (start, lines)

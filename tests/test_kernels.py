@@ -207,7 +207,8 @@ def cuda_units():
     from xpmlp.backends.cupy_kernels import (CTYPES, ELEMENTWISE, ELEMENTWISE_OPTIONS, LOSS_KERNELS,
                                              LOSS_OPTIONS, LOSS_SOURCE)
     loss = [LOSS_SOURCE] + [f"template __global__ void {name}<{t}>(const {t}*, const long long*, {t}*, "
-                            f"{t}*, {t}*, const int, const int);" for name in LOSS_KERNELS for t in CTYPES.values()]
+                            f"{t}*, {t}*, const int, const int);"
+                            for name in LOSS_KERNELS for t in CTYPES.values()]
     units, plain = {"losses": ("\n".join(loss), LOSS_OPTIONS)}, []
     for name, (inputs, outputs, body) in ELEMENTWISE.items():
         ins = [p.split() for p in inputs.split(",")]
@@ -215,9 +216,11 @@ def cuda_units():
         kernels = []
         for t in CTYPES.values():
             params = ", ".join([f"const {t}* _in_{n}" for _, n in ins] + [f"{t}* _out_{n}" for _, n in outs])
-            loads = " ".join([f"const T {n} = _in_{n}[i];" for _, n in ins] + [f"T& {n} = _out_{n}[i];" for _, n in outs])
+            loads = " ".join([f"const T {n} = _in_{n}[i];" for _, n in ins] +
+                             [f"T& {n} = _out_{n}[i];" for _, n in outs])
             kernels.append(f'extern "C" __global__ void {name}_{t}({params}, const long long size) {{\n'
-                           f"  typedef {t} T;\n  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
+                           f"  typedef {t} T;\n"
+                           f"  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
                            f"  if (i >= size) return;\n  {loads}\n  {body}\n}}")
         if name in ELEMENTWISE_OPTIONS:
             units[name] = ("\n".join(kernels), ELEMENTWISE_OPTIONS[name])
