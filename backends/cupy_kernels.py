@@ -43,47 +43,63 @@ __device__ void xpmlp_write_means(const double loss, const double hits, const do
     }
 }
 
+// Each loss's per-row math: writes the row's gradient into g and adds the row's loss to
+// ``loss`` (term by term, in the Numba kernels' order).  ``label`` may lie outside [0, k).
 template <typename T>
-__global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* grad,
-                                   T* loss_out, T* acc_out, const int n, const int k) {
-    double loss = 0.0, hits = 0.0;
-    for (int r = threadIdx.x; r < n; r += blockDim.x) {
-        const T* row = logits + (long long)r * k;
-        T* g = grad + (long long)r * k;
-        const long long label = labels[r];
+struct XpmlpSoftmaxXentRow {  // -log softmax(x)_label; gradient (softmax(x) - t)/n
+    __device__ static void add(const T* x, T* g, const long long label, const int n, const int k,
+                               double& loss) {
         const bool has_target = 0 <= label && label < k;  // else a row of zeros, as one_hot gives
-        hits += (xpmlp_row_argmax(row, k) == label) ? 1.0 : 0.0;
-        T row_max = row[0];
-        for (int c = 1; c < k; ++c) row_max = max(row_max, row[c]);
+        T row_max = x[0];
+        for (int c = 1; c < k; ++c) row_max = max(row_max, x[c]);
         double sum_exp = 0.0;
         for (int c = 0; c < k; ++c) {
-            const T e = exp(row[c] - row_max);
+            const T e = exp(x[c] - row_max);
             g[c] = e;
             sum_exp += (double)e;
         }
-        if (has_target) loss += log(sum_exp) - (double)(row[label] - row_max);
+        if (has_target) loss += log(sum_exp) - (double)(x[label] - row_max);
         for (int c = 0; c < k; ++c) g[c] = (T)((double)g[c] / sum_exp / n);
         if (has_target) g[label] = (T)((double)g[label] - 1.0 / n);
     }
-    xpmlp_write_means(loss, hits, (double)n, n, loss_out, acc_out);
+};
+
+template <typename T>
+struct XpmlpEuclideanRow {  // ||x - t||^2 (halved with the mean); gradient (x - t)/n
+    __device__ static void add(const T* x, T* g, const long long label, const int n, const int k,
+                               double& loss) {
+        for (int c = 0; c < k; ++c) {  // outside [0, k): no column matches, no target
+            const T diff = (c == label) ? x[c] - (T)1 : x[c];
+            loss += (double)(diff * diff);
+            g[c] = diff / (T)n;
+        }
+    }
+};
+
+// What both loss kernels share: the walk over the rows, each row's hit, and the means.
+template <typename T, typename Row>
+__device__ void xpmlp_loss_rows(const T* output, const long long* labels, T* grad, T* loss_out,
+                                T* acc_out, const int n, const int k, const double loss_divisor) {
+    double loss = 0.0, hits = 0.0;
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        const T* x = output + (long long)r * k;
+        const long long label = labels[r];
+        hits += (xpmlp_row_argmax(x, k) == label) ? 1.0 : 0.0;
+        Row::add(x, grad + (long long)r * k, label, n, k, loss);
+    }
+    xpmlp_write_means(loss, hits, loss_divisor, n, loss_out, acc_out);
+}
+
+template <typename T>
+__global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* grad,
+                                   T* loss_out, T* acc_out, const int n, const int k) {
+    xpmlp_loss_rows<T, XpmlpSoftmaxXentRow<T>>(logits, labels, grad, loss_out, acc_out, n, k, (double)n);
 }
 
 template <typename T>
 __global__ void xpmlp_euclidean(const T* output, const long long* labels, T* grad,
                                 T* loss_out, T* acc_out, const int n, const int k) {
-    double loss = 0.0, hits = 0.0;
-    for (int r = threadIdx.x; r < n; r += blockDim.x) {
-        const T* row = output + (long long)r * k;
-        T* g = grad + (long long)r * k;
-        const long long label = labels[r];  // outside [0, k): no column matches, no target
-        hits += (xpmlp_row_argmax(row, k) == label) ? 1.0 : 0.0;
-        for (int c = 0; c < k; ++c) {
-            const T diff = (c == label) ? row[c] - (T)1 : row[c];
-            loss += (double)(diff * diff);
-            g[c] = diff / (T)n;
-        }
-    }
-    xpmlp_write_means(loss, hits, 2.0 * n, n, loss_out, acc_out);
+    xpmlp_loss_rows<T, XpmlpEuclideanRow<T>>(output, labels, grad, loss_out, acc_out, n, k, 2.0 * n);
 }
 """
 LOSS_KERNELS = ("xpmlp_softmax_xent", "xpmlp_euclidean")

@@ -88,3 +88,14 @@ def test_installed_package_has_no_top_level_backends(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     backends_file, missing = result.stdout.split()
     assert Path(backends_file).parent.name == "backends" and missing == "backends"
+
+
+def test_cli_and_sweep_check_settings_without_the_training_loop(tmp_path):
+    """Parsing and validating settings (the CLI, the sweep, the run directory) must not pull in
+    the training loop: TrainConfig lives in its own module."""
+    code = ("import sys, xpmlp.cli, xpmlp.sweep, xpmlp.rundir\n"
+            "xpmlp.cli.config_from_args(xpmlp.cli.build_parser().parse_args(['train', '--lr', '0.1']))\n"
+            "print(sorted(m for m in ('xpmlp.train', 'xpmlp.bench', 'tqdm') if m in sys.modules))\n")
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["[]"]

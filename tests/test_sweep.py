@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import real_mnist_dir
 
+from xpmlp.config import TrainConfig, TrainError
 from xpmlp.sweep import load_grid, run_name, run_state, run_sweep
-from xpmlp.train import TrainConfig, TrainError
 
 GRID = """
 out = "{out}"

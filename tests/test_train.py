@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from helpers import real_mnist_dir
 
-from xpmlp import train
+from xpmlp import get_backend, rundir, train
+from xpmlp.config import TrainConfig, TrainError
 from xpmlp.data import Mnist, load_mnist
-from xpmlp.train import Trainer, TrainConfig, load_checkpoint, save_checkpoint, write_json
+from xpmlp.rundir import load_checkpoint, save_checkpoint, write_json
+from xpmlp.train import Trainer
 
 TRAIN_N, TEST_N, BATCH = 1000, 300, 100
 ITERS = TRAIN_N // BATCH  # iterations per epoch on the synthetic data
@@ -332,7 +334,7 @@ def test_failed_json_write_keeps_the_previous_file(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(train.os, "replace", fail)
+    monkeypatch.setattr(rundir.os, "replace", fail)
     with pytest.raises(OSError):
         write_json(path, {"status": "running"})
     monkeypatch.undo()
@@ -345,10 +347,10 @@ def test_unreadable_checkpoint_is_a_train_error(tmp_path, synthetic):
     train_run(config(epochs=1), run, synthetic)
     data = (run / "checkpoint.npz").read_bytes()
     (run / "checkpoint.npz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(train.TrainError, match="unreadable checkpoint"):
+    with pytest.raises(TrainError, match="unreadable checkpoint"):
         Trainer(config(epochs=2), run, synthetic, resume=True, progress=False, log=lambda s: None)
     (run / "checkpoint.npz").unlink()
-    with pytest.raises(train.TrainError, match="no checkpoint"):
+    with pytest.raises(TrainError, match="no checkpoint"):
         Trainer(config(epochs=2), run, synthetic, resume=True, progress=False, log=lambda s: None)
 
 
@@ -434,3 +436,34 @@ def test_progress_bar_reads_the_device_at_most_once_per_interval(tmp_path, synth
     run_dir.mkdir()
     Trainer(config(epochs=1), run_dir, synthetic, progress=True, log=lambda line: None).run()
     assert len(shown) == reads
+
+
+# ---------------------------------------------------------------- the run directory module
+
+def test_load_model_gives_the_checkpoint_weights_without_a_trainer(tmp_path, synthetic):
+    run = tmp_path / "run"
+    t = trainer(config(epochs=2), run, synthetic)
+    t.run()
+    backend = get_backend("numpy")
+    model, state = rundir.load_model(run, backend)
+    assert (state["epoch"], state["iter"], state["pos"]) == (2, 2 * ITERS, 0)
+    for got, want in zip(model.state_arrays(), t.model.state_arrays()):
+        np.testing.assert_array_equal(got, want)
+    summary = read_json(run / "summary.json")
+    loss_acc = train.evaluate(model, backend.asarray(synthetic.test_x), backend.asarray(synthetic.test_y))
+    assert loss_acc == pytest.approx((summary["test_loss"], summary["test_acc"]))
+    with pytest.raises(TrainError, match="holds no run"):
+        rundir.load_model(tmp_path / "nothing", backend)
+
+
+def test_records_skip_a_torn_last_line_and_truncate_to_an_epoch(tmp_path):
+    rundir.append_metrics(tmp_path, [{"kind": "iter", "epoch": e, "iter": e, "loss": float("nan")}
+                                     for e in (1, 2)] + [{"kind": "epoch", "epoch": 2, "iter": 2}])
+    with open(tmp_path / rundir.METRICS, "a") as f:
+        f.write('{"kind": "iter", "epo')  # a live run's half-written line
+    records = rundir.read_records(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 2] and records[0]["loss"] is None
+    assert rundir.epoch_records(records) == [{"kind": "epoch", "epoch": 2, "iter": 2}]
+    rundir.truncate_metrics(tmp_path, 1)
+    assert rundir.read_records(tmp_path) == [{"kind": "iter", "epoch": 1, "iter": 1, "loss": None}]
+    assert no_temp_files(tmp_path) == []

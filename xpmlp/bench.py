@@ -33,7 +33,8 @@ import numpy as np
 from .backends import get_backend
 from .model import build_model
 from .optim import SGD
-from .train import Stepper, versions
+from .rundir import versions
+from .train import Stepper
 
 MODEL, BATCH, N_TRAIN, FEATURES, CLASSES = "mlp2-relu-sce", 100, 60000, 784, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4

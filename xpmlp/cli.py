@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from .train import CHECKPOINT, TRAJECTORY_KEYS, TrainConfig, TrainError, load_run_config, read_json
+from . import rundir
+from .config import TRAJECTORY_KEYS, TrainConfig, TrainError
+from .model import ACTIVATIONS, DTYPES, LOSSES, MODELS
 
 DEFAULTS = TrainConfig()
 
@@ -21,24 +23,25 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
-    return value
+def _number(cast, *, positive=False):
+    """An argparse type: ``cast`` (int or float) of the text, finite, and > 0 when ``positive``."""
+    kind = "integer" if cast is int else "number"
+
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind}: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
+        if positive and not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+_finite_float, _positive_int = _number(float), _number(int, positive=True)
 
 
 def _hidden(text):
@@ -53,8 +56,8 @@ def add_train_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"one of the report's networks (default: {d.model})")
     g.add_argument("--hidden", type=_hidden, help="custom MLP: hidden sizes, e.g. 256,128 (with --activation, --loss)")
-    g.add_argument("--activation", choices=["relu", "sigmoid"], help="custom MLP activation")
-    g.add_argument("--loss", choices=["mse", "sce"], help="custom MLP loss")
+    g.add_argument("--activation", choices=list(ACTIVATIONS), help="custom MLP activation")
+    g.add_argument("--loss", choices=list(LOSSES), help="custom MLP loss")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
@@ -63,7 +66,7 @@ def add_train_flags(p):
     g.add_argument("--weight-decay", type=_finite_float, help=f"(default: {d.weight_decay})")
     g.add_argument("--init-std", type=_finite_float, help=f"std of the initial weights (default: {d.init_std})")
     g.add_argument("--seed", type=int, help=f"weights and shuffling (default: {d.seed})")
-    g.add_argument("--dtype", choices=["float32", "float64"], help=f"(default: {d.dtype})")
+    g.add_argument("--dtype", choices=DTYPES, help=f"(default: {d.dtype})")
     g = p.add_argument_group("run")
     g.add_argument("--device", help=f"auto, cpu, numpy, cuda, cuda:N (default: {d.device})")
     g.add_argument("--data-dir", help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache; "
@@ -90,15 +93,14 @@ def config_from_args(args):
     if not args.resume:
         return TrainConfig(**given).validate()
     run_dir = Path(args.resume)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"--resume {run_dir}: not a run directory (no config.json)")
-    if not (run_dir / CHECKPOINT).is_file():
+    if not (run_dir / rundir.CONFIG).is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no {rundir.CONFIG})")
+    if not (run_dir / rundir.CHECKPOINT).is_file():
         raise UserError(f"--resume {run_dir}: no checkpoint to resume from")
-    summary = run_dir / "summary.json"
-    if summary.is_file() and read_json(summary).get("status") == "diverged":
+    if rundir.read_summary(run_dir).get("status") == "diverged":
         raise UserError(f"--resume {run_dir}: the run diverged (non-finite loss); its weights are not worth continuing")
-    config, saved = load_run_config(run_dir)
-    if config.hidden is None and config.model not in _models():
+    config, saved = rundir.load_config(run_dir)
+    if config.hidden is None and config.model not in MODELS:
         raise UserError(f"--resume {run_dir}: unknown model {config.model!r} in config.json")
     for key, value in given.items():
         old = getattr(config, key)
@@ -110,16 +112,11 @@ def config_from_args(args):
     return config.validate()
 
 
-def _models():
-    from .model import MODELS
-    return MODELS
-
-
 def _prepare_out(args, config):
     if args.resume:
         return Path(args.resume)
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "config.json").exists() or (out / CHECKPOINT).exists():
+    if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
         raise UserError(f"--out {out} already holds a run; resume it with --resume {out} or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -149,36 +146,31 @@ def cmd_train(args):
                       backend=backend)
     trainer.write_config()
     log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
-    summary = read_json(trainer.run())
+    summary = rundir.read_json(trainer.run())
     log(f"{summary['status']}: test accuracy {_pct(summary['test_acc'])}, "
         f"train time {summary['train_time_s']:.1f}s -> {out}/summary.json")
     return {"completed": 0, "diverged": 0}.get(summary["status"], 130)
 
 
 def cmd_eval(args):
+    from .backends import get_backend
     from .data import load_mnist
-    from .train import Trainer, evaluate
+    from .train import evaluate
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"{run_dir}: holds no run (needs config.json and {CHECKPOINT})")
-    config, _ = load_run_config(run_dir)
-    if args.device:
-        config.device = args.device
-    if args.data_dir:
-        config.data_dir = args.data_dir
-    config.tensorboard = False  # eval reads the run; a SummaryWriter would add an events file to it
-    data = load_mnist(config.data_dir, progress=sys.stderr.isatty())
+    if not rundir.is_run(run_dir):
+        raise UserError(f"{run_dir}: holds no run (needs {rundir.CONFIG} and {rundir.CHECKPOINT})")
+    config, _ = rundir.load_config(run_dir)
+    data = load_mnist(args.data_dir or config.data_dir, progress=sys.stderr.isatty())
     notices = []  # shown with the result, so that an error stays one line
-    trainer = Trainer(config, run_dir, data, resume=True, progress=False, log=lambda s: None,
-                      notice=notices.append)
-    be = trainer.backend
-    loss, acc = evaluate(trainer.model, be.asarray(data.test_x, dtype=trainer.model.dtype), be.asarray(data.test_y))
+    backend = get_backend(args.device or config.device, notice=notices.append)
+    model, state = rundir.load_model(run_dir, backend, config)
+    loss, acc = evaluate(model, backend.asarray(data.test_x, dtype=model.dtype), backend.asarray(data.test_y))
     for line in notices:
         print(line, file=sys.stderr)
     # A checkpoint taken inside an epoch (Ctrl-C) holds the weights `pos` steps past the last epoch's end.
-    pos = trainer.state.get("pos", 0)
-    result = {"run": str(run_dir), "epoch": trainer.state["epoch"], "iter": trainer.state["iter"] + pos,
+    pos = state.get("pos", 0)
+    result = {"run": str(run_dir), "epoch": state["epoch"], "iter": state["iter"] + pos,
               "iters_into_next_epoch": pos, "test_loss": loss, "test_acc": acc}
     where = f"epoch {result['epoch']}" + (f" + {pos} iterations" if pos else "")
     print(json.dumps(result) if args.json else
@@ -196,7 +188,7 @@ def cmd_report(args):
     from .report import export_records, make_report
     run_dirs = list(args.run_dirs)
     for root in args.runs_under or []:
-        run_dirs += sorted(str(p.parent) for p in Path(root).glob("**/config.json"))
+        run_dirs += sorted(str(p.parent) for p in Path(root).glob(f"**/{rundir.CONFIG}"))
     if not run_dirs:
         raise UserError("report: no run directories given (RUN_DIRS... or --runs-under DIR)")
     if not Path(args.published).is_file():
@@ -268,7 +260,7 @@ def build_parser():
 
     p = sub.add_parser("bench", help="time training epochs against PyTorch and the GEMM limit")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--epochs", type=_positive_int, default=3, help="timed epochs after one warm-up (default: 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--no-kernels", action="store_true",

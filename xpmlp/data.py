@@ -7,7 +7,6 @@ import http.client
 import math
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from .rundir import atomic_write_bytes
 
 
 class DataError(Exception):
@@ -167,15 +168,7 @@ def _download(names: list[str], dest: Path, mirrors: list[str], progress: bool) 
                 if e.unreachable:
                     dead.add(base)
                 continue
-            # Temp file in the same directory, then os.replace: a crash never leaves a half file.
-            fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(body)
-                os.replace(tmp, dest / f"{name}.gz")
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(dest / f"{name}.gz", body)  # a crash never leaves a half file
             break
     return errors
 

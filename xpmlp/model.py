@@ -4,17 +4,16 @@ import numpy as np
 from .layers import Linear, ReLU, Sigmoid
 from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss, accuracy  # noqa: F401 (re-exported)
 
-ACTIVATIONS = {"relu": ReLU, "sigmoid": Sigmoid}
+# The names the builder, the config check and the CLI's choices all take from here.
+ACTIVATIONS = {"sigmoid": Sigmoid, "relu": ReLU}
 LOSSES = {"mse": EuclideanLoss, "sce": SoftmaxCrossEntropyLoss}
+DTYPES = ("float32", "float64")
 
 # The report's networks (Tables 1-10): hidden sizes, activation, loss.
 MODELS = {
-    "mlp0-mse": ((), None, "mse"),
-    "mlp0-sce": ((), None, "sce"),
-    **{f"mlp1-{act}-{loss}": ((256,), act, loss)
-       for loss in ("mse", "sce") for act in ("sigmoid", "relu")},
-    **{f"mlp2-{act}-{loss}": ((256, 128), act, loss)
-       for loss in ("mse", "sce") for act in ("sigmoid", "relu")},
+    **{f"mlp0-{loss}": ((), None, loss) for loss in LOSSES},
+    **{f"mlp1-{act}-{loss}": ((256,), act, loss) for loss in LOSSES for act in ACTIVATIONS},
+    **{f"mlp2-{act}-{loss}": ((256, 128), act, loss) for loss in LOSSES for act in ACTIVATIONS},
 }
 
 
@@ -115,6 +114,8 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
         raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
     if hidden and activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
+    if np.dtype(dtype).name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     fast = backend.fast if fast is None else (fast and backend.fast)
     xp_dtype = backend.dtype(dtype)
     rng = np.random.default_rng(seed)

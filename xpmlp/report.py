@@ -29,6 +29,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import rundir
+
 METRICS = ("train_time_s", "train_loss", "train_acc", "test_loss", "test_acc")
 COLUMNS = {"train_time_s": "Train Time (s)", "train_loss": "Train Loss",
            "train_acc": "Train Accuracy (%)", "test_loss": "Test Loss",
@@ -65,16 +67,6 @@ def _num(v) -> float:
     return NAN if v is None else float(v)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:   # blank or half-written last line of a live run
-            continue
-    return out
-
-
 def load_reference(path) -> dict:
     """The reference tables (e.g. a report's published numbers) from a TOML file."""
     with open(path, "rb") as f:
@@ -85,11 +77,9 @@ def load_run(run_dir) -> Run:
     import numpy as np
 
     d = Path(run_dir)
-    config = json.loads((d / "config.json").read_text())
-    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
-    name = "metrics.jsonl" if (d / "metrics.jsonl").exists() else "epochs.jsonl"
-    recs = _read_jsonl(d / name) if (d / name).exists() else []
-    epochs = [r for r in recs if r.get("kind", "epoch") == "epoch"]
+    config, summary = rundir.read_json(d / rundir.CONFIG), rundir.read_summary(d)
+    recs = rundir.read_records(d)
+    epochs = rundir.epoch_records(recs)
     iters = [r for r in recs if r.get("kind") == "iter"]
     window = int(config.get("log_every", 1))
     if not iters and (d / "curve.npy").exists():
@@ -100,7 +90,7 @@ def load_run(run_dir) -> Run:
 
 
 def load_runs(run_dirs) -> list[Run]:
-    return [load_run(d) for d in run_dirs if (Path(d) / "config.json").exists()]
+    return [load_run(d) for d in run_dirs if (Path(d) / rundir.CONFIG).exists()]
 
 
 def row_config(reference: dict, row: dict) -> dict:
@@ -448,21 +438,19 @@ def export_records(run_dirs, out_dir) -> list[Path]:
     set of files from one reading of the run."""
     import numpy as np
 
-    from .train import atomic_write_bytes
-
     written = []
     for d in map(Path, run_dirs):
         run = load_run(d)
         dest = Path(out_dir) / "runs" / d.name
         dest.mkdir(parents=True, exist_ok=True)
-        files = {name: (d / name).read_bytes() for name in ("config.json", "summary.json")
+        files = {name: (d / name).read_bytes() for name in (rundir.CONFIG, rundir.SUMMARY)
                  if (d / name).exists()}
-        files["epochs.jsonl"] = "".join(json.dumps(r) + "\n" for r in run.epochs).encode()
+        files[rundir.EPOCHS_COPY] = "".join(json.dumps(r) + "\n" for r in run.epochs).encode()
         if run.iters:
             buf = io.BytesIO()
             np.save(buf, compact_curve(run.iters))
             files["curve.npy"] = buf.getvalue()
         for name, data in files.items():
-            atomic_write_bytes(dest / name, data)
+            rundir.atomic_write_bytes(dest / name, data)
         written.append(dest)
     return written

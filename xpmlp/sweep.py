@@ -18,7 +18,6 @@ checkpoint, and starts the rest.
 """
 import dataclasses
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -28,7 +27,8 @@ import time
 import tomllib
 from pathlib import Path
 
-from .train import CHECKPOINT, TrainConfig, TrainError
+from . import rundir
+from .config import TrainConfig, TrainError
 
 # Settings that do not change what a run computes: kept out of directory names.
 _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
@@ -81,14 +81,13 @@ def run_state(run_dir, epochs=None):
     """'done' (completed or diverged at full length), 'resume' (has a checkpoint) or 'new'.
     ``epochs`` is the length the sweep asks for now (default: the run's own), so a run
     cut short by a quick ``--epochs 1`` trial is extended, not taken as done."""
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        s = json.loads(summary.read_text())
+    s = rundir.read_summary(run_dir)
+    if s:
         if epochs is None:
-            epochs = json.loads((run_dir / "config.json").read_text())["epochs"]
+            epochs = rundir.load_config(run_dir)[0].epochs
         if s["status"] == "diverged" or (s["status"] == "completed" and s["epochs_completed"] >= epochs):
             return "done"
-    return "resume" if (run_dir / CHECKPOINT).exists() else "new"
+    return "resume" if (run_dir / rundir.CHECKPOINT).exists() else "new"
 
 
 def _command(run_dir, settings, state, device, data_dir):
@@ -210,6 +209,6 @@ def _epochs_logged(log_path):
 
 def _status(run_dir):
     try:
-        return json.loads((run_dir / "summary.json").read_text())["status"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return rundir.read_summary(run_dir).get("status")
+    except ValueError:  # a summary.json that is not JSON
         return None

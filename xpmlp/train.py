@@ -1,191 +1,21 @@
-"""The training loop and the run directory it leaves behind.
-
-A run directory is the unit of record:
-  config.json    every setting, library versions, the device actually used
-  metrics.jsonl  one JSON object per logged iteration and per epoch
-  summary.json   final metrics and status (completed / diverged / interrupted)
-  checkpoint.npz weights, optimizer state, RNG state and position, written atomically
-  events.*       TensorBoard event files (--tensorboard)
-"""
-import dataclasses
-import json
+"""The training loop: epochs of SGD steps, evaluation, logging, checkpoints, divergence
+and interruption.  What it leaves behind, the run directory, is written by rundir.py."""
 import math
-import os
-import platform
 import signal
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .backends import get_backend
-from .model import MODELS, build_mlp, build_model
+from .config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
 from .optim import SGD
-
-CHECKPOINT = "checkpoint.npz"
-# Settings that define the trajectory: a resume must not contradict them.
-TRAJECTORY_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "lr", "momentum",
-                   "weight_decay", "init_std", "seed", "dtype")
-
+from .rundir import (SUMMARY, append_metrics, epoch_records, load_checkpoint, read_records, save_checkpoint,
+                     truncate_metrics, write_config, write_summary)
 
 # The progress bar shows the latest step's loss and accuracy, read from the device at most
 # this often: each read waits for the GPU to finish the queued steps.
 BAR_READ_INTERVAL_S = 2.0
-
-
-class TrainError(Exception):
-    """A user-facing problem with the run (bad settings, unusable directory): one line."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    model: str = "mlp2-relu-sce"
-    hidden: list | None = None       # with activation and loss: a custom MLP instead of a named one
-    activation: str | None = None
-    loss: str | None = None
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    init_std: float = 0.01
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    data_dir: str | None = None
-    eval_every: int = 1
-    checkpoint_every: int = 1
-    log_every: int = 1
-    tensorboard: bool = False
-
-    def validate(self):
-        if self.hidden is None and self.model not in MODELS:
-            raise TrainError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
-        if self.hidden is not None:
-            if self.activation not in ("relu", "sigmoid") and self.hidden:
-                raise TrainError("--activation must be relu or sigmoid")
-            if self.loss not in ("mse", "sce"):
-                raise TrainError("--loss must be mse or sce")
-            if any(h <= 0 for h in self.hidden):
-                raise TrainError("--hidden sizes must be positive")
-        for name in ("epochs", "batch_size", "eval_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise TrainError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum <= 1:
-            raise TrainError(f"--momentum must be in [0, 1], got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not self.init_std > 0:
-            raise TrainError(f"--init-std must be positive, got {self.init_std}")
-        if self.dtype not in ("float32", "float64"):
-            raise TrainError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        if self.batch_size > 60000:
-            raise TrainError(f"--batch-size {self.batch_size} exceeds the 60000 training images")
-        return self
-
-    @property
-    def name(self):
-        if self.hidden is None:
-            return self.model
-        return f"mlp{'-'.join(map(str, self.hidden)) or '0'}-{self.activation}-{self.loss}"
-
-    def build(self, backend):
-        if self.hidden is None:
-            return build_model(self.model, backend=backend, dtype=self.dtype,
-                               init_std=self.init_std, seed=self.seed)
-        return build_mlp(self.hidden, self.activation, self.loss, backend=backend,
-                         dtype=self.dtype, init_std=self.init_std, seed=self.seed)
-
-
-# ---------------------------------------------------------------- files written safely
-
-def atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename: a killed
-    process or full disk leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path, data):
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _clean(value):
-    """JSON has no NaN/Inf: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(_clean(obj), indent=2) + "\n").encode())
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def versions():
-    import numpy
-    found = {"python": platform.python_version(), "numpy": numpy.__version__,
-             "xpmlp": __import__("xpmlp").__version__}
-    if "cupy" in sys.modules:
-        found["cupy"] = sys.modules["cupy"].__version__
-    return found
-
-
-def load_run_config(run_dir):
-    """(TrainConfig, raw dict) from a run directory's config.json."""
-    saved = read_json(Path(run_dir) / "config.json")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    if config.hidden is not None:  # the saved "model" is a name derived from hidden/activation/loss
-        config.model = TrainConfig.model
-    return config, saved
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(run_dir, model, optimizer, state, partial):
-    """Weights, momentum, RNG state and loop position in one .npz, written atomically."""
-    arrays = {f"param_{i}": a for i, a in enumerate(model.state_arrays())}
-    arrays.update({f"partial_{k}": v for k, v in partial.items()})
-    arrays.update({f"velocity_{i}": model.backend.to_numpy(v) for i, v in enumerate(optimizer.state())})
-    arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: np.savez(f, **arrays))
-
-
-def load_checkpoint(run_dir):
-    path = Path(run_dir) / CHECKPOINT
-    try:
-        with np.load(path) as npz:
-            state = json.loads(npz["state"].tobytes().decode())
-            params = [npz[f"param_{i}"] for i in range(state["num_params"])]
-            velocity = [npz[f"velocity_{i}"] for i in range(state["num_params"])]
-            partial = {k[len("partial_"):]: npz[k] for k in npz.files if k.startswith("partial_")}
-    except FileNotFoundError:
-        raise TrainError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINT} missing)") from None
-    except Exception as exc:  # truncated or foreign file
-        raise TrainError(f"{path}: unreadable checkpoint ({exc})") from None
-    return params, velocity, state, partial
 
 
 # ---------------------------------------------------------------- the loop
@@ -288,25 +118,7 @@ class Trainer:
     # -- files
 
     def write_config(self):
-        cfg = dataclasses.asdict(self.config)
-        cfg.update(model=self.config.name, device_used=self.backend.describe(), versions=versions(),
-                   machine=platform.machine(), platform=platform.platform())
-        write_json(self.run_dir / "config.json", cfg)
-
-    def _truncate_metrics(self, epoch):
-        """On resume, drop records past the checkpoint: they will be produced again."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= epoch]
-        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
-
-    def _append_metrics(self, records):
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            for rec in records:
-                f.write(json.dumps(_clean(rec)) + "\n")
-            f.flush()
+        write_config(self.run_dir, self.config, self.backend)
 
     def _checkpoint(self, rng_state, pos=0, partial_time_s=0.0, partial=None):
         """``rng_state`` is the shuffle RNG before the permutation of the epoch in progress;
@@ -320,7 +132,7 @@ class Trainer:
         summary.update(train_time_s=self.state["train_time_s"], epochs_completed=self.state["epoch"],
                        iterations=self.state["iter"], status=self.state["status"],
                        epochs=self.config.epochs, model=self.config.name, device=self.backend.device)
-        write_json(self.run_dir / "summary.json", summary)
+        write_summary(self.run_dir, summary)
 
     # -- the loop
 
@@ -335,7 +147,7 @@ class Trainer:
         iters = n // batch  # the report's batch sizes all divide 60000; a remainder is dropped
         last = {}
         if self._resumed:
-            self._truncate_metrics(self.state["epoch"])
+            truncate_metrics(self.run_dir, self.state["epoch"])
         if self.state["epoch"] < cfg.epochs:
             self._warm_up(x_train, y_train, batch)
         with _StopFlag() as flag:
@@ -398,7 +210,7 @@ class Trainer:
         self._summary(last)
         if self.writer is not None:
             self.writer.close()
-        return self.run_dir / "summary.json"
+        return self.run_dir / SUMMARY
 
     def _warm_up(self, x, y, batch):
         """One step on the first batch before any epoch is timed, then the weights and
@@ -433,7 +245,7 @@ class Trainer:
         iter_records = [{"kind": "iter", "epoch": epoch, "iter": first_iter + i,
                          "loss": float(losses[i]), "acc": float(accs[i])}
                         for i in range(0, iters, cfg.log_every)]
-        self._append_metrics(iter_records + [record])
+        append_metrics(self.run_dir, iter_records + [record])
         if self.writer is not None:
             for rec in iter_records:
                 self.writer.add_scalar("train/loss_iter", rec["loss"], rec["iter"])
@@ -448,10 +260,7 @@ class Trainer:
         return dict(record, diverged=diverged)
 
     def _last_epoch_record(self):
-        path = self.run_dir / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
-            if path.exists() else []
-        epochs = [r for r in records if r["kind"] == "epoch"]
+        epochs = epoch_records(read_records(self.run_dir))
         return epochs[-1] if epochs else {}
 
     def _line(self, rec):
