@@ -17,17 +17,13 @@ class Backend:
 
     name = "base"
     fast = False
-    kernels = None  # fused kernels where the backend has them: numpy_kernels.py, cupy_kernels.py
+    # The fused kernels where the backend has them (numpy_kernels.py, cupy_kernels.py): plain
+    # callables that xpmlp's fused ops (xpmlp/ops.py) call where a kernel can run.
+    kernels = None
 
     def __init__(self, xp, device="cpu"):
         self.xp = xp
         self.device = device
-
-    def kernel(self, name):
-        """The fused kernel called ``name`` where this backend has one, else None (the
-        caller then runs its array code)."""
-        kernels = self.kernels
-        return getattr(kernels, name, None) if kernels is not None else None
 
     def asarray(self, a, dtype=None):
         return self.xp.asarray(a, dtype=dtype)

@@ -20,10 +20,6 @@ class NumpyBackend(Backend):
             self._kernels = load()
         return self._kernels
 
-    @kernels.setter
-    def kernels(self, value):  # tests switch the kernels off to check the NumPy path
-        self._kernels = value
-
     def take_rows(self, a, indices, out=None):
         # mode="clip" skips the buffered bounds check that mode="raise" does with out=;
         # the indices are a permutation, always in range.

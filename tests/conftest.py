@@ -1,4 +1,4 @@
-"""Shared fixtures: every available backend, and the plain/fast paths of each."""
+"""Shared fixtures: every available backend, and the ops (plain, buffered, fused) of each."""
 import os
 
 # The tests multiply tiny matrices: one BLAS thread is fastest, and otherwise OpenBLAS's
@@ -10,6 +10,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import pytest  # noqa: E402
 
 from helpers import backend_or_reason  # noqa: E402
+
+from xpmlp.ops import KINDS, ops_for  # noqa: E402
 
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy")
 
@@ -24,29 +26,16 @@ def backend(request):
     return found
 
 
-@pytest.fixture(params=["plain", "fast", "fast-xp"])
-def fast(request, backend):
-    """The plain path everywhere; the fast path only where the backend supports it.
-
-    "fast" uses the backend's fused kernels where it has them (``backend.kernels``, e.g.
-    Numba on NumPy); "fast-xp" switches them off to run the fast path's array code.
-    """
-    if request.param == "plain":
-        yield False
-        return
-    if not backend.fast:
-        pytest.skip(f"{backend.name} has no fast path")
-    if request.param == "fast":
-        yield True
-        return
-    kernels = getattr(backend, "kernels", None)
-    if kernels is None:
-        pytest.skip(f"{backend.name} has no fused kernels: 'fast' already runs the array code")
-    backend.kernels = None
+@pytest.fixture(params=KINDS)
+def ops(request, backend):
+    """Each way of computing the backend has, picked explicitly at build time (``ops=``):
+    "plain" (the Array API reference) everywhere, "buffered" (out= buffers) where the
+    backend supports it, and "fused" where the backend has kernels (Numba, CUDA)."""
     try:
-        yield True
-    finally:
-        backend.kernels = kernels
+        ops_for(backend, request.param)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    return request.param
 
 
 def pytest_collection_modifyitems(config, items):
@@ -55,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("backend") == "array-api-strict" and params.get("fast", "plain") != "plain":
+        if params.get("backend") == "array-api-strict" and params.get("ops", "plain") != "plain":
             drop.append(item)
         else:
             keep.append(item)

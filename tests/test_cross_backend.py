@@ -29,10 +29,10 @@ def make_batches(stack=(), seed=10):
 BATCHES = make_batches()
 
 
-def trajectory(name, dtype, fast, batches=BATCHES, stack=(), init=None):
+def trajectory(name, dtype, ops, batches=BATCHES, stack=(), init=None):
     """``fn(backend)``: train ``name`` for STEPS SGD steps and record everything on the host."""
     def fn(backend):
-        model = build_model(name, backend=backend, dtype=dtype, seed=0, fast=fast, stack=stack)
+        model = build_model(name, backend=backend, dtype=dtype, seed=0, ops=ops, stack=stack)
         if init is not None:
             model.load_state_arrays(init)
         opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -60,25 +60,28 @@ def trajectory(name, dtype, fast, batches=BATCHES, stack=(), init=None):
 
 @NAMES
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_matches_numpy_float64_plain(backend, fast, name, dtype):
-    result = assert_backend_matches_numpy(trajectory(name, dtype, fast), backend,
-                                          reference=trajectory(name, "float64", False), **TOL[dtype])
+def test_matches_numpy_float64_plain(backend, ops, name, dtype):
+    result = assert_backend_matches_numpy(trajectory(name, dtype, ops), backend,
+                                          reference=trajectory(name, "float64", "plain"), **TOL[dtype])
     assert len(result["losses"]) == STEPS + 1
 
 
 @NAMES
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_fast_path_equals_plain_path_on_numpy(name, dtype):
-    fast = run_on("numpy", trajectory(name, dtype, True))
-    plain = run_on("numpy", trajectory(name, dtype, False))
+@pytest.mark.parametrize("kind", ["buffered", "fused"])
+def test_fast_ops_equal_the_plain_ops_on_numpy(name, dtype, kind):
+    if kind == "fused":
+        pytest.importorskip("numba")  # the [fast] extra; CI installs it
+    fast = run_on("numpy", trajectory(name, dtype, kind))
+    plain = run_on("numpy", trajectory(name, dtype, "plain"))
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
     assert_tree_allclose(fast, plain, **tol)
 
 
 @NAMES
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_dtype_is_kept(backend, fast, name, dtype):
-    model = build_model(name, backend=backend, dtype=dtype, fast=fast)
+def test_dtype_is_kept(backend, ops, name, dtype):
+    model = build_model(name, backend=backend, dtype=dtype, ops=ops)
     want = backend.dtype(dtype)
     opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
     x, labels = BATCHES[0]
@@ -98,10 +101,10 @@ def test_dtype_is_kept(backend, fast, name, dtype):
 
 
 @NAMES
-def test_stacked_model_slices_equal_single_models(backend, fast, name):
+def test_stacked_model_slices_equal_single_models(backend, ops, name):
     """Slice s of a stack=(2,) model trains exactly like one model given slice s's weights."""
     stacked_batches = make_batches(stack=(2,), seed=11)
-    stacked = run_on(backend, trajectory(name, "float64", fast, stacked_batches, stack=(2,)))
+    stacked = run_on(backend, trajectory(name, "float64", ops, stacked_batches, stack=(2,)))
     assert np.shape(stacked["losses"][0]) == (2,)
     single_shapes = [a.shape for a in build_model(name, backend="numpy").state_arrays()]
     # The stacked model's initial weights (trajectory builds it with seed 0 too).
@@ -110,7 +113,7 @@ def test_stacked_model_slices_equal_single_models(backend, fast, name):
     for s in range(2):
         weights = [a[s].reshape(shape) for a, shape in zip(stacked_init, single_shapes)]
         batches = [(x[s], labels[s]) for x, labels in stacked_batches]
-        single = run_on(backend, trajectory(name, "float64", fast, batches, init=weights))
+        single = run_on(backend, trajectory(name, "float64", ops, batches, init=weights))
         sliced = {
             "losses": [v[s] for v in stacked["losses"]],
             "accuracies": [v[s] for v in stacked["accuracies"]],

@@ -1,6 +1,6 @@
 """Float64 central finite-difference checks of every hand-written backward pass.
 
-Layers run on the backend under test (plain and fast paths); the finite-difference
+Layers run on the backend under test (each of its ops: plain, buffered, fused); the finite-difference
 arithmetic runs on the host in NumPy float64.
 """
 import warnings
@@ -40,11 +40,11 @@ def assert_grad_close(analytic, numeric, what):
 
 
 @STACKS
-def test_linear(backend, fast, stack):
+def test_linear(backend, ops, stack):
     rng = np.random.default_rng(1)
     n, n_in, n_out = 3, 5, 4
     f64 = backend.dtype("float64")
-    layer = Linear(n_in, n_out, backend, f64, init_std=0.5, rng=rng, stack=stack, fast=fast)
+    layer = Linear(n_in, n_out, backend, f64, init_std=0.5, rng=rng, stack=stack, ops=ops)
     x = rng.normal(size=stack + (n, n_in))
     W = host(backend, layer.W)
     b = rng.normal(size=tuple(layer.b.shape))
@@ -72,10 +72,10 @@ def test_linear(backend, fast, stack):
 
 @pytest.mark.parametrize("cls", [ReLU, Sigmoid])
 @STACKS
-def test_activation(backend, fast, cls, stack):
+def test_activation(backend, ops, cls, stack):
     rng = np.random.default_rng(2)
     f64 = backend.dtype("float64")
-    layer = cls(backend, f64, fast)
+    layer = cls(backend, f64, ops=ops)
     # Keep ReLU inputs away from its kink at 0, where the derivative is undefined.
     x = rng.choice([-1.0, 1.0], size=stack + (4, 6)) * rng.uniform(0.1, 3.0, size=stack + (4, 6))
     g = rng.normal(size=x.shape)
@@ -90,10 +90,10 @@ def test_activation(backend, fast, cls, stack):
 
 @pytest.mark.parametrize("cls", [EuclideanLoss, SoftmaxCrossEntropyLoss])
 @STACKS
-def test_loss(backend, fast, cls, stack):
+def test_loss(backend, ops, cls, stack):
     rng = np.random.default_rng(3)
     f64 = backend.dtype("float64")
-    loss_fn = cls(backend, f64, fast)
+    loss_fn = cls(backend, f64, ops=ops)
     n, classes = 5, 10
     output = rng.uniform(0.05, 0.95, size=stack + (n, classes)) if cls is EuclideanLoss \
         else rng.normal(scale=3.0, size=stack + (n, classes))
@@ -121,10 +121,10 @@ def test_loss(backend, fast, cls, stack):
 
 
 @pytest.mark.parametrize("name", ["mlp0-sce", "mlp1-sigmoid-mse", "mlp2-relu-sce"])
-def test_network(backend, fast, name):
+def test_network(backend, ops, name):
     """Whole-network check on a sample of entries of every parameter and of the input."""
     rng = np.random.default_rng(4)
-    model = build_model(name, backend=backend, dtype="float64", init_std=0.1, seed=5, fast=fast)
+    model = build_model(name, backend=backend, dtype="float64", init_std=0.1, seed=5, ops=ops)
     f64 = backend.dtype("float64")
     x_host = rng.uniform(0.0, 1.0, size=(4, 784))
     labels = backend.asarray(rng.integers(0, 10, size=4))
@@ -178,8 +178,8 @@ def test_naive_sigmoid_would_be_caught():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_sigmoid_extremes_finite(backend, fast, dtype):
-    layer = Sigmoid(backend, backend.dtype(dtype), fast)
+def test_sigmoid_extremes_finite(backend, ops, dtype):
+    layer = Sigmoid(backend, backend.dtype(dtype), ops=ops)
     with warnings.catch_warnings(), strict_float_errors():
         warnings.simplefilter("error")
         x = backend.asarray(EXTREMES, dtype=backend.dtype(dtype))
@@ -196,7 +196,7 @@ def test_sigmoid_extremes_finite(backend, fast, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_softmax_cross_entropy_huge_logits_finite(backend, fast, dtype):
+def test_softmax_cross_entropy_huge_logits_finite(backend, ops, dtype):
     dt = backend.dtype(dtype)
     logits = np.zeros((4, 10))
     logits[0, 0] = 1e4      # label 0 has the huge logit: loss 0
@@ -204,7 +204,7 @@ def test_softmax_cross_entropy_huge_logits_finite(backend, fast, dtype):
     logits[2, 2] = -1e4     # label 2 has logit -1e4, nine others 0: loss 1e4 + log 9
     logits[3] = -1e4        # all equal: loss log 10
     labels = np.array([0, 5, 2, 7])
-    loss_fn = SoftmaxCrossEntropyLoss(backend, dt, fast)
+    loss_fn = SoftmaxCrossEntropyLoss(backend, dt, ops=ops)
     with warnings.catch_warnings(), strict_float_errors():
         warnings.simplefilter("error")
         value = float(host(backend, loss_fn.forward(backend.asarray(logits, dtype=dt),

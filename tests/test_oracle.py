@@ -63,8 +63,8 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("lr", [0.01, 0.1])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_training_matches_torch(backend, fast, name, lr):
-    model = build_model(name, backend=backend, dtype="float64", seed=1, fast=fast)
+def test_training_matches_torch(backend, ops, name, lr):
+    model = build_model(name, backend=backend, dtype="float64", seed=1, ops=ops)
     opt = SGD(model, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     net, loss_kind = torch_model(name, [np.array(a) for a in model.state_arrays()])
     torch_opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=MOMENTUM,

@@ -399,7 +399,7 @@ def test_denormal_weights_are_flushed_once_per_epoch(tmp_path, synthetic, device
 
 def test_the_warm_up_step_leaves_weights_and_momenta_as_they_were(tmp_path, synthetic):
     t = trainer(config(epochs=1), tmp_path / "run", synthetic)
-    t.optimizer.velocity[...] = 0.5  # a momentum the step would change
+    t.optimizer.slots[0].velocity[...] = 0.5  # a momentum the step would change (one flat slot)
     before = ([a.copy() for a in t.model.state_arrays()], [v.copy() for v in t.optimizer.state()])
     x, y = t.backend.asarray(synthetic.train_x), t.backend.asarray(synthetic.train_y)
     t._warm_up(x, y, BATCH)

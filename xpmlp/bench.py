@@ -34,7 +34,7 @@ from .backends import get_backend
 from .model import build_model
 from .optim import SGD
 from .rundir import versions
-from .train import Stepper
+from .train import Stepper, step_loop
 
 MODEL, BATCH, N_TRAIN, FEATURES, CLASSES = "mlp2-relu-sce", 100, 60000, 784, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -67,9 +67,9 @@ def _time_interleaved(contenders, epochs, warmed=()):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_ours(backend, x, y, dtype, seed=0):
-    """(run_epoch, model): our training epoch."""
-    model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed)
+def bench_ours(backend, x, y, dtype, ops=None, seed=0):
+    """(run_epoch, model): our training epoch, through the trainer's own step loop."""
+    model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed, ops=ops)
     stepper = Stepper(model, SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
     rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
     losses = xp.zeros((iters,), dtype=model.dtype)
@@ -77,17 +77,16 @@ def bench_ours(backend, x, y, dtype, seed=0):
 
     def epoch():
         perm = backend.asarray(rng.permutation(N_TRAIN))
-        for i in range(iters):
-            stepper.step(x, y, perm[i * BATCH:(i + 1) * BATCH], losses, accs, i)
+        step_loop(stepper, x, y, perm, BATCH, losses, accs, 0, iters)
         backend.to_numpy(losses)  # the once-per-epoch read of the metrics
 
     return epoch, model
 
 
-def bench_memory_passes(backend, x, y, dtype, seed=0):
+def bench_memory_passes(backend, x, y, dtype, ops=None, seed=0):
     """(gather_epoch, sgd_epoch): the two memory-bound passes of an epoch that no fusion
     removes, each alone on a model of its own: the batch gather and the optimizer step."""
-    model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed)
+    model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed, ops=ops)
     optimizer = SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     stepper = Stepper(model, optimizer)
     rng, iters = np.random.default_rng(seed), N_TRAIN // BATCH
@@ -196,8 +195,8 @@ def _peak_memory_mb(backend):
 
 
 def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None, kernels=True):
-    """The benchmark's result dict.  ``kernels=False`` runs the fast path's array code
-    without the backend's fused kernels, to see what they are worth."""
+    """The benchmark's result dict.  ``kernels=False`` runs the buffered ops (the fast
+    path's array code) instead of the backend's fused kernels, to see what they are worth."""
     threads = threads or os.cpu_count() or 1
     try:
         from threadpoolctl import threadpool_limits
@@ -205,26 +204,20 @@ def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None,
     except ImportError:  # e.g. a GPU box with only the essentials: BLAS threads stay as they are
         limits = contextlib.nullcontext()
     backend = get_backend(device)
-    saved = backend.kernels
-    if not kernels:
-        backend.kernels = None
-    try:
-        with limits:
-            return dict(_run(backend, dtype, epochs, torch_peer, threads), fused_kernels=kernels)
-    finally:
-        backend.kernels = saved
+    with limits:
+        return _run(backend, dtype, epochs, torch_peer, threads, ops=None if kernels else "buffered")
 
 
-def _run(backend, dtype, epochs, torch_peer, threads):
+def _run(backend, dtype, epochs, torch_peer, threads, ops):
     rng = np.random.default_rng(0)
     x_host = rng.random((N_TRAIN, FEATURES), dtype=np.float32) - np.float32(0.5)
     y_host = rng.integers(0, CLASSES, N_TRAIN)
     x = backend.asarray(x_host, dtype=backend.dtype(dtype))
     y = backend.asarray(y_host)
-    ours, model = bench_ours(backend, x, y, dtype)
+    ours, model = bench_ours(backend, x, y, dtype, ops)
     ours()  # its warm-up, so the memory peak below is the training's own
     memory_key, memory_mb = _peak_memory_mb(backend)  # before torch adds its own
-    gather, sgd = bench_memory_passes(backend, x, y, dtype)
+    gather, sgd = bench_memory_passes(backend, x, y, dtype, ops)
     contenders = {"ours": (ours, backend.synchronize),
                   "gemm": (bench_gemm_limit(backend, model), backend.synchronize),
                   "gather": (gather, backend.synchronize), "sgd": (sgd, backend.synchronize)}
@@ -244,6 +237,7 @@ def _run(backend, dtype, epochs, torch_peer, threads):
         "gather_epoch_s": median["gather"], "sgd_epoch_s": median["sgd"], "floor_epoch_s": floor_s,
         "ratio_floor": epoch_s / floor_s,
         memory_key: memory_mb, **backend.describe(),
+        "ops": model.ops.name, "fused_kernels": model.ops.name == "fused",
         "threads": threads,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "versions": dict(versions(), **({"torch": torch_version} if torch_version else {})),

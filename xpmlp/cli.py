@@ -264,7 +264,7 @@ def build_parser():
     p.add_argument("--epochs", type=_positive_int, default=3, help="timed epochs after one warm-up (default: 3)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--no-kernels", action="store_true",
-                   help="time our fast path without the backend's fused kernels (Numba / CUDA)")
+                   help="time the buffered ops: our fast path without the backend's fused kernels (Numba / CUDA)")
     p.add_argument("--threads", type=_positive_int,
                    help="CPU threads for NumPy's BLAS and PyTorch (default: all cores)")
     p.add_argument("--json", action="store_true")

@@ -3,6 +3,7 @@ import numpy as np
 
 from .layers import Linear, ReLU, Sigmoid
 from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss, accuracy  # noqa: F401 (re-exported)
+from .ops import ops_for
 
 # The names the builder, the config check and the CLI's choices all take from here.
 ACTIVATIONS = {"sigmoid": Sigmoid, "relu": ReLU}
@@ -43,17 +44,19 @@ class FlatBuffers:
 
 
 class Sequential:
-    """Layers applied in order, then a loss.
+    """Layers applied in order, then a loss, all computing with one ops object (``ops``,
+    by default the loss's).
 
-    ``fast=True`` (default where the backend supports it) keeps parameters and
-    gradients in flat buffers and reuses activation buffers between steps.
+    Where the ops update in place (buffered, fused), parameters and gradients live in
+    flat buffers, so that the optimizer has one slot to update.
     """
 
-    def __init__(self, layers, loss, backend, dtype, fast=False):
+    def __init__(self, layers, loss, backend, dtype, ops=None):
         self.layers, self.loss = list(layers), loss
         self.backend, self.xp, self.dtype = backend, backend.xp, dtype
+        self.ops = ops if ops is not None else loss.ops
         self.flat = None
-        if fast:
+        if self.ops.in_place:
             pairs = self.parameters()
             self.flat = FlatBuffers(self.xp, [getattr(layer, name) for layer, name in pairs], dtype)
             for (layer, name), p, g in zip(pairs, self.flat.split(self.flat.params),
@@ -104,9 +107,13 @@ class Sequential:
 
 
 def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", init_std=0.01,
-              seed=0, stack=(), fast=None, in_features=784, num_classes=10):
+              seed=0, stack=(), fast=None, ops=None, in_features=784, num_classes=10):
     """An MLP with the given hidden sizes.  Euclidean-loss networks end in a Sigmoid
-    (report Section 2); softmax cross-entropy networks end in the last Linear."""
+    (report Section 2); softmax cross-entropy networks end in the last Linear.
+
+    ``ops``: 'plain' (the Array API reference), 'buffered' (out= buffers, NumPy and CuPy)
+    or 'fused' (the backend's kernels); by default the fastest the backend has, or
+    'plain' with ``fast=False``."""
     from .backends import get_backend
 
     backend = get_backend(backend)
@@ -116,25 +123,26 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
         raise ValueError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
     if np.dtype(dtype).name not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    fast = backend.fast if fast is None else (fast and backend.fast)
+    ops = ops_for(backend, ops, fast=fast is not False)
     xp_dtype = backend.dtype(dtype)
     rng = np.random.default_rng(seed)
     sizes = [in_features, *hidden, num_classes]
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(Linear(n_in, n_out, backend, xp_dtype, init_std=init_std, rng=rng,
-                             stack=stack, fast=fast))
+                             stack=stack, ops=ops))
         if i < len(hidden):
-            layers.append(ACTIVATIONS[activation](backend, xp_dtype, fast))
+            layers.append(ACTIVATIONS[activation](backend, xp_dtype, ops=ops))
     if loss == "mse":
-        layers.append(Sigmoid(backend, xp_dtype, fast))
-    return Sequential(layers, LOSSES[loss](backend, xp_dtype, fast), backend, xp_dtype, fast)
+        layers.append(Sigmoid(backend, xp_dtype, ops=ops))
+    return Sequential(layers, LOSSES[loss](backend, xp_dtype, ops=ops), backend, xp_dtype, ops)
 
 
-def build_model(name, *, backend="numpy", dtype="float32", init_std=0.01, seed=0, stack=(), fast=None):
+def build_model(name, *, backend="numpy", dtype="float32", init_std=0.01, seed=0, stack=(), fast=None,
+                ops=None):
     """One of the report's ten networks by name (see ``MODELS``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     hidden, activation, loss = MODELS[name]
     return build_mlp(hidden, activation, loss, backend=backend, dtype=dtype, init_std=init_std,
-                     seed=seed, stack=stack, fast=fast)
+                     seed=seed, stack=stack, fast=fast, ops=ops)

@@ -2,69 +2,87 @@
 
 For every W and b alike:  v <- m*v + (g + wd*p);  p <- p - lr*v
 which is torch.optim.SGD with dampening 0 (the first step gives v = g + wd*p).
+
+The rule is written once, as the ops' ``sgd_update``, and applied to each slot: a
+(parameter, gradient, velocity) triple.  A model whose ops update in place keeps every
+parameter in one flat buffer, so it has one slot and a step is one pass; on the plain
+path each parameter is a slot of its own, and the update rebinds it.
 """
+from .ops import Scratch
+
+
+class ParamSlot:
+    """One parameter of a layer (the plain path), its gradient and its velocity."""
+
+    def __init__(self, layer, name, velocity):
+        self.layer, self.name, self.velocity = layer, name, velocity
+
+    @property
+    def param(self):
+        return getattr(self.layer, self.name)
+
+    @param.setter
+    def param(self, value):
+        setattr(self.layer, self.name, value)
+
+    @property
+    def grad(self):
+        return getattr(self.layer, "grad_" + self.name)
+
+    def velocities(self):
+        return [self.velocity]
+
+    def load_velocities(self, arrays):
+        (self.velocity,) = arrays
+
+
+class FlatSlot:
+    """Every parameter at once: the model's flat buffers, updated in place."""
+
+    def __init__(self, flat, velocity):
+        self.flat, self.param, self.grad, self.velocity = flat, flat.params, flat.grads, velocity
+
+    def velocities(self):
+        """The velocity as views shaped like each parameter (for checkpoints)."""
+        return self.flat.split(self.velocity)
+
+    def load_velocities(self, arrays):
+        for view, a in zip(self.velocities(), arrays):
+            view[...] = a
 
 
 class SGD:
     def __init__(self, model, lr=0.01, momentum=0.0, weight_decay=0.0):
-        self.model = model
+        self.model, self.ops = model, model.ops
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         xp = model.xp
         if model.flat is not None:
-            # One velocity buffer matching the flat parameter buffer: a step is whole-buffer ops.
-            self.velocity = xp.zeros_like(model.flat.params)
-            self._scratch = xp.empty_like(model.flat.params)
+            self.slots = [FlatSlot(model.flat, xp.zeros_like(model.flat.params))]
         else:
-            self.velocity = [xp.zeros_like(getattr(layer, name)) for layer, name in model.parameters()]
+            self.slots = [ParamSlot(layer, name, xp.zeros_like(getattr(layer, name)))
+                          for layer, name in model.parameters()]
+        self.scratch = Scratch(xp, model.dtype)
 
     def step(self):
-        lr, m, wd = self.lr, self.momentum, self.weight_decay
-        flat = self.model.flat
-        sgd_step = self.model.backend.kernel("sgd_step") if flat is not None else None
-        if sgd_step is not None:  # one fused pass over the flat buffers
-            sgd_step(flat.params, flat.grads, self.velocity, lr, m, wd)
-            return
-        if flat is not None:
-            xp, v, tmp = self.model.xp, self.velocity, self._scratch
-            xp.multiply(flat.params, wd, out=tmp)
-            xp.add(flat.grads, tmp, out=tmp)
-            xp.multiply(v, m, out=v)
-            xp.add(v, tmp, out=v)
-            xp.multiply(v, lr, out=tmp)
-            xp.subtract(flat.params, tmp, out=flat.params)
-            return
-        for i, (layer, name) in enumerate(self.model.parameters()):
-            p, g = getattr(layer, name), getattr(layer, "grad_" + name)
-            self.velocity[i] = m * self.velocity[i] + (g + wd * p)
-            setattr(layer, name, p - lr * self.velocity[i])
+        for slot in self.slots:
+            slot.param, slot.velocity = self.ops.sgd_update(
+                slot.param, slot.grad, slot.velocity, self.lr, self.momentum, self.weight_decay, self.scratch)
 
     def flush_denormals(self):
         """Set parameters and velocities smaller than the dtype's smallest normal number
         to zero.  Weight decay shrinks the weights of a dead network geometrically into
         denormals, which x86 CPUs compute in slow microcode (a 40x slower epoch was
         measured); the trainer calls this once per epoch, a negligible cost."""
-        xp, flat = self.model.xp, self.model.flat
-        if flat is not None:
-            for a in (flat.params, self.velocity):
-                a[xp.abs(a) < xp.finfo(a.dtype).smallest_normal] = 0
-            return
-
-        def flushed(a):
-            return xp.where(xp.abs(a) < xp.finfo(a.dtype).smallest_normal, xp.zeros_like(a), a)
-
-        for i, (layer, name) in enumerate(self.model.parameters()):
-            setattr(layer, name, flushed(getattr(layer, name)))
-            self.velocity[i] = flushed(self.velocity[i])
+        for slot in self.slots:
+            slot.param, slot.velocity = self.ops.flush_denormals(slot.param), self.ops.flush_denormals(slot.velocity)
 
     def state(self):
         """Velocity as a list of arrays, one per parameter (for checkpoints)."""
-        if self.model.flat is not None:
-            return self.model.flat.split(self.velocity)
-        return list(self.velocity)
+        return [v for slot in self.slots for v in slot.velocities()]
 
     def load_state(self, arrays):
-        if self.model.flat is not None:
-            for view, a in zip(self.model.flat.split(self.velocity), arrays):
-                view[...] = a
-        else:
-            self.velocity = list(arrays)
+        arrays = list(arrays)
+        for slot in self.slots:
+            n = len(slot.velocities())
+            slot.load_velocities(arrays[:n])
+            arrays = arrays[n:]

@@ -9,6 +9,7 @@ import numpy as np
 
 from .backends import get_backend
 from .config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
+from .ops import Scratch
 from .optim import SGD
 from .rundir import (SUMMARY, append_metrics, epoch_records, load_checkpoint, read_records, save_checkpoint,
                      truncate_metrics, write_config, write_summary)
@@ -66,17 +67,11 @@ class Stepper:
     ``loss_out[i]``, ``acc_out[i]`` on the device (read back once per epoch, not per step)."""
 
     def __init__(self, model, optimizer):
-        self.model, self.optimizer, self.xp = model, optimizer, model.xp
-        self._batch = None  # fast path: the batch is gathered into fixed buffers
+        self.model, self.optimizer, self.ops = model, optimizer, model.ops
+        self.scratch = Scratch(model.xp, model.dtype)  # buffered ops gather into fixed buffers
 
     def gather(self, x, y, idx):
-        take = self.model.backend.take_rows
-        if self.model.flat is None:
-            return take(x, idx), take(y, idx)
-        if self._batch is None or self._batch[0].shape[0] != idx.shape[0]:
-            self._batch = (self.xp.empty((idx.shape[0], x.shape[1]), dtype=x.dtype),
-                           self.xp.empty((idx.shape[0],), dtype=y.dtype))
-        return take(x, idx, out=self._batch[0]), take(y, idx, out=self._batch[1])
+        return self.ops.take_rows(x, idx, self.scratch, "x"), self.ops.take_rows(y, idx, self.scratch, "y")
 
     def step(self, x, y, idx, loss_out, acc_out, i):
         model = self.model
@@ -84,6 +79,17 @@ class Stepper:
         model.loss.forward_with_accuracy(model.forward(xb), yb, out=(loss_out[i:i + 1], acc_out[i:i + 1]))
         model.backward(model.loss.backward())
         self.optimizer.step()
+
+
+def step_loop(stepper, x, y, perm, batch, losses, accs, start, stop, after_step=None):
+    """Steps ``start`` to ``stop - 1`` of an epoch whose shuffle is ``perm``: the loop the
+    trainer runs and the bench times.  ``after_step(i)`` (progress, interruption) returns
+    True to end the loop early.  Returns the number of steps done by the end."""
+    for i in range(start, stop):
+        stepper.step(x, y, perm[i * batch:(i + 1) * batch], losses, accs, i)
+        if after_step is not None and after_step(i):
+            return i + 1
+    return stop
 
 
 class Trainer:
@@ -102,6 +108,7 @@ class Trainer:
         self.stepper = Stepper(self.model, self.optimizer)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffles; weights use `seed` alone
         self.state = {"epoch": 0, "iter": 0, "train_time_s": 0.0, "status": "running"}
+        self._partial = {}  # the per-step records of an epoch interrupted midway
         if resume:
             params, velocity, state, self._partial = load_checkpoint(self.run_dir)
             self.model.load_state_arrays(params)
@@ -109,7 +116,7 @@ class Trainer:
             self.rng.bit_generator.state = state.pop("rng")
             state.pop("num_params")
             self.state.update(state, status="running")
-        self._resumed = resume  # metrics past the checkpoint are dropped by run(), not here: eval only reads
+        self._resumed = resume
         self.writer = None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
@@ -134,73 +141,92 @@ class Trainer:
                        epochs=self.config.epochs, model=self.config.name, device=self.backend.device)
         write_summary(self.run_dir, summary)
 
-    # -- the loop
+    # -- the loop: run -> epochs -> (step loop, end of epoch | interrupt) -> finish
 
     def run(self):
-        cfg, be = self.config, self.backend
-        xp = be.xp
-        x_train = be.asarray(self.data.train_x, dtype=self.model.dtype)  # sent to the device once
-        y_train = be.asarray(self.data.train_y)
-        x_test = be.asarray(self.data.test_x, dtype=self.model.dtype)
-        y_test = be.asarray(self.data.test_y)
-        n, batch = x_train.shape[0], cfg.batch_size
-        iters = n // batch  # the report's batch sizes all divide 60000; a remainder is dropped
-        last = {}
-        if self._resumed:
+        be, dtype = self.backend, self.model.dtype
+        train = (be.asarray(self.data.train_x, dtype=dtype), be.asarray(self.data.train_y))  # sent once
+        test = (be.asarray(self.data.test_x, dtype=dtype), be.asarray(self.data.test_y))
+        if self._resumed:  # records past the checkpoint will be produced again
             truncate_metrics(self.run_dir, self.state["epoch"])
-        if self.state["epoch"] < cfg.epochs:
-            self._warm_up(x_train, y_train, batch)
+        if self.state["epoch"] < self.config.epochs:
+            self._warm_up(*train, self.config.batch_size)
+        last = {}
         with _StopFlag() as flag:
-            while self.state["epoch"] < cfg.epochs:
-                epoch = self.state["epoch"] + 1
-                epoch_rng = self.rng.bit_generator.state  # a checkpoint mid-epoch replays this permutation
-                perm = be.asarray(self.rng.permutation(n))
-                loss_per_iter = xp.zeros((iters,), dtype=self.model.dtype)  # read once per epoch
-                acc_per_iter = xp.zeros((iters,), dtype=self.model.dtype)
-                pos = self.state.pop("pos", 0)
-                if pos:  # resuming inside this epoch
-                    loss_per_iter[:pos] = be.asarray(self._partial["loss"], dtype=self.model.dtype)
-                    acc_per_iter[:pos] = be.asarray(self._partial["acc"], dtype=self.model.dtype)
-                elapsed = self.state.pop("partial_time_s", 0.0)
-                bar = self._bar(epoch, iters, pos)
-                stopped_at = None
-                be.synchronize()
-                start = shown = time.perf_counter()
-                for i in range(pos, iters):
-                    idx = perm[i * batch:(i + 1) * batch]
-                    self.stepper.step(x_train, y_train, idx, loss_per_iter, acc_per_iter, i)
-                    if bar is not None:
-                        bar.update(1)
-                        # Reading a device value waits for the GPU: at most once per interval.
-                        if time.perf_counter() - shown >= BAR_READ_INTERVAL_S:
-                            shown = time.perf_counter()
-                            self._show_metrics(bar, loss_per_iter, acc_per_iter, i)
-                    if flag.stop and i + 1 < iters:
-                        stopped_at = i + 1
-                        break
-                be.synchronize()
-                elapsed += time.perf_counter() - start
-                if bar is not None:
-                    bar.close()
-                if stopped_at is not None:
-                    self.state["status"] = "interrupted"
-                    self._checkpoint(epoch_rng, pos=stopped_at, partial_time_s=elapsed,
-                                     partial={"loss": be.to_numpy(loss_per_iter[:stopped_at]),
-                                              "acc": be.to_numpy(acc_per_iter[:stopped_at])})
-                    self.log(f"interrupted in epoch {epoch} after {stopped_at}/{iters} iterations; checkpoint saved; "
-                             f"resume with: xpmlp train --resume {self.run_dir}")
+            while self.state["epoch"] < self.config.epochs:
+                record = self._epoch(train, test, flag)
+                if record is None:  # interrupted inside the epoch
                     break
-                self.state["train_time_s"] += elapsed
-                self.optimizer.flush_denormals()
-                losses, accs = be.to_numpy(loss_per_iter), be.to_numpy(acc_per_iter)
-                last = self._end_epoch(epoch, iters, losses, accs, x_test, y_test)
-                if last.get("diverged"):
+                last = record
+                if record["diverged"] or self._interrupted_between_epochs(flag):
                     break
-                if flag.stop and epoch < cfg.epochs:
-                    self.state["status"] = "interrupted"
-                    self._checkpoint(self.rng.bit_generator.state)
-                    self.log(f"interrupted after epoch {epoch}; resume with: xpmlp train --resume {self.run_dir}")
-                    break
+        return self._finish(last)
+
+    def _epoch(self, train, test, flag):
+        """One epoch from where the state says; its record, or None if it was interrupted."""
+        be, dtype = self.backend, self.model.dtype
+        epoch, n, batch = self.state["epoch"] + 1, train[0].shape[0], self.config.batch_size
+        iters = n // batch  # the report's batch sizes all divide 60000; a remainder is dropped
+        epoch_rng = self.rng.bit_generator.state  # a checkpoint mid-epoch replays this permutation
+        perm = be.asarray(self.rng.permutation(n))
+        losses = self.model.xp.zeros((iters,), dtype=dtype)  # read once per epoch
+        accs = self.model.xp.zeros((iters,), dtype=dtype)
+        pos = self.state.pop("pos", 0)
+        if pos:  # resuming inside this epoch
+            losses[:pos] = be.asarray(self._partial["loss"], dtype=dtype)
+            accs[:pos] = be.asarray(self._partial["acc"], dtype=dtype)
+        elapsed = self.state.pop("partial_time_s", 0.0)
+        bar = self._bar(epoch, iters, pos)
+        be.synchronize()
+        start = time.perf_counter()
+        done = step_loop(self.stepper, *train, perm, batch, losses, accs, pos, iters,
+                         after_step=self._after_step(bar, losses, accs, iters, flag))
+        be.synchronize()
+        elapsed += time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if done < iters:
+            self._interrupt(epoch, epoch_rng, done, iters, elapsed, losses, accs)
+            return None
+        self.state["train_time_s"] += elapsed
+        self.optimizer.flush_denormals()
+        return self._end_epoch(epoch, iters, be.to_numpy(losses), be.to_numpy(accs), *test)
+
+    def _after_step(self, bar, losses, accs, iters, flag):
+        """What the step loop does after each step: the progress bar, and stopping at a signal."""
+        shown = [time.perf_counter()]
+
+        def after_step(i):
+            if bar is not None:
+                bar.update(1)
+                # Reading a device value waits for the GPU: at most once per interval.
+                if time.perf_counter() - shown[0] >= BAR_READ_INTERVAL_S:
+                    shown[0] = time.perf_counter()
+                    self._show_metrics(bar, losses, accs, i)
+            return flag.stop and i + 1 < iters
+
+        return after_step
+
+    def _interrupt(self, epoch, epoch_rng, done, iters, elapsed, losses, accs):
+        """Stopped inside an epoch: a checkpoint that replays its shuffle from step ``done``."""
+        be = self.backend
+        self.state["status"] = "interrupted"
+        self._checkpoint(epoch_rng, pos=done, partial_time_s=elapsed,
+                         partial={"loss": be.to_numpy(losses[:done]), "acc": be.to_numpy(accs[:done])})
+        self.log(f"interrupted in epoch {epoch} after {done}/{iters} iterations; checkpoint saved; "
+                 f"resume with: xpmlp train --resume {self.run_dir}")
+
+    def _interrupted_between_epochs(self, flag):
+        epoch = self.state["epoch"]
+        if not flag.stop or epoch >= self.config.epochs:
+            return False
+        self.state["status"] = "interrupted"
+        self._checkpoint(self.rng.bit_generator.state)
+        self.log(f"interrupted after epoch {epoch}; resume with: xpmlp train --resume {self.run_dir}")
+        return True
+
+    def _finish(self, last):
+        """The final checkpoint and summary; returns the summary's path."""
         if self.state["status"] == "running":
             self.state["status"] = "completed"
         if self.state["status"] in ("completed", "diverged"):
@@ -247,17 +273,20 @@ class Trainer:
                         for i in range(0, iters, cfg.log_every)]
         append_metrics(self.run_dir, iter_records + [record])
         if self.writer is not None:
-            for rec in iter_records:
-                self.writer.add_scalar("train/loss_iter", rec["loss"], rec["iter"])
-                self.writer.add_scalar("train/acc_iter", rec["acc"], rec["iter"])
-            for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-                if record[key] is not None:
-                    self.writer.add_scalar(key.replace("_", "/", 1), record[key], epoch)
-            self.writer.flush()
+            self._tensorboard(iter_records, record)
         if epoch % cfg.checkpoint_every == 0 and not diverged and epoch < cfg.epochs:
             self._checkpoint(self.rng.bit_generator.state)
         self.log(self._line(record) + ("  DIVERGED (non-finite loss)" if diverged else ""))
         return dict(record, diverged=diverged)
+
+    def _tensorboard(self, iter_records, record):
+        for rec in iter_records:
+            self.writer.add_scalar("train/loss_iter", rec["loss"], rec["iter"])
+            self.writer.add_scalar("train/acc_iter", rec["acc"], rec["iter"])
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            if record[key] is not None:
+                self.writer.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
+        self.writer.flush()
 
     def _last_epoch_record(self):
         epochs = epoch_records(read_records(self.run_dir))
