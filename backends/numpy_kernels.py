@@ -7,6 +7,8 @@ There is no sigmoid forward kernel: Numba calls a scalar exp per element, 20x sl
 than NumPy's vectorised exp (measured 211 us against 10 us for a 100 x 256 batch).
 Constants come in as arguments of the arrays' dtype, so float32 stays float32.
 """
+import functools
+
 import numpy as np
 
 try:
@@ -15,115 +17,127 @@ except ImportError:  # optional: pip install 'xpmlp[fast]'
     numba = None
 
 
-def _build():
-    jit = numba.njit(cache=True, nogil=True)
+# Module-level functions, so that Numba caches them on disk, also when the compiled step
+# (numpy_step.py) calls them.  Without Numba they stay plain Python and are never called.
+jit = numba.njit(cache=True, nogil=True) if numba is not None else (lambda fn: fn)
 
-    @jit
-    def sgd_step(p, g, v, lr, momentum, weight_decay):
-        # v <- m*v + (g + wd*p); p <- p - lr*v, in the parameters' dtype, one pass.
-        # Serial on purpose: a threaded kernel's spinning workers fight OpenBLAS's for
-        # the same cores (measured: 30x slower steps with both pools on 2 cores).
-        for i in range(p.size):
-            vi = momentum * v[i] + (g[i] + weight_decay * p[i])
-            v[i] = vi
-            p[i] = p[i] - lr * vi
 
-    @jit
-    def row_argmax(row):
-        # np.argmax: the first maximum, or the first NaN if there is one.
-        arg_max = 0
-        for c in range(1, row.size):
-            if row[c] > row[arg_max]:
-                arg_max = c
-        for c in range(row.size):
-            if np.isnan(row[c]):
-                return c
-        return arg_max
+@jit
+def sgd_step(p, g, v, lr, momentum, weight_decay):
+    # v <- m*v + (g + wd*p); p <- p - lr*v, in the parameters' dtype, one pass.
+    # Serial on purpose: a threaded kernel's spinning workers fight OpenBLAS's for
+    # the same cores (measured: 30x slower steps with both pools on 2 cores).
+    for i in range(p.size):
+        vi = momentum * v[i] + (g[i] + weight_decay * p[i])
+        v[i] = vi
+        p[i] = p[i] - lr * vi
 
-    @jit
-    def softmax_xent(logits, labels, grad_out):
-        # Mean -log softmax(x)_label over rows, its gradient (softmax - onehot)/N, and the
-        # fraction of rows whose arg-max is the label: all from one read of the logits.
-        # A label outside [0, k) gives its row no target (one_hot's row of zeros) and is
-        # never used as an index: Numba does not check bounds.
-        n, k = logits.shape
-        total = 0.0
-        hits = 0
-        for r in range(n):
-            label = labels[r]
-            has_target = 0 <= label < k
-            arg_max = row_argmax(logits[r])
-            hits += arg_max == label
-            row_max = logits[r, 0]
-            for c in range(1, k):
-                row_max = max(row_max, logits[r, c])
-            sum_exp = 0.0
-            for c in range(k):
-                e = np.exp(logits[r, c] - row_max)
-                grad_out[r, c] = e
-                sum_exp += e
-            if has_target:
-                total += np.log(sum_exp) - (logits[r, label] - row_max)
-            for c in range(k):
-                grad_out[r, c] = grad_out[r, c] / sum_exp / n
-            if has_target:
-                grad_out[r, label] -= 1.0 / n
-        return total / n, hits / n
 
-    @jit
-    def euclidean(output, labels, grad_out, one, n_t):
-        # Mean 1/2 ||x - t||^2 over rows, its gradient (x - t)/N, and the accuracy.  A label
-        # outside [0, k) matches no column: no target, as with one_hot.
-        n, k = output.shape
-        total = 0.0
-        hits = 0
-        for r in range(n):
-            hits += row_argmax(output[r]) == labels[r]
-            for c in range(k):
-                diff = output[r, c] - one if c == labels[r] else output[r, c]
-                total += diff * diff
-                grad_out[r, c] = diff / n_t
-        return total / (2 * n), hits / n
+@jit
+def row_argmax(row):
+    # np.argmax: the first maximum, or the first NaN if there is one.
+    arg_max = 0
+    for c in range(1, row.size):
+        if row[c] > row[arg_max]:
+            arg_max = c
+    for c in range(row.size):
+        if np.isnan(row[c]):
+            return c
+    return arg_max
 
-    @jit
-    def bias_add(y, b):
-        # y += b on every row (Eq. 4's + b), in place.
-        n, k = y.shape
-        for r in range(n):
-            for c in range(k):
-                y[r, c] += b[c]
 
-    @jit
-    def bias_grad(grad_y, grad_b):
-        # dL/db = sum over rows of dL/dy (Eq. 5), rows added in order as NumPy does.
-        n, k = grad_y.shape
+@jit
+def softmax_xent(logits, labels, grad_out):
+    # Mean -log softmax(x)_label over rows, its gradient (softmax - onehot)/N, and the
+    # fraction of rows whose arg-max is the label: all from one read of the logits.
+    # A label outside [0, k) gives its row no target (one_hot's row of zeros) and is
+    # never used as an index: Numba does not check bounds.
+    n, k = logits.shape
+    total = 0.0
+    hits = 0
+    for r in range(n):
+        label = labels[r]
+        has_target = 0 <= label < k
+        arg_max = row_argmax(logits[r])
+        hits += arg_max == label
+        row_max = logits[r, 0]
+        for c in range(1, k):
+            row_max = max(row_max, logits[r, c])
+        sum_exp = 0.0
         for c in range(k):
-            grad_b[c] = 0
-        for r in range(n):
-            for c in range(k):
-                grad_b[c] += grad_y[r, c]
+            e = np.exp(logits[r, c] - row_max)
+            grad_out[r, c] = e
+            sum_exp += e
+        if has_target:
+            total += np.log(sum_exp) - (logits[r, label] - row_max)
+        for c in range(k):
+            grad_out[r, c] = grad_out[r, c] / sum_exp / n
+        if has_target:
+            grad_out[r, label] -= 1.0 / n
+    return total / n, hits / n
 
-    @jit
-    def relu_forward(x, y):
-        # y = max(x, 0) (Eq. 6); a NaN stays NaN, as with np.maximum.
-        x, y = x.reshape(-1), y.reshape(-1)
-        for i in range(x.size):
-            y[i] = 0 if x[i] <= 0 else x[i]
 
-    @jit
-    def relu_backward(y, grad_y, grad_x):
-        # dL/dx = dL/dy where y > 0, else 0 (Eq. 7): one pass, no boolean mask array.
-        y, grad_y, grad_x = y.reshape(-1), grad_y.reshape(-1), grad_x.reshape(-1)
-        for i in range(y.size):
-            grad_x[i] = grad_y[i] if y[i] > 0 else 0
+@jit
+def euclidean(output, labels, grad_out, one, n_t):
+    # Mean 1/2 ||x - t||^2 over rows, its gradient (x - t)/N, and the accuracy.  A label
+    # outside [0, k) matches no column: no target, as with one_hot.
+    n, k = output.shape
+    total = 0.0
+    hits = 0
+    for r in range(n):
+        hits += row_argmax(output[r]) == labels[r]
+        for c in range(k):
+            diff = output[r, c] - one if c == labels[r] else output[r, c]
+            total += diff * diff
+            grad_out[r, c] = diff / n_t
+    return total / (2 * n), hits / n
 
-    @jit
-    def sigmoid_backward(y, grad_y, grad_x, one):
-        # Eq. (9): dL/dx = dL/dy * y * (1 - y).
-        y, grad_y, grad_x = y.reshape(-1), grad_y.reshape(-1), grad_x.reshape(-1)
-        for i in range(y.size):
-            grad_x[i] = grad_y[i] * y[i] * (one - y[i])
 
+@jit
+def bias_add(y, b):
+    # y += b on every row (Eq. 4's + b), in place.
+    n, k = y.shape
+    for r in range(n):
+        for c in range(k):
+            y[r, c] += b[c]
+
+
+@jit
+def bias_grad(grad_y, grad_b):
+    # dL/db = sum over rows of dL/dy (Eq. 5), rows added in order as NumPy does.
+    n, k = grad_y.shape
+    for c in range(k):
+        grad_b[c] = 0
+    for r in range(n):
+        for c in range(k):
+            grad_b[c] += grad_y[r, c]
+
+
+@jit
+def relu_forward(x, y):
+    # y = max(x, 0) (Eq. 6); a NaN stays NaN, as with np.maximum.
+    x, y = x.reshape(-1), y.reshape(-1)
+    for i in range(x.size):
+        y[i] = 0 if x[i] <= 0 else x[i]
+
+
+@jit
+def relu_backward(y, grad_y, grad_x):
+    # dL/dx = dL/dy where y > 0, else 0 (Eq. 7): one pass, no boolean mask array.
+    y, grad_y, grad_x = y.reshape(-1), grad_y.reshape(-1), grad_x.reshape(-1)
+    for i in range(y.size):
+        grad_x[i] = grad_y[i] if y[i] > 0 else 0
+
+
+@jit
+def sigmoid_backward(y, grad_y, grad_x, one):
+    # Eq. (9): dL/dx = dL/dy * y * (1 - y).
+    y, grad_y, grad_x = y.reshape(-1), grad_y.reshape(-1), grad_x.reshape(-1)
+    for i in range(y.size):
+        grad_x[i] = grad_y[i] * y[i] * (one - y[i])
+
+
+def _build():
     return (sgd_step, softmax_xent, euclidean, bias_add, bias_grad, relu_forward, relu_backward,
             sigmoid_backward)
 
@@ -136,6 +150,7 @@ class NumbaKernels:
     (ReLU, sigmoid) take C-contiguous arrays: xpmlp's ops check, and run array code otherwise."""
 
     def __init__(self):
+        self._steps = {}  # the compiled training step per dtype, built on first use
         (self._sgd, self._xent, self._euclidean, self.bias_add, self.bias_grad, self.relu_forward,
          self.relu_backward, self._sigmoid_backward) = _build()
 
@@ -165,6 +180,16 @@ class NumbaKernels:
 
     def sigmoid_backward(self, y, grad_y, grad_x):
         self._sigmoid_backward(y, grad_y, grad_x, y.dtype.type(1))  # a float32 one keeps float32
+
+    def mlp_steps(self, dtype):
+        """The compiled training step of ReLU MLPs for ``dtype`` (numpy_step.py), as a
+        callable without its first argument, NumPy's gemm; None where that is not found."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._steps:
+            from .numpy_step import numpy_gemm, steps
+            gemm = numpy_gemm(dtype)
+            self._steps[dtype] = None if gemm is None else functools.partial(steps, gemm)
+        return self._steps[dtype]
 
 
 def load():

@@ -4,6 +4,7 @@ reported numbers are consistent with one another."""
 import json
 import math
 
+import numpy as np
 import pytest
 from test_cli import assert_user_error, xpmlp
 
@@ -71,7 +72,7 @@ def test_interleaving_times_each_contender_every_round(small):
 
 
 BAD = [(["--epochs", "0"], ["--epochs", "positive"]), (["--threads", "0"], ["--threads", "positive"]),
-       (["--threads", "two"], ["--threads", "two"]), (["--dtype", "float16"], ["--dtype"])]
+       (["--busy", "-1"], ["--busy", "non-negative"]), (["--threads", "two"], ["--threads", "two"]), (["--dtype", "float16"], ["--dtype"])]
 
 
 @pytest.mark.parametrize("args, needles", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -106,3 +107,84 @@ def test_pytorch_that_cannot_run_on_the_device_is_left_out_with_the_reason(small
         r = bench.run(device="cpu", epochs=1, threads=1)
         assert r["torch_epoch_s"] is None and r["ratio_torch"] is None and r["torch_note"] == why
         assert why in bench.format_table(r)
+
+
+def test_busy_processes_run_during_the_block_and_are_ended_after_it(monkeypatch):
+    started = []
+    real_popen = bench.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    with pytest.raises(RuntimeError):  # ended on the way out, also when the block fails
+        with bench.busy_processes(2):
+            assert len(started) == 2 and all(p.poll() is None for p in started)
+            raise RuntimeError
+    assert all(p.poll() is not None for p in started)
+
+
+def test_busy_times_every_contender_again_under_load(small):
+    r = bench.run(device="cpu", epochs=1, torch_peer=False, jax_peer=False, threads=1, busy=1)
+    assert r["busy_processes"] == 1
+    assert set(r["busy"]) >= {"ours", "gemm", "gather", "sgd"}
+    assert r["ratio_busy"] == pytest.approx(r["busy"]["ours"] / r["epoch_s"])
+    assert "busy process" in bench.format_table(r)
+
+
+def test_pin_runs_everyone_on_one_core_with_one_thread_and_unpins_after(small):
+    before = bench.os.sched_getaffinity(0)
+    r = bench.run(device="cpu", epochs=1, torch_peer=False, jax_peer=False, pin=True)
+    assert r["pinned_core"] in before and r["threads"] == 1 and r["peer_threads"] == 1
+    assert f"pinned to core {r['pinned_core']}" in bench.format_table(r)
+    assert bench.os.sched_getaffinity(0) == before
+
+
+def test_without_a_pin_or_threads_ours_follow_the_policy_and_peers_their_default(small, monkeypatch):
+    monkeypatch.setenv("XPMLP_THREADS", "2")
+    r = bench.run(device="cpu", epochs=1, torch_peer=False, jax_peer=False)
+    assert (r["threads"], r["peer_threads"], r["pinned_core"]) == (2, None, None)
+
+
+def test_the_compiled_step_and_the_array_path_are_both_timed(small):
+    pytest.importorskip("numba")  # the [fast] extra; CI installs it
+    r = bench.run(device="cpu", epochs=1, torch_peer=False, jax_peer=False, threads=1)
+    assert r["compiled_step"] and r["array_path_epoch_s"] > 0
+    no_kernels = bench.run(device="cpu", epochs=1, torch_peer=False, jax_peer=False, threads=1, kernels=False)
+    assert not no_kernels["compiled_step"]  # the buffered ops have no compiled step: one path
+    assert no_kernels["array_path_epoch_s"] is None
+
+
+@pytest.mark.parametrize("error, equal", [(0.0, True), (1e-3, False)])
+def test_jax_check_compares_its_first_losses_with_ours_from_the_same_weights(small, monkeypatch, error, equal):
+    """JAX itself is in the [peers] extra, not in CI: a stand-in with JAX's interface receives
+    what JAX would (our initial weights, our first permutation) and answers with the losses
+    our own array path gives for them, off by ``error``."""
+    from xpmlp import bench_jax
+
+    calls = []
+
+    def fake_jax_epoch(weights, x_host, y_host, batch, lr, momentum, weight_decay):
+        model = bench.build_model(bench.MODEL, backend="numpy", seed=0)
+        for layer, (W, b) in zip([l for l in model.layers if hasattr(l, "W")], weights):
+            np.testing.assert_array_equal(layer.W, W)  # our initial weights
+        stepper = bench.Stepper(model, bench.SGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay))
+        losses = np.zeros(bench.N_TRAIN // batch, dtype=np.float32)
+
+        def run(perm):
+            calls.append(perm)
+            for i in range(losses.size):
+                stepper.step(x_host, y_host, perm[i * batch:(i + 1) * batch], losses, losses.copy(), i)
+            return losses * (1 + error), losses
+
+        return run, "stand-in"
+
+    monkeypatch.setattr(bench_jax, "jax_epoch", fake_jax_epoch)
+    r = bench.run(device="cpu", epochs=1, torch_peer=False, threads=1)
+    np.testing.assert_array_equal(calls[0], np.random.default_rng(0).permutation(bench.N_TRAIN))
+    assert r["jax_check"]["losses_equal"] is equal, r["jax_check"]
+    assert r["jax_check"]["max_rel_diff"] == pytest.approx(error, rel=1e-3, abs=1e-7)
+    assert r["jax_epoch_s"] > 0 and r["ratio_jax"] == pytest.approx(r["epoch_s"] / r["jax_epoch_s"])
+    assert r["versions"]["jax"] == "stand-in"
+    assert "JAX's first" in bench.format_table(r)

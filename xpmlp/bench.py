@@ -1,4 +1,4 @@
-"""`xpmlp bench`: time training epochs of mlp2-relu-sce against PyTorch eager and the GEMM limit.
+"""`xpmlp bench`: time training epochs of mlp2-relu-sce against PyTorch eager, JAX and the GEMM limit.
 
 Method (the README's "Performance" section says the same):
 - MNIST-shaped random data (60000 x 784, 10 classes) on the chosen device; batch 100.
@@ -10,8 +10,16 @@ Method (the README's "Performance" section says the same):
   machine's drift hits all alike, and no contender always follows the same one), each after
   a 0.5 s pause that lets the previous one's spinning threads go idle; we report each
   one's median.  The device is synchronised before and after each timed epoch.
+- Ours is the trainer's own step loop and stepper: the compiled step where the model has
+  one (xpmlp/compiled.py), and then the ops' step loop too, to show what compiling buys.
 - PyTorch eager runs the same model, loss and optimizer on the same device in the same
-  process (when torch is installed), with the same number of CPU threads.
+  process (when torch is installed); JAX (when installed, CPU only) the same network as one
+  jitted ``lax.scan`` per epoch (bench_jax.py), from our initial weights, and the bench
+  checks that its first losses equal ours on the same batches.  ``--threads`` sets every
+  contender's CPU threads; by default ours follow xpmlp's policy (threads.py) and the
+  peers their own default.  ``--pin`` puts everyone on one core, one thread each.
+- ``--busy N`` times every contender a second time in each round while N CPU-bound
+  processes run: ``ratio_busy`` is our epoch under that load over our idle epoch.
 - The GEMM limit times the same epoch's matrix products alone (forward, weight
   gradients, input gradients except the first layer's), into preallocated outputs.
 - The floor adds to it the two memory-bound passes no fusion removes, each timed alone:
@@ -25,52 +33,78 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
 
 from .backends import get_backend
+from .compiled import compiled_steps
 from .model import build_model
 from .optim import SGD
 from .rundir import versions
-from .train import Stepper, step_loop
+from .threads import blas_threads, limit_blas_threads
+from .train import Stepper, make_stepper, step_loop
 
 MODEL, BATCH, N_TRAIN, FEATURES, CLASSES = "mlp2-relu-sce", 100, 60000, 784, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 # Idle time before each timed epoch: the previous contender's thread pool (OpenBLAS, OpenMP)
 # keeps spinning for up to ~0.2 s after its last call and would slow the next one down.
 SETTLE_S = 0.5
+# Steps whose losses JAX's must equal ours: from the same weights on the same batches.
+CHECK_STEPS, CHECK_RTOL = 20, 1e-4
 
 
-def _time_interleaved(contenders, epochs, warmed=()):
+@contextlib.contextmanager
+def busy_processes(count):
+    """``count`` CPU-bound processes (a Python spin loop each) while the block runs: the
+    machine of a user who is doing something else.  Ended on the way out, whatever happens."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def _time_interleaved(contenders, epochs, warmed=(), busy=0):
     """Median epoch time of each contender: one warm-up epoch each, then ``epochs`` rounds
     that time one epoch of every contender in turn, in a rotating order, so drift in a
     shared machine's speed hits all of them alike.  ``contenders`` maps a name to
-    (run_epoch, synchronize); those named in ``warmed`` had their warm-up already."""
+    (run_epoch, synchronize); those named in ``warmed`` had their warm-up already.
+    ``busy`` > 0: each round times every contender a second time with that many CPU-bound
+    processes running; those medians come back under "busy:NAME"."""
     for name, (run_epoch, _) in contenders.items():
         if name not in warmed:
             run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
-    times = {name: [] for name in contenders}
+    phases = [("", contextlib.nullcontext)] + ([("busy:", lambda: busy_processes(busy))] if busy else [])
+    times = {prefix + name: [] for prefix, _ in phases for name in contenders}
     names = list(contenders)
     for r in range(epochs):
         # Rotate the order each round, so that no contender always follows the same one
         # (a heavy epoch can leave the next one a little slower: caches, clocks, threads).
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            run_epoch, synchronize = contenders[name]
-            synchronize()
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            run_epoch()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
+        for prefix, load in phases:
+            with load():
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    run_epoch, synchronize = contenders[name]
+                    synchronize()
+                    time.sleep(SETTLE_S)
+                    start = time.perf_counter()
+                    run_epoch()
+                    synchronize()
+                    times[prefix + name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_ours(backend, x, y, dtype, ops=None, seed=0):
-    """(run_epoch, model): our training epoch, through the trainer's own step loop."""
+def bench_ours(backend, x, y, dtype, ops=None, seed=0, compiled=True):
+    """(run_epoch, model): our training epoch, through the trainer's own step loop;
+    run_epoch returns the epoch's losses.  ``compiled``: the compiled step where the ops
+    have one (as the trainer chooses), else the ops' own Stepper."""
     model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed, ops=ops)
-    stepper = Stepper(model, SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
+    stepper = make_stepper(model, SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), compiled)
     rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
     losses = xp.zeros((iters,), dtype=model.dtype)
     accs = xp.zeros((iters,), dtype=model.dtype)
@@ -78,7 +112,7 @@ def bench_ours(backend, x, y, dtype, ops=None, seed=0):
     def epoch():
         perm = backend.asarray(rng.permutation(N_TRAIN))
         step_loop(stepper, x, y, perm, BATCH, losses, accs, 0, iters)
-        backend.to_numpy(losses)  # the once-per-epoch read of the metrics
+        return backend.to_numpy(losses)  # the once-per-epoch read of the metrics
 
     return epoch, model
 
@@ -155,7 +189,8 @@ def bench_torch(backend, model, x_host, y_host, threads, seed=0):
             layers.append(linear)
         else:
             layers.append(torch.nn.ReLU())
-    torch.set_num_threads(threads)  # the same CPU threads as our BLAS
+    if threads is not None:  # else its own default
+        torch.set_num_threads(threads)
     net = torch.nn.Sequential(*layers).to(device=device, dtype=dtype)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -187,6 +222,31 @@ def bench_torch(backend, model, x_host, y_host, threads, seed=0):
     return epoch, sync, torch.__version__
 
 
+def bench_jax(weights, x_host, y_host, first_perm, our_first_losses, seed=0):
+    """(run_epoch, version, check) for JAX's compiled epoch from ``weights``, the initial
+    weights of our model; None when JAX is not installed.  Its warm-up epoch runs on
+    ``first_perm``, the permutation of our warm-up epoch, and ``check`` compares the first
+    CHECK_STEPS losses of the two: the same weights and batches must give the same losses."""
+    from .bench_jax import jax_epoch
+
+    found = jax_epoch(weights, x_host, y_host, BATCH, LR, MOMENTUM, WEIGHT_DECAY)
+    if found is None:
+        return None
+    run, version = found
+    jax_losses = run(first_perm)[0][:CHECK_STEPS]  # also its warm-up: the XLA compilation
+    ours = np.asarray(our_first_losses[:CHECK_STEPS], dtype=np.float64)
+    rel = np.abs(jax_losses - ours) / np.abs(ours)
+    check = {"steps": CHECK_STEPS, "max_rel_diff": float(rel.max()), "rtol": CHECK_RTOL,
+             "losses_equal": bool(rel.max() <= CHECK_RTOL)}
+    rng = np.random.default_rng(seed)
+    rng.permutation(N_TRAIN)  # the warm-up's permutation: continue with ours' sequence
+
+    def epoch():
+        run(rng.permutation(N_TRAIN))
+
+    return epoch, version, check
+
+
 def _peak_memory_mb(backend):
     if backend.name == "cupy":
         pool = backend.xp.get_default_memory_pool()
@@ -194,81 +254,132 @@ def _peak_memory_mb(backend):
     return "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None, kernels=True):
+def pin_to_one_core():
+    """Pin this process, and so every contender in it, to one core (the last one it may
+    use); returns that core.  Thread pools created later see one CPU."""
+    core = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None, kernels=True,
+        jax_peer=True, pin=False, busy=0):
     """The benchmark's result dict.  ``kernels=False`` runs the buffered ops (the fast
-    path's array code) instead of the backend's fused kernels, to see what they are worth."""
-    threads = threads or os.cpu_count() or 1
-    try:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(limits=threads, user_api="blas")
-    except ImportError:  # e.g. a GPU box with only the essentials: BLAS threads stay as they are
-        limits = contextlib.nullcontext()
+    path's array code) instead of the backend's fused kernels, to see what they are worth.
+    ``threads``: CPU threads of every contender (None: ours by xpmlp's policy, the peers
+    their own default).  ``pin``: every contender on one core, one thread each.  ``busy``:
+    also time each contender with that many CPU-bound processes running."""
+    affinity = os.sched_getaffinity(0) if pin else None
+    pinned = pin_to_one_core() if pin else None
+    if pin:
+        threads = 1
+    if threads == 1:  # before JAX is imported: XLA sizes its thread pool once
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     backend = get_backend(device)
-    with limits:
-        return _run(backend, dtype, epochs, torch_peer, threads, ops=None if kernels else "buffered")
+    try:
+        with limit_blas_threads(threads):
+            result = _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy,
+                          ops=None if kernels else "buffered")
+        return dict(result, pinned_core=pinned, busy_processes=busy)
+    finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
 
 
-def _run(backend, dtype, epochs, torch_peer, threads, ops):
+def _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy, ops):
     rng = np.random.default_rng(0)
     x_host = rng.random((N_TRAIN, FEATURES), dtype=np.float32) - np.float32(0.5)
     y_host = rng.integers(0, CLASSES, N_TRAIN)
     x = backend.asarray(x_host, dtype=backend.dtype(dtype))
     y = backend.asarray(y_host)
     ours, model = bench_ours(backend, x, y, dtype, ops)
-    ours()  # its warm-up, so the memory peak below is the training's own
+    initial_weights = [(backend.to_numpy(layer.W).copy(), backend.to_numpy(layer.b).copy())
+                       for layer in model.layers if hasattr(layer, "W")]
+    our_first_losses = ours().copy()  # its warm-up, so the memory peak below is the training's own
     memory_key, memory_mb = _peak_memory_mb(backend)  # before torch adds its own
     gather, sgd = bench_memory_passes(backend, x, y, dtype, ops)
     contenders = {"ours": (ours, backend.synchronize),
                   "gemm": (bench_gemm_limit(backend, model), backend.synchronize),
                   "gather": (gather, backend.synchronize), "sgd": (sgd, backend.synchronize)}
+    compiled = compiled_steps(model) is not None
+    if compiled:  # ours ran the compiled step: time the ops' step loop too
+        contenders["array"] = (bench_ours(backend, x, y, dtype, ops, compiled=False)[0], backend.synchronize)
     peer = bench_torch(backend, model, x_host, y_host, threads) if torch_peer else "left out (--no-torch)"
-    torch_version, torch_note = None, None
+    peer_versions, warmed, jax_check, torch_note = {}, ["ours"], None, None
     if isinstance(peer, str):
         torch_note = peer
     else:
-        contenders["torch"], torch_version = peer[:2], peer[2]
-    median = _time_interleaved(contenders, epochs, warmed=("ours",))
-    epoch_s, gemm_s, torch_s = median["ours"], median["gemm"], median.get("torch")
+        contenders["torch"], peer_versions["torch"] = peer[:2], peer[2]
+    jax = None
+    if jax_peer and backend.name == "numpy":  # the JAX contender runs on the CPU
+        first_perm = np.random.default_rng(0).permutation(N_TRAIN)  # ours' first epoch's
+        jax = bench_jax(initial_weights, x_host.astype(np.dtype(dtype)), y_host, first_perm, our_first_losses)
+    if jax is not None:
+        contenders["jax"], peer_versions["jax"], jax_check = (jax[0], backend.synchronize), jax[1], jax[2]
+        warmed.append("jax")
+    median = _time_interleaved(contenders, epochs, warmed=warmed, busy=busy)
+    epoch_s, gemm_s = median["ours"], median["gemm"]
+    torch_s, jax_s, array_s = median.get("torch"), median.get("jax"), median.get("array")
     floor_s = gemm_s + median["gather"] + median["sgd"]
     result = {
         "model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs,
-        "epoch_s": epoch_s, "torch_epoch_s": torch_s, "torch_note": torch_note, "gemm_limit_epoch_s": gemm_s,
-        "ratio_torch": epoch_s / torch_s if torch_s else None, "ratio_limit": epoch_s / gemm_s,
+        "epoch_s": epoch_s, "array_path_epoch_s": array_s, "torch_epoch_s": torch_s, "torch_note": torch_note,
+        "jax_epoch_s": jax_s, "gemm_limit_epoch_s": gemm_s,
+        "ratio_torch": epoch_s / torch_s if torch_s else None, "ratio_jax": epoch_s / jax_s if jax_s else None,
+        "ratio_limit": epoch_s / gemm_s,
         "gather_epoch_s": median["gather"], "sgd_epoch_s": median["sgd"], "floor_epoch_s": floor_s,
-        "ratio_floor": epoch_s / floor_s,
+        "ratio_floor": epoch_s / floor_s, "jax_check": jax_check,
         memory_key: memory_mb, **backend.describe(),
-        "ops": model.ops.name, "fused_kernels": model.ops.name == "fused",
-        "threads": threads,
+        "ops": model.ops.name, "fused_kernels": model.ops.name == "fused", "compiled_step": compiled,
+        "threads": blas_threads(threads), "peer_threads": threads,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "versions": dict(versions(), **({"torch": torch_version} if torch_version else {})),
+        "versions": dict(versions(), **peer_versions),
     }
+    if busy:
+        result["busy"] = {name[len("busy:"):]: t for name, t in median.items() if name.startswith("busy:")}
+        result["ratio_busy"] = result["busy"]["ours"] / epoch_s
     return result
 
 
 def format_table(r):
     def sec(v):
         return "n/a" if v is None else f"{v * 1000:8.1f} ms"
-    rows = [("xpmlp", r["epoch_s"]), ("PyTorch eager", r["torch_epoch_s"]),
+    rows = [("xpmlp", r["epoch_s"]), ("  ops step loop", r["array_path_epoch_s"]),
+            ("PyTorch eager", r["torch_epoch_s"]), ("JAX (lax.scan)", r["jax_epoch_s"]),
             ("GEMM limit", r["gemm_limit_epoch_s"]), ("  + gather", r["gather_epoch_s"]),
             ("  + SGD step", r["sgd_epoch_s"]), ("  = floor", r["floor_epoch_s"])]
     mem = next(k for k in r if k.startswith("peak_"))
+    where = f"pinned to core {r['pinned_core']}, " if r["pinned_core"] is not None else ""
+    step = "compiled step" if r["compiled_step"] else f"{r['ops']} ops"
     lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}, on {r.get('device_name', r['device'])} "
-             f"({r['backend']}); median of {r['epochs_timed']} epochs after a warm-up",
+             f"({r['backend']}, {step}, {where}{r['threads']} BLAS thread(s)); median of {r['epochs_timed']} "
+             "epochs after a warm-up",
              f"{'':16}{'epoch':>11}   {'xpmlp time / this':>18}"]
     for name, t in rows:
         ratio = "" if name.startswith("  +") else f"{r['epoch_s'] / t:.2f}" if t else "n/a"
         lines.append(f"{name:16}{sec(t):>11}   {ratio:>18}")
     lines.append(f"ratio_torch {r['ratio_torch'] and round(r['ratio_torch'], 3)}  "
+                 f"ratio_jax {r['ratio_jax'] and round(r['ratio_jax'], 3)}  "
                  f"ratio_limit {round(r['ratio_limit'], 3)}  ratio_floor {round(r['ratio_floor'], 3)}  "
                  f"{mem} {r[mem]:.0f}")
     if r.get("torch_note"):
         lines.append(f"PyTorch eager: {r['torch_note']}")
+    if r["jax_check"]:
+        c = r["jax_check"]
+        lines.append(f"JAX's first {c['steps']} losses equal ours: {c['losses_equal']} "
+                     f"(largest relative difference {c['max_rel_diff']:.1e}, tolerance {c['rtol']:.0e})")
+    if r.get("busy"):
+        busy = "  ".join(f"{name} {sec(t).strip()}" for name, t in r["busy"].items()
+                         if name in ("ours", "array", "torch", "jax"))
+        lines.append(f"with {r['busy_processes']} busy process(es): {busy}  "
+                     f"ratio_busy {r['ratio_busy']:.2f} (ours busy / ours idle)")
     return "\n".join(lines)
 
 
 def main(args):
     result = run(args.device, args.dtype, args.epochs, torch_peer=not args.no_torch, threads=args.threads,
-                 kernels=not args.no_kernels)
+                 kernels=not args.no_kernels, jax_peer=not args.no_jax, pin=args.pin, busy=args.busy)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     sys.stdout.flush()
     return 0

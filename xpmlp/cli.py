@@ -23,8 +23,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _number(cast, *, positive=False):
-    """An argparse type: ``cast`` (int or float) of the text, finite, and > 0 when ``positive``."""
+def _number(cast, *, positive=False, nonnegative=False):
+    """An argparse type: ``cast`` (int or float) of the text, finite, and > 0 when ``positive``,
+    >= 0 when ``nonnegative``."""
     kind = "integer" if cast is int else "number"
 
     def parse(text):
@@ -36,12 +37,15 @@ def _number(cast, *, positive=False):
             raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
         if positive and not value > 0:
             raise argparse.ArgumentTypeError(f"must be a positive {kind}, got {value}")
+        if nonnegative and not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be a non-negative {kind}, got {value}")
         return value
 
     return parse
 
 
 _finite_float, _positive_int = _number(float), _number(int, positive=True)
+_nonnegative_int = _number(int, nonnegative=True)
 
 
 def _hidden(text):
@@ -131,9 +135,11 @@ def _prepare_out(args, config):
 def cmd_train(args):
     from .backends import get_backend
     from .data import load_mnist
+    from .threads import blas_threads, limit_blas_threads
     from .train import Trainer
 
     config = config_from_args(args)
+    threads = blas_threads()  # a bad $XPMLP_THREADS fails here, before any file
     progress = not args.quiet and sys.stderr.isatty()
     log = _log_fn(progress)
     notices = []  # shown once the run starts, so that a mistake found first stays one line
@@ -146,7 +152,8 @@ def cmd_train(args):
                       backend=backend)
     trainer.write_config()
     log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
-    summary = rundir.read_json(trainer.run())
+    with limit_blas_threads(threads):  # xpmlp/threads.py: one BLAS thread unless $XPMLP_THREADS says otherwise
+        summary = rundir.read_json(trainer.run())
     log(f"{summary['status']}: test accuracy {_pct(summary['test_acc'])}, "
         f"train time {summary['train_time_s']:.1f}s -> {out}/summary.json")
     return {"completed": 0, "diverged": 0}.get(summary["status"], 130)
@@ -265,8 +272,13 @@ def build_parser():
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--no-kernels", action="store_true",
                    help="time the buffered ops: our fast path without the backend's fused kernels (Numba / CUDA)")
+    p.add_argument("--no-jax", action="store_true", help="skip the JAX comparison (run when jax is installed)")
     p.add_argument("--threads", type=_positive_int,
-                   help="CPU threads for NumPy's BLAS and PyTorch (default: all cores)")
+                   help="CPU threads of every contender (default: ours by xpmlp's policy, 1 unless "
+                        "$XPMLP_THREADS says otherwise; PyTorch and JAX their own default)")
+    p.add_argument("--pin", action="store_true", help="pin every contender to one core, one thread each")
+    p.add_argument("--busy", type=_nonnegative_int, default=0, metavar="N",
+                   help="also time every contender with N CPU-bound processes running (ratio_busy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig, TrainError
+from .threads import blas_threads
 
 # Settings that do not change what a run computes: kept out of directory names.
 _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
@@ -135,8 +136,10 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
             print(f"  {state:6} {run_dir}")
         return 0
     # Cap BLAS threads so jobs x threads <= cores: oversubscribed OpenBLAS slows down tenfold.
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    # Within that, each run follows xpmlp's thread policy (xpmlp/threads.py: one, by default).
+    threads = str(max(1, min(blas_threads(), (os.cpu_count() or 1) // jobs)))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               XPMLP_THREADS=threads)
     total_epochs = sum(s.get("epochs", TrainConfig.epochs) for _, s, _ in todo)
     bar = tqdm(total=total_epochs, desc="sweep", unit="epoch", disable=None)
     finished = 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import get_backend
+from .compiled import CompiledStepper, compiled_steps
 from .config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
 from .ops import Scratch
 from .optim import SGD
@@ -92,6 +93,13 @@ def step_loop(stepper, x, y, perm, batch, losses, accs, start, stop, after_step=
     return stop
 
 
+def make_stepper(model, optimizer, compiled=True):
+    """The compiled step (xpmlp/compiled.py) where the model's ops have one for it and
+    ``compiled``, else the Stepper of its ops."""
+    kernel = compiled_steps(model) if compiled else None
+    return CompiledStepper(model, optimizer, kernel) if kernel is not None else Stepper(model, optimizer)
+
+
 class Trainer:
     """Trains one model on MNIST into a run directory.  ``log`` receives one-line
     progress messages; ``progress`` switches the per-epoch tqdm bar."""
@@ -105,7 +113,7 @@ class Trainer:
         self.model = config.build(self.backend)
         self.optimizer = SGD(self.model, lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
-        self.stepper = Stepper(self.model, self.optimizer)
+        self.stepper = make_stepper(self.model, self.optimizer)
         self.rng = np.random.default_rng([config.seed, 1])  # shuffles; weights use `seed` alone
         self.state = {"epoch": 0, "iter": 0, "train_time_s": 0.0, "status": "running"}
         self._partial = {}  # the per-step records of an epoch interrupted midway

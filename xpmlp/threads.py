@@ -1,0 +1,35 @@
+"""How many CPU threads NumPy's BLAS may use while `train`, `sweep` and `bench` run.
+
+Default: one.  The products of a batch of 100 are small (at most 100 x 784 x 256), so
+OpenBLAS's second thread buys at most ~1.4x on them, and only on an idle machine; once
+another process keeps a core busy, the two threads wait for each other at every product
+and an epoch becomes 3-15x slower.  One thread is steady (README, Performance, measured
+with `xpmlp bench --busy 1`).  ``XPMLP_THREADS`` or a command's ``--threads`` overrides it.
+"""
+import contextlib
+import os
+
+from .config import TrainError
+
+DEFAULT_THREADS = 1
+
+
+def blas_threads(threads=None):
+    """Threads for BLAS: ``threads`` when given, else ``$XPMLP_THREADS``, else the default."""
+    if threads is not None:
+        return threads
+    value = os.environ.get("XPMLP_THREADS")
+    if value is None:
+        return DEFAULT_THREADS
+    if not value.strip().isdigit() or int(value) < 1:
+        raise TrainError(f"XPMLP_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def limit_blas_threads(threads=None):
+    """A context manager holding NumPy's BLAS to ``blas_threads(threads)`` threads."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # e.g. a GPU box with only the essentials: BLAS threads stay as they are
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=blas_threads(threads), user_api="blas")
