@@ -61,15 +61,17 @@ def _call_gemm(typingctx, address, trans_a, trans_b, m, n, k, alpha, a, lda, b, 
     def codegen(context, builder, signature, args):
         i32, i64, ptr = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
         real = context.get_value_type(signature.args[6])
+
+        def cast(i, to):  # argument i as the C type ``to`` (enums: int32; sizes: int64)
+            return context.cast(builder, args[i], signature.args[i], to)
+
         fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, real, ptr, i64, ptr, i64,
                                                 real, ptr, i64])
-        fn = builder.inttoptr(args[0], fnty.as_pointer())
-        (trans_a, trans_b), (m, n, k) = ([builder.trunc(v, i32) for v in args[1:3]],
-                                         [builder.sext(v, i64) for v in args[3:6]])
-        a, b, c = (builder.inttoptr(v, ptr) for v in (args[7], args[9], args[11]))
-        lda, ldb, ldc = (builder.sext(v, i64) for v in (args[8], args[10], args[12]))
-        builder.call(fn, [i32(_ROW_MAJOR), trans_a, trans_b, m, n, k, args[6], a, lda, b, ldb,
-                          real(0), c, ldc])
+        fn = builder.inttoptr(cast(0, types.uintp), fnty.as_pointer())
+        a, b, c = (builder.inttoptr(cast(i, types.uintp), ptr) for i in (7, 9, 11))
+        builder.call(fn, [i32(_ROW_MAJOR), cast(1, types.int32), cast(2, types.int32),
+                          cast(3, types.int64), cast(4, types.int64), cast(5, types.int64), args[6],
+                          a, cast(8, types.int64), b, cast(10, types.int64), real(0), c, cast(12, types.int64)])
         return context.get_dummy_value()
 
     return types.void(address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc), codegen
