@@ -16,6 +16,7 @@ The whole run is held under DEADLINE_S; each step also has a cap of its own.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,7 @@ CAPS_S = {"preflight": 90, "tests": 180, "bench": 60, "bench_stack": 45}  # hold
 MIN_STEP_S = 10  # a step with less time left than this is not started
 SIGINT_GRACE_S = 20  # after SIGINT, time for pytest to print its summary before a kill
 TAIL_LINES = 60
+XDIST_WORKERS = 4
 # The test files that hold CuPy tests (tests/test_gpu_check.py checks this list against
 # a collection of `-m gpu` over the whole suite).
 GPU_TEST_FILES = ("tests/test_backends.py", "tests/test_cross_backend.py", "tests/test_gradients.py",
@@ -221,12 +223,20 @@ def problems_of_tests(counts, returncode, timed_out):
     return problems
 
 
+def parallel_args():
+    """pytest-xdist's -n where it is installed (the GPU image has it) and cores are many: the
+    tests' CPU side (NumPy references, the torch oracle, Python driving the launches) is most
+    of their time, so workers share it; [] otherwise."""
+    workers = min(XDIST_WORKERS, (os.cpu_count() or 1) // 2)
+    return ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") is not None else []
+
+
 def run_tests(files, timeout_s, log_dir, marker="gpu"):
     """Run the tests, print the log's tail; returns the counts dict with ``problems``."""
     log, report = Path(log_dir) / "gpu_check_pytest.log", Path(log_dir) / "gpu_check_junit.xml"
     report.unlink(missing_ok=True)
     command = python() + ["-m", "pytest", "-m", marker, "-rfEs", "--tb=short", "--durations=15",
-                          "-p", "no:cacheprovider", f"--junitxml={report}", *files]
+                          "-p", "no:cacheprovider", f"--junitxml={report}", *parallel_args(), *files]
     start = time.perf_counter()
     rc, timed_out, _ = run_with_timeout(command, timeout_s, log_path=log)
     print(tail(log), flush=True)

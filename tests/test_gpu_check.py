@@ -98,14 +98,19 @@ def test_preflight_launches_every_fused_kernel():
                     assert out is None or np.isfinite(out).all(), name
 
 
-def test_a_timeout_interrupts_pytest_with_sigint_and_keeps_its_summary(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["serial", "xdist"])
+def test_a_timeout_interrupts_pytest_with_sigint_and_keeps_its_summary(tmp_path, monkeypatch, workers):
+    """Serial, and with pytest-xdist's workers as the check uses them where it is installed."""
+    if workers:
+        pytest.importorskip("xdist")
+    monkeypatch.setattr(gpu_check, "parallel_args", lambda: ["-n", str(workers)] if workers else [])
     tests = tmp_path / "test_slow.py"
     tests.write_text(
         "import time\nimport pytest\n\n"
         "@pytest.mark.gpu\ndef test_fast():\n    pass\n\n"
         "@pytest.mark.gpu\ndef test_skipped():\n    pytest.skip('no GPU here, said the test')\n\n"
         "@pytest.mark.gpu\ndef test_slow():\n    time.sleep(120)\n")
-    result = gpu_check.run_tests([str(tests)], timeout_s=8, log_dir=tmp_path)
+    result = gpu_check.run_tests([str(tests)], timeout_s=20 if workers else 8, log_dir=tmp_path)
     log = (tmp_path / "gpu_check_pytest.log").read_text()
     assert "KeyboardInterrupt" in log and "1 passed, 1 skipped" in log, log
     assert "SKIPPED" in log and "no GPU here, said the test" in log, "-rs shows skip reasons"
