@@ -182,7 +182,8 @@ def test_records_go_to_a_folder_that_git_keeps():
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     path = gpu_check.record_path(REPO / "experiments/results/gpu", "NVIDIA H100", datetime.datetime(2026, 1, 1))
-    result = subprocess.run(["git", "check-ignore", "-q", str(path.relative_to(REPO))], cwd=REPO, check=False)
+    result = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(path.relative_to(REPO))], cwd=REPO,
+                            check=False)
     assert result.returncode == 1, f"{path} would be git-ignored"
 
 
