@@ -85,9 +85,9 @@ def tail(path, lines=TAIL_LINES):
 
 # ---------------------------------------------------------------- 1. preflight
 
-# Every fused kernel with tiny arguments: (name, call(kernels, xp, dtype)).  A test checks
-# that this covers every public method of CupyKernels.
-def _preflight_calls():
+# Every fused kernel's arguments on tiny inputs: name -> args(xp, dtype).  A test checks that
+# this covers every public method of CupyKernels.
+def _preflight_args():
     def arrays(xp, dtype, *shapes):
         return [xp.linspace(-1, 1, math.prod(s), dtype=dtype).reshape(s) for s in shapes]
 
@@ -95,17 +95,23 @@ def _preflight_calls():
         return xp.asarray([0, 2, 1, 2])
 
     return {
-        "sgd_step": lambda k, xp, dt: k.sgd_step(*arrays(xp, dt, (8,), (8,), (8,)), 0.01, 0.9, 5e-4),
-        "relu_backward": lambda k, xp, dt: k.relu_backward(*arrays(xp, dt, (4, 3), (4, 3), (4, 3))),
-        "sigmoid_forward": lambda k, xp, dt: k.sigmoid_forward(*arrays(xp, dt, (4, 3), (4, 3))),
-        "sigmoid_backward": lambda k, xp, dt: k.sigmoid_backward(*arrays(xp, dt, (4, 3), (4, 3), (4, 3))),
-        "softmax_xent": lambda k, xp, dt: k.softmax_xent(*arrays(xp, dt, (4, 3)), labels(xp),
-                                                         *arrays(xp, dt, (4, 3))),
-        "euclidean": lambda k, xp, dt: k.euclidean(*arrays(xp, dt, (4, 3)), labels(xp), *arrays(xp, dt, (4, 3))),
+        "sgd_step": lambda xp, dt: (*arrays(xp, dt, (8,), (8,), (8,)), 0.01, 0.9, 5e-4),
+        "relu_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),
+        "sigmoid_forward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3)),
+        "sigmoid_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),
+        "softmax_xent": lambda xp, dt: (*arrays(xp, dt, (4, 3)), labels(xp), *arrays(xp, dt, (4, 3))),
+        "euclidean": lambda xp, dt: (*arrays(xp, dt, (4, 3)), labels(xp), *arrays(xp, dt, (4, 3))),
     }
 
 
-PREFLIGHT_CALLS = _preflight_calls()
+def launch(kernels, name, xp, dtype):
+    """Call one fused kernel on tiny inputs; returns every array it read, wrote or returned."""
+    args = PREFLIGHT_ARGS[name](xp, dtype)
+    result = getattr(kernels, name)(*args)
+    return [a for a in (*args, *(result if isinstance(result, tuple) else ())) if hasattr(a, "shape")]
+
+
+PREFLIGHT_ARGS = _preflight_args()
 
 
 def _version(number):
@@ -150,17 +156,16 @@ def preflight():
         print(f"torch.version.cuda: n/a (torch unusable: {type(exc).__name__}: {exc})")
     start = time.perf_counter()
     for dtype in (np.float32, np.float64):
-        for kernel, call in PREFLIGHT_CALLS.items():
+        for kernel in PREFLIGHT_ARGS:
             try:
-                result = call(backend.kernels, cp, dtype)
+                arrays = launch(backend.kernels, kernel, cp, dtype)
                 backend.synchronize()
             except Exception as exc:  # noqa: BLE001 - any failure here is the reason to stop
                 sys.exit(f"fused kernel {kernel} ({np.dtype(dtype).name}) failed: {type(exc).__name__}: {exc}")
-            outputs = result if isinstance(result, tuple) else (result,)
-            if any(o is not None and not bool(cp.isfinite(o).all()) for o in outputs):
+            if not all(bool(cp.isfinite(a).all()) for a in arrays):
                 sys.exit(f"fused kernel {kernel} ({np.dtype(dtype).name}) gave non-finite values on tiny inputs")
     facts["kernels_s"] = round(time.perf_counter() - start, 2)
-    print(f"fused kernels: {len(PREFLIGHT_CALLS)} x 2 dtypes compiled and launched in {facts['kernels_s']} s")
+    print(f"fused kernels: {len(PREFLIGHT_ARGS)} x 2 dtypes compiled and launched in {facts['kernels_s']} s")
     print("FACTS " + json.dumps(facts))
 
 

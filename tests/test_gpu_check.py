@@ -80,22 +80,33 @@ def test_the_listed_test_files_are_the_ones_holding_cupy_tests():
     assert files == set(gpu_check.GPU_TEST_FILES), result.stdout[-2000:] + result.stderr[-2000:]
 
 
+def numpy_kernels():
+    """The fused kernels' contracts in NumPy (the Numba ones where they exist): a stand-in
+    for CupyKernels on the CPU."""
+    import types
+
+    import xpmlp
+    plain = {"relu_backward": lambda y, grad_y, grad_x: np.multiply(grad_y, y > 0, out=grad_x),
+             "sigmoid_forward": lambda x, y: np.divide(1, 1 + np.exp(-x), out=y),
+             "sigmoid_backward": lambda y, grad_y, grad_x: np.multiply(grad_y * y, 1 - y, out=grad_x)}
+    numba = xpmlp.get_backend("numpy").kernels
+    if numba is None:
+        pytest.skip("Numba (the [fast] extra) is not installed")
+    return types.SimpleNamespace(**plain | {name: getattr(numba, name) for name in dir(numba)
+                                            if not name.startswith("_")})
+
+
 def test_preflight_launches_every_fused_kernel():
-    """Every public kernel of CupyKernels has a tiny call in the preflight; the calls' arguments
-    are checked here on the Numba kernels, which have the same contracts."""
+    """Every public kernel of CupyKernels has tiny arguments in the preflight; they are tried
+    here on the kernels' NumPy and Numba stand-ins, which keep the same contracts."""
     from xpmlp.backends.cupy_kernels import CupyKernels
     public = {name for name in vars(CupyKernels) if not name.startswith("_") and callable(getattr(CupyKernels, name))}
-    assert set(gpu_check.PREFLIGHT_CALLS) == public
-    import xpmlp
-    kernels = xpmlp.get_backend("numpy").kernels
-    if kernels is None:
-        pytest.skip("Numba (the [fast] extra) is not installed")
+    assert set(gpu_check.PREFLIGHT_ARGS) == public
+    kernels = numpy_kernels()
     for dtype in (np.float32, np.float64):
-        for name, call in gpu_check.PREFLIGHT_CALLS.items():
-            if hasattr(kernels, name):  # Numba has no sigmoid forward
-                result = call(kernels, np, dtype)
-                for out in result if isinstance(result, tuple) else (result,):
-                    assert out is None or np.isfinite(out).all(), name
+        for name in gpu_check.PREFLIGHT_ARGS:
+            arrays = gpu_check.launch(kernels, name, np, dtype)
+            assert arrays and all(np.isfinite(a).all() for a in arrays), name
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["serial", "xdist"])
@@ -206,9 +217,7 @@ def test_preflight_reports_one_line_per_fact_and_the_facts_as_json(monkeypatch, 
     import types
 
     import xpmlp
-    kernels = xpmlp.get_backend("numpy").kernels
-    if kernels is None:
-        pytest.skip("Numba (the [fast] extra) is not installed")
+    kernels = numpy_kernels()
     runtime = types.SimpleNamespace(
         getDeviceProperties=lambda i: {"name": b"NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
                                        "totalGlobalMem": 80 * 2**30},
@@ -216,10 +225,7 @@ def test_preflight_reports_one_line_per_fact_and_the_facts_as_json(monkeypatch, 
     nvrtc = types.SimpleNamespace(getVersion=lambda: (12, 9))
     cupy = types.SimpleNamespace(__version__="14.2.0", isfinite=np.isfinite, linspace=np.linspace,
                                  asarray=np.asarray, cuda=types.SimpleNamespace(runtime=runtime, nvrtc=nvrtc))
-    with_sigmoid = types.SimpleNamespace(**{name: getattr(kernels, name) for name in dir(kernels)
-                                            if not name.startswith("_")},
-                                         sigmoid_forward=lambda x, y: np.divide(1, 1 + np.exp(-x), out=y))
-    backend = types.SimpleNamespace(cupy=cupy, cuda_device=types.SimpleNamespace(id=0), kernels=with_sigmoid,
+    backend = types.SimpleNamespace(cupy=cupy, cuda_device=types.SimpleNamespace(id=0), kernels=kernels,
                                     synchronize=lambda: None)
     monkeypatch.setattr(xpmlp, "get_backend", lambda name: backend)
     gpu_check.preflight()
