@@ -122,14 +122,27 @@ def _prepare_out(args, config):
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
         raise UserError(f"--out {out} already holds a run; resume it with --resume {out} or choose another --out")
+    return _writable_dir(out, "--out")
+
+
+def _writable_dir(path, flag):
+    """``path``, created if need be, once a file could be written there; else a UserError."""
+    path = Path(path)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
-    return out
+        raise UserError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
+
+
+def _run_dir(text):
+    run_dir = Path(text)
+    if not rundir.is_run(run_dir):
+        raise UserError(f"{run_dir}: holds no run (needs {rundir.CONFIG} and {rundir.CHECKPOINT})")
+    return run_dir
 
 
 def cmd_train(args):
@@ -164,24 +177,91 @@ def cmd_eval(args):
     from .data import load_mnist
     from .train import evaluate
 
-    run_dir = Path(args.run_dir)
-    if not rundir.is_run(run_dir):
-        raise UserError(f"{run_dir}: holds no run (needs {rundir.CONFIG} and {rundir.CHECKPOINT})")
+    run_dir = _run_dir(args.run_dir)
+    plots_dir = None if args.plots is None else _writable_dir(args.plots or run_dir, "--plots")
     config, _ = rundir.load_config(run_dir)
     data = load_mnist(args.data_dir or config.data_dir, progress=sys.stderr.isatty())
     notices = []  # shown with the result, so that an error stays one line
     backend = get_backend(args.device or config.device, notice=notices.append)
     model, state = rundir.load_model(run_dir, backend, config)
-    loss, acc = evaluate(model, backend.asarray(data.test_x, dtype=model.dtype), backend.asarray(data.test_y))
-    for line in notices:
-        print(line, file=sys.stderr)
+    x_test = backend.asarray(data.test_x, dtype=model.dtype)
+    loss, acc = evaluate(model, x_test, backend.asarray(data.test_y))
     # A checkpoint taken inside an epoch (Ctrl-C) holds the weights `pos` steps past the last epoch's end.
     pos = state.get("pos", 0)
     result = {"run": str(run_dir), "epoch": state["epoch"], "iter": state["iter"] + pos,
               "iters_into_next_epoch": pos, "test_loss": loss, "test_acc": acc}
+    lines = []
+    if plots_dir is not None:
+        from .inspect import Predictions
+        from .plots import write_eval_plots
+        predictions = Predictions(model, x_test, data.test_y)
+        paths = write_eval_plots(model, predictions, data.test_x, plots_dir, name=config.name)
+        result.update(per_class=predictions.per_class(), confusion_matrix=predictions.confusion.tolist(),
+                      plots=[str(p) for p in paths])
+        lines = _per_class_lines(result["per_class"]) + [f"wrote {p}" for p in paths]
+    for line in notices:
+        print(line, file=sys.stderr)
     where = f"epoch {result['epoch']}" + (f" + {pos} iterations" if pos else "")
     print(json.dumps(result) if args.json else
-          f"{run_dir}: {where}  test loss {loss:.4f}  test accuracy {_pct(acc)}")
+          "\n".join([f"{run_dir}: {where}  test loss {loss:.4f}  test accuracy {_pct(acc)}", *lines]))
+    return 0
+
+
+def _per_class_lines(per_class):
+    lines = ["digit  precision  recall  images"]
+    for digit, (p, r, n) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["count"])):
+        lines.append(f"{digit:>5}  {_pct(p):>9}  {_pct(r):>6}  {n:>6}")
+    return lines
+
+
+def cmd_predict(args):
+    import numpy as np
+
+    from .data import to_inputs
+    from .digits import read_digit
+    from .inspect import class_probabilities, load_model
+
+    run_dir = _run_dir(args.run_dir)
+    show_dir = None if args.show is None else _writable_dir(args.show, "--show")
+    read = [read_digit(path) for path in args.images]  # every file checked before any output
+    notices = []
+    model = load_model(run_dir, args.device, notice=notices.append)
+    x = model.backend.asarray(to_inputs(np.stack([digit for _, digit in read])), dtype=model.dtype)
+    probabilities = class_probabilities(model, x)
+    results, shown = [], set()
+    for path, (gray, digit), probs in zip(args.images, read, probabilities):
+        top = np.argsort(-probs, kind="stable")[:3]
+        results.append({"file": str(path), "digit": int(top[0]),
+                        "top3": [{"digit": int(d), "probability": float(probs[d])} for d in top],
+                        "probabilities": probs.tolist()})
+        if show_dir is not None:
+            from .plots import save_png, seen_figure
+            name = f"{Path(path).stem}.seen.png"
+            if name in shown:  # two inputs of the same name from different directories
+                name = f"{Path(path).stem}-{len(results)}.seen.png"
+            shown.add(name)
+            title = f"{Path(path).name}: {top[0]} ({100 * probs[top[0]]:.1f}%)"
+            results[-1]["shown"] = str(save_png(seen_figure(gray, digit, title), show_dir / name))
+    for line in notices:
+        print(line, file=sys.stderr)
+    if args.json:
+        print(json.dumps({"run": str(run_dir), "predictions": results}))
+        return 0
+    for r in results:
+        ranked = ", ".join(f"{t['digit']}: {_pct(t['probability'])}" for t in r["top3"])
+        print(f"{r['file']}: {r['digit']}  ({ranked})" + (f"  -> {r['shown']}" if "shown" in r else ""))
+    return 0
+
+
+def cmd_data(args):
+    from .data import load_verified, mnist_files
+
+    paths = mnist_files(args.dir, progress=sys.stderr.isatty())
+    arrays = load_verified(paths)
+    folders = sorted({str(p.parent) for p in paths.values()})
+    print(f"MNIST is in {', '.join(folders)} (4 files, SHA-256 verified):")
+    for key, path in paths.items():
+        print(f"  {path.name}  {' x '.join(map(str, arrays[key].shape))}")
     return 0
 
 
@@ -240,7 +320,27 @@ def build_parser():
     p.add_argument("--device", help="default: the run's device")
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plots", nargs="?", const="", metavar="DIR",
+                   help="also write a confusion matrix, the most confident mistakes and the first layer's "
+                        "weights as PNGs into DIR (default: the run directory), and print per-class "
+                        "precision and recall")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="read digits from image files with a trained network",
+                       description="Read PNG or JPEG digits of any size, made into 28x28 MNIST-style "
+                                   "digits, with a run's last checkpoint.")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--device", default="cpu", help="default: cpu (a few images need no GPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--show", nargs="?", const=".", metavar="DIR",
+                   help="write IMAGE's stem + .seen.png into DIR (default: .): the file beside the "
+                        "28x28 digit the network saw")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="find or download MNIST, verify it and say where it is")
+    p.add_argument("--dir", help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache)")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("sweep", help="run a grid of trainings from TOML configs, restartably")
     p.add_argument("configs", nargs="+", help="TOML sweep configs (see experiments/)")
@@ -287,11 +387,12 @@ def build_parser():
 def main(argv=None):
     from .backends import BackendUnavailable
     from .data import DataError
+    from .digits import ImageError
 
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (UserError, TrainError, DataError, BackendUnavailable) as exc:
+    except (UserError, TrainError, DataError, BackendUnavailable, ImageError) as exc:
         print(f"xpmlp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -177,7 +177,15 @@ def _local(dirs: list[Path], name: str) -> Path | None:
     return next((p for d in dirs for p in (d / name, d / f"{name}.gz") if p.is_file()), None)
 
 
-def load_mnist(data_dir=None, *, download=True, mirrors=None, progress=True) -> Mnist:
+def to_inputs(images) -> np.ndarray:
+    """uint8 images (N, 28, 28) as the networks' inputs: (N, 784) float32, (pixel - 128) / 255."""
+    images = np.asarray(images)
+    return (images.reshape(len(images), -1).astype(np.float32) - np.float32(128)) / np.float32(255)
+
+
+def mnist_files(data_dir=None, *, download=True, mirrors=None, progress=True) -> dict[str, Path]:
+    """The path of each of the four MNIST files (keys of ``FILES``), found locally or
+    downloaded into the first directory searched; not yet verified."""
     dirs = find_data_dir(data_dir)
     mirrors = [m.rstrip("/") + "/" for m in (MIRRORS if mirrors is None else mirrors)]
     paths = {key: _local(dirs, name) for key, name in FILES.items()}
@@ -198,10 +206,15 @@ def load_mnist(data_dir=None, *, download=True, mirrors=None, progress=True) -> 
                 f"MNIST files missing: {', '.join(missing)} (searched {', '.join(map(str, dirs))}); {why}. "
                 f"Pass --data-dir DIR or set XPMLP_DATA_DIR to a directory holding them, or download "
                 f"<name>.gz for each by hand from {(mirrors or MIRRORS)[0]} into {dirs[0]}")
-    arrays = {key: _load_verified(path, FILES[key]) for key, path in paths.items()}
+    return paths
 
-    def pixels(images):
-        return (images.reshape(len(images), -1).astype(np.float32) - np.float32(128)) / np.float32(255)
 
-    return Mnist(pixels(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
-                 pixels(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
+def load_verified(paths: dict[str, Path]) -> dict[str, np.ndarray]:
+    """The arrays of ``mnist_files()``'s files, each checked against its SHA-256."""
+    return {key: _load_verified(path, FILES[key]) for key, path in paths.items()}
+
+
+def load_mnist(data_dir=None, *, download=True, mirrors=None, progress=True) -> Mnist:
+    arrays = load_verified(mnist_files(data_dir, download=download, mirrors=mirrors, progress=progress))
+    return Mnist(to_inputs(arrays["train_images"]), arrays["train_labels"].astype(np.int64),
+                 to_inputs(arrays["test_images"]), arrays["test_labels"].astype(np.int64))
