@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -c "from xpmlp.data import load_mnist; load_mnist()"  # the tests train on the real MNIST
+	$(VENV)/bin/xpmlp data  # the tests train on the real MNIST: find or download it, verify it
 	$(PY) -m pytest -q
 
 train: $(STAMP)

@@ -339,7 +339,8 @@ def build_parser():
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="find or download MNIST, verify it and say where it is")
-    p.add_argument("--dir", help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache)")
+    p.add_argument("--dir", "--data-dir", dest="dir",
+                   help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("sweep", help="run a grid of trainings from TOML configs, restartably")

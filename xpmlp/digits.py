@@ -26,6 +26,8 @@ def read_gray(path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes)")
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)  # a phone photo's orientation
