@@ -367,3 +367,37 @@ def test_mirror_order_dead_mirror_asked_once_and_later_ones_unused(monkeypatch, 
     assert [u for u in asked if u.startswith(dead)] == [f"{dead}{NAMES[0]}.gz"]  # skipped once found dead
     assert sorted(good_log) == sorted(f"{n}.gz" for n in NAMES)
     assert spare_log == []
+
+
+# ---------------------------------------------------------------- xpmlp data
+
+def test_data_command_downloads_verifies_and_says_where(tmp_path, good_mirror_dir, capsys, monkeypatch):
+    from xpmlp.cli import main
+
+    dest = tmp_path / "fresh"
+    with serve(good_mirror_dir) as (url, log):
+        monkeypatch.setattr(data, "MIRRORS", [url])
+        assert main(["data", "--dir", str(dest)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"MNIST is in {dest} (4 files, SHA-256 verified):"
+    assert sorted(line.split()[0] for line in out[1:]) == sorted(f"{n}.gz" for n in NAMES)
+    assert "60000 x 28 x 28" in out[1] and files_in(dest) == sorted(f"{n}.gz" for n in NAMES)
+    # Found the second time: the (dead) mirror is never asked.
+    monkeypatch.setattr(data, "MIRRORS", [closed_port_url()])
+    assert main(["data", "--data-dir", str(dest)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == out[0]
+
+
+def test_data_command_errors_are_one_line(tmp_path, real_raw, capsys, monkeypatch):
+    from xpmlp.cli import main
+
+    monkeypatch.setattr(data, "MIRRORS", [closed_port_url()])
+    assert main(["data", "--dir", str(tmp_path / "nothing")]) == 2  # no network
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MNIST files missing" in err[0] and "download failed" in err[0]
+
+    for name, raw in real_raw.items():  # all present, one damaged: no download, the file is named
+        (tmp_path / name).write_bytes(flip_last_byte(raw) if name == NAMES[0] else raw)
+    assert main(["data", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and NAMES[0] in err[0] and "SHA-256" in err[0]
