@@ -122,8 +122,9 @@ def _roundtrip_cases(image):
     canvas.paste(Image.fromarray(255 - image).resize((84, 84), Image.Resampling.NEAREST), (400, 20))
     transparent = Image.new("RGBA", (28, 28), (0, 0, 0, 0))
     transparent.putalpha(Image.fromarray(image))  # black ink whose opacity is the digit
+    sixteen_bit = Image.fromarray((255 - image).astype(np.uint16) * 257)
     return {"as-is": Image.fromarray(image), "inverted": Image.fromarray(255 - image),
-            "280x280": big, "corner-of-page": canvas, "transparent": transparent}
+            "280x280": big, "corner-of-page": canvas, "transparent": transparent, "16-bit": sixteen_bit}
 
 
 def test_mnist_digits_survive_being_written_out_and_read_back(tmp_path, test_digits):

@@ -35,7 +35,10 @@ def read_gray(path) -> np.ndarray:
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
-            gray = np.asarray(img.convert("L"), dtype=np.float32)
+            if img.mode.startswith("I"):  # a 16-bit greyscale PNG: Pillow's convert("L") would clip it
+                gray = np.asarray(img, dtype=np.float32) / 257
+            else:
+                gray = np.asarray(img.convert("L"), dtype=np.float32)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
