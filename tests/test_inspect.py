@@ -272,7 +272,8 @@ def test_predict_reads_mnist_digits_written_as_files_like_the_library_does(runs,
 
 def test_confusion_grid_of_several_runs(runs, tmp_path):
     path = write_confusion_grid([runs / "mlp0", runs / "custom"], tmp_path / "grid.png",
-                                titles=["0-layer + SCE", "custom"], data_dir=real_mnist_dir())
+                                titles=["0-layer + SCE", "custom"], title="two networks",
+                                data_dir=real_mnist_dir())
     assert_png(path)
 
 

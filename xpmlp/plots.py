@@ -66,11 +66,13 @@ def confusion_figure(confusion, title=""):
     return fig
 
 
-def confusion_grid_figure(panels, columns=5):
+def confusion_grid_figure(panels, columns=5, title=""):
     """Several confusion matrices in one figure: ``panels`` is a list of (title, matrix)."""
     rows = -(-len(panels) // columns)
     columns = min(columns, len(panels))
-    fig = _figure(3.3 * columns, 3.5 * rows)
+    fig = _figure(3.3 * columns, 3.5 * rows + (0.4 if title else 0))
+    if title:
+        fig.suptitle(title)
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax, (title, confusion) in zip(axes, panels):
         confusion = np.asarray(confusion)
@@ -162,7 +164,7 @@ def _has_hidden(model):
     return sum(isinstance(layer, Linear) for layer in model.layers) > 1
 
 
-def write_confusion_grid(run_dirs, path, titles=None, *, device="cpu", data_dir=None):
+def write_confusion_grid(run_dirs, path, titles=None, *, title="", device="cpu", data_dir=None):
     """One figure of the test-set confusion matrices of several runs (e.g. the ten
     networks of the report's Table 11), each titled by ``titles`` or its directory's name."""
     from .data import load_mnist
@@ -174,4 +176,4 @@ def write_confusion_grid(run_dirs, path, titles=None, *, device="cpu", data_dir=
         x = model.backend.asarray(data.test_x, dtype=model.dtype)
         title = titles[i] if titles else Path(run_dir).name
         panels.append((title, Predictions(model, x, data.test_y).confusion))
-    return save_png(confusion_grid_figure(panels), path)
+    return save_png(confusion_grid_figure(panels, title=title), path)
