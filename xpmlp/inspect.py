@@ -66,12 +66,19 @@ def confident_mistakes(probabilities, labels, count=25):
     return wrong[np.argsort(-confidence, kind="stable")[:count]]
 
 
+def _linear_layers(model):
+    from .layers import Linear
+    return [layer for layer in model.layers if isinstance(layer, Linear)]
+
+
+def hidden_layers(model):
+    return len(_linear_layers(model)) - 1
+
+
 def first_layer_images(model, count=64):
     """(units, 28, 28) host array: the first Linear layer's incoming weights of each of
     its first ``count`` units (for a network without hidden layers: the ten class templates)."""
-    from .layers import Linear
-
-    first = next(layer for layer in model.layers if isinstance(layer, Linear))
+    first = _linear_layers(model)[0]
     W = np.array(model.backend.to_numpy(first.W), dtype=np.float64)  # (784, units)
     units = min(count, W.shape[-1])
     return W[:, :units].T.reshape(units, SIDE, SIDE)

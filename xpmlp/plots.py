@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .inspect import SIDE, Predictions, confident_mistakes, first_layer_images, load_model
+from .inspect import SIDE, Predictions, confident_mistakes, first_layer_images, hidden_layers, load_model
 
 CONFUSION_PNG, MISTAKES_PNG, WEIGHTS_PNG = "confusion_matrix.png", "mistakes.png", "first_layer_weights.png"
 DPI = 100
@@ -150,18 +150,13 @@ def write_eval_plots(model, predictions, test_images, out_dir, name=""):
     written.append(save_png(fig, out_dir / MISTAKES_PNG))
 
     weights = first_layer_images(model)
-    if _has_hidden(model):
+    if hidden_layers(model):
         titles, what = [f"unit {i}" for i in range(len(weights))], f"first {len(weights)} hidden units"
     else:
         titles, what = [f"digit {i}" for i in range(len(weights))], "class templates"
     fig = weights_figure(weights, titles, f"{prefix}first-layer weights, {what}")
     written.append(save_png(fig, out_dir / WEIGHTS_PNG))
     return written
-
-
-def _has_hidden(model):
-    from .layers import Linear
-    return sum(isinstance(layer, Linear) for layer in model.layers) > 1
 
 
 def write_confusion_grid(run_dirs, path, titles=None, *, title="", device="cpu", data_dir=None):
@@ -174,6 +169,6 @@ def write_confusion_grid(run_dirs, path, titles=None, *, title="", device="cpu",
     for i, run_dir in enumerate(run_dirs):
         model = load_model(run_dir, device)
         x = model.backend.asarray(data.test_x, dtype=model.dtype)
-        title = titles[i] if titles else Path(run_dir).name
-        panels.append((title, Predictions(model, x, data.test_y).confusion))
+        panels.append((titles[i] if titles else Path(run_dir).name,
+                       Predictions(model, x, data.test_y).confusion))
     return save_png(confusion_grid_figure(panels, title=title), path)
