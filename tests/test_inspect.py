@@ -14,7 +14,7 @@ from xpmlp import build_mlp
 from xpmlp.data import FILES, read_idx, to_inputs
 from xpmlp.digits import ImageError, mnist_digit, read_digit
 from xpmlp.inspect import (class_probabilities, confident_mistakes, confusion_matrix,
-                           first_layer_images, load_model, precision_recall)
+                           first_layer_images, hidden_layers, load_model, precision_recall)
 from xpmlp.plots import CONFUSION_PNG, MISTAKES_PNG, WEIGHTS_PNG, write_confusion_grid
 
 PLOTS = (CONFUSION_PNG, MISTAKES_PNG, WEIGHTS_PNG)
@@ -107,6 +107,7 @@ def test_softmax_probabilities_are_the_softmax_of_the_logits():
 def test_first_layer_images_are_the_columns_of_the_first_weight_matrix(hidden, units):
     model = build_mlp(hidden, "relu", "sce", backend="numpy", seed=4)
     images = first_layer_images(model)
+    assert hidden_layers(model) == len(hidden)
     W = model.layers[0].W
     assert images.shape == (units, 28, 28)
     for unit in (0, units - 1):
