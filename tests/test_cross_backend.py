@@ -2,13 +2,15 @@
 
 For each of the ten networks: the forward output, the loss, every gradient (and the
 input gradient) of the first step, the loss and accuracy of each of 5 SGD steps and the
-weights after them.  Also dtypes, and stacked models against one model per slice.
+weights after them.  Also dtypes, stacked models against one model per slice, and the
+class probabilities that `eval --plots` and `predict` read.
 """
 import numpy as np
 import pytest
 
 from helpers import assert_backend_matches_numpy, assert_tree_allclose, host, run_on
-from xpmlp import MODELS, SGD, build_model
+from xpmlp import MODELS, SGD, build_mlp, build_model
+from xpmlp.inspect import class_probabilities
 
 N, STEPS = 16, 5
 NAMES = pytest.mark.parametrize("name", list(MODELS))
@@ -123,3 +125,23 @@ def test_stacked_model_slices_equal_single_models(backend, ops, name):
             "params": [p[s].reshape(shape) for p, shape in zip(stacked["params"], single_shapes)],
         }
         assert_tree_allclose(sliced, single, **TOL["float64"])
+
+
+# ---------------------------------------------------------------- what eval --plots reads
+
+@pytest.mark.parametrize("loss", ["sce", "mse"])
+def test_class_probabilities_agree_across_backends(backend, fast, loss):
+    """Softmax of the outputs (SCE) or the normalised sigmoid outputs (MSE), on every
+    backend and path; the arg-max is the model's own prediction."""
+    x = np.random.default_rng(2).normal(size=(2500, 784)).astype(np.float32)
+
+    def probabilities(be):
+        model = build_mlp((32,), "relu", loss, backend=be, dtype="float64", init_std=0.1, fast=fast)
+        probs = class_probabilities(model, be.asarray(x, dtype=model.dtype), chunk=1000)
+        predicted = be.to_numpy(model.predict(be.asarray(x, dtype=model.dtype)))
+        return probs, np.asarray(predicted)
+
+    probs, predicted = assert_backend_matches_numpy(probabilities, backend, rtol=1e-9, atol=1e-12)
+    assert probs.shape == (2500, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-12)
+    assert np.array_equal(probs.argmax(axis=1), predicted)

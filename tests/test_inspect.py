@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import assert_backend_matches_numpy, real_mnist_dir
+from helpers import real_mnist_dir
 from PIL import Image
 from test_cli import FAST, assert_user_error, snapshot, xpmlp
 
@@ -75,24 +75,6 @@ def test_confident_mistakes_are_wrong_and_most_confident_first():
     others = np.setdiff1d(np.flatnonzero(predicted != labels), worst)
     assert probs[others, predicted[others]].max() <= confidence[-1]
     assert len(confident_mistakes(probs, labels, count=10_000)) == np.sum(predicted != labels)
-
-
-@pytest.mark.parametrize("loss", ["sce", "mse"])
-def test_class_probabilities_agree_across_backends(backend, fast, loss):
-    """Softmax of the outputs (SCE) or the normalised sigmoid outputs (MSE), on every
-    backend and path; the arg-max is the model's own prediction."""
-    x = np.random.default_rng(2).normal(size=(2500, 784)).astype(np.float32)
-
-    def probabilities(be):
-        model = build_mlp((32,), "relu", loss, backend=be, dtype="float64", init_std=0.1, fast=fast)
-        probs = class_probabilities(model, be.asarray(x, dtype=model.dtype), chunk=1000)
-        predicted = be.to_numpy(model.predict(be.asarray(x, dtype=model.dtype)))
-        return probs, np.asarray(predicted)
-
-    probs, predicted = assert_backend_matches_numpy(probabilities, backend, rtol=1e-9, atol=1e-12)
-    assert probs.shape == (2500, 10)
-    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-12)
-    assert np.array_equal(probs.argmax(axis=1), predicted)
 
 
 def test_softmax_probabilities_are_the_softmax_of_the_logits():
