@@ -130,13 +130,13 @@ def test_stacked_model_slices_equal_single_models(backend, ops, name):
 # ---------------------------------------------------------------- what eval --plots reads
 
 @pytest.mark.parametrize("loss", ["sce", "mse"])
-def test_class_probabilities_agree_across_backends(backend, fast, loss):
+def test_class_probabilities_agree_across_backends(backend, ops, loss):
     """Softmax of the outputs (SCE) or the normalised sigmoid outputs (MSE), on every
     backend and path; the arg-max is the model's own prediction."""
     x = np.random.default_rng(2).normal(size=(2500, 784)).astype(np.float32)
 
     def probabilities(be):
-        model = build_mlp((32,), "relu", loss, backend=be, dtype="float64", init_std=0.1, fast=fast)
+        model = build_mlp((32,), "relu", loss, backend=be, dtype="float64", init_std=0.1, ops=ops)
         probs = class_probabilities(model, be.asarray(x, dtype=model.dtype), chunk=1000)
         predicted = be.to_numpy(model.predict(be.asarray(x, dtype=model.dtype)))
         return probs, np.asarray(predicted)

@@ -78,7 +78,7 @@ def test_confident_mistakes_are_wrong_and_most_confident_first():
 
 
 def test_softmax_probabilities_are_the_softmax_of_the_logits():
-    model = build_mlp((), None, "sce", backend="numpy", dtype="float64", init_std=0.5, fast=False)
+    model = build_mlp((), None, "sce", backend="numpy", dtype="float64", init_std=0.5, ops="plain")
     x = np.random.default_rng(3).normal(size=(7, 784))
     logits = model.forward(x)
     want = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)

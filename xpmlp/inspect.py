@@ -13,15 +13,11 @@ SIDE = 28  # MNIST images are 28x28
 def load_model(run_dir, device=None, notice=None):
     """The network of a run directory's last checkpoint, on ``device`` (default: the
     run's own), ready to evaluate."""
+    from . import rundir
     from .backends import get_backend
-    from .train import load_checkpoint, load_run_config
 
-    config, _ = load_run_config(run_dir)
-    backend = get_backend(device or config.device, notice=notice)
-    model = config.build(backend)
-    params, _, _, _ = load_checkpoint(run_dir)
-    model.load_state_arrays(params)
-    return model
+    config, _ = rundir.load_config(run_dir)
+    return rundir.load_model(run_dir, get_backend(device or config.device, notice=notice), config)[0]
 
 
 def class_probabilities(model, x, chunk=1000):
@@ -34,7 +30,7 @@ def class_probabilities(model, x, chunk=1000):
     outputs = []
     for start in range(0, x.shape[0], chunk):
         stop = min(start + chunk, x.shape[0])
-        # a copy: on the fast path forward() returns a buffer the next call overwrites
+        # a copy: with buffered ops forward() returns a buffer the next call overwrites
         outputs.append(np.array(be.to_numpy(model.forward(x[start:stop, ...])), dtype=np.float64))
     out = np.concatenate(outputs)
     if isinstance(model.loss, SoftmaxCrossEntropyLoss):

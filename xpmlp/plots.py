@@ -22,7 +22,7 @@ def _figure(width, height):
 
 def save_png(fig, path):
     """Write ``fig`` to ``path`` atomically; returns the path."""
-    from .train import atomic_write_bytes
+    from .rundir import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
