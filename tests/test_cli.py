@@ -59,11 +59,12 @@ def xpmlp(*args, cwd, stderr_tty=False, timeout=120):
 
 
 def snapshot(directory):
-    """Name -> (size, mtime, sha256) of every file below ``directory``."""
+    """Name -> (size, mtime, sha256) of every file below ``directory`` but the lock file,
+    which any would-be writer touches (it holds the last writer's pid)."""
     directory = Path(directory)
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns,
                                             hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def assert_user_error(result, *needles):
@@ -260,15 +261,20 @@ def test_resume_with_contradicting_lr(finished):
     assert snapshot(run) == before, "the run was touched"
 
 
-def test_resume_of_a_directory_without_checkpoint(tmp_path, finished):
+def test_resume_of_a_directory_without_checkpoint_starts_it_again(tmp_path, finished):
     run, _ = finished
     target = tmp_path / "half"
     target.mkdir()
     assert_user_error(xpmlp("train", "--resume", "half", "--device", "cpu", cwd=tmp_path),
                       "not a run directory")
     (target / "config.json").write_text((run / "config.json").read_text())  # started, never checkpointed
-    assert_user_error(xpmlp("train", "--resume", "half", "--device", "cpu", cwd=tmp_path), "no checkpoint")
-    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    (target / "metrics.jsonl").write_text('{"kind": "iter", "epoch": 1, "iter": 1, "loss": 9.0, "acc": 0.0}\n')
+    rc, out, err = xpmlp("train", "--resume", "half", "--epochs", "1", "--device", "cpu", cwd=tmp_path)
+    assert rc == 0, out + err
+    assert "half: no checkpoint yet (stopped before its first one); starting it again from scratch" in out
+    records = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] != 9.0 and [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
+    assert json.loads((target / "summary.json").read_text())["status"] == "completed"
 
 
 def test_resume_of_a_corrupt_checkpoint(tmp_path, finished):

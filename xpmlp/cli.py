@@ -3,7 +3,11 @@ import argparse
 import dataclasses
 import json
 import math
+import re
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +23,13 @@ class UserError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-inf" or "-1e-3" for a flag, not a value: --momentum -inf would
+        # complain that it expects an argument instead of saying the value is not finite.
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
     def error(self, message):  # one line, not usage + traceback
         raise UserError(message)
 
@@ -97,10 +108,11 @@ def config_from_args(args):
     if not args.resume:
         return TrainConfig(**given).validate()
     run_dir = Path(args.resume)
+    holder = rundir.lock_holder(run_dir)
+    if holder is not None:  # say so even before its config.json exists
+        raise rundir.RunDirBusy.of(run_dir, holder)
     if not (run_dir / rundir.CONFIG).is_file():
         raise UserError(f"--resume {run_dir}: not a run directory (no {rundir.CONFIG})")
-    if not (run_dir / rundir.CHECKPOINT).is_file():
-        raise UserError(f"--resume {run_dir}: no checkpoint to resume from")
     if rundir.read_summary(run_dir).get("status") == "diverged":
         raise UserError(f"--resume {run_dir}: the run diverged (non-finite loss); its weights are not worth continuing")
     config, saved = rundir.load_config(run_dir)
@@ -117,12 +129,14 @@ def config_from_args(args):
 
 
 def _prepare_out(args, config):
+    """The run directory, and whether this call created it."""
     if args.resume:
-        return Path(args.resume)
+        return Path(args.resume), False
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / rundir.CONFIG).exists() or (out / rundir.CHECKPOINT).exists():
+    if (out / rundir.CHECKPOINT).exists():
         raise UserError(f"--out {out} already holds a run; resume it with --resume {out} or choose another --out")
-    return _writable_dir(out, "--out")
+    created = not out.exists()
+    return _writable_dir(out, "--out"), created
 
 
 def _writable_dir(path, flag):
@@ -148,9 +162,11 @@ def _run_dir(text):
 def cmd_train(args):
     from .backends import get_backend
     from .data import load_mnist
+    from .sweep import die_with_parent
     from .threads import blas_threads, limit_blas_threads
     from .train import Trainer
 
+    die_with_parent()  # a sweep's run ends with its sweep
     config = config_from_args(args)
     threads = blas_threads()  # a bad $XPMLP_THREADS fails here, before any file
     progress = not args.quiet and sys.stderr.isatty()
@@ -158,18 +174,35 @@ def cmd_train(args):
     notices = []  # shown once the run starts, so that a mistake found first stays one line
     backend = get_backend(config.device, notice=notices.append)  # fail before any file
     data = load_mnist(config.data_dir, progress=progress)
-    out = _prepare_out(args, config)
-    for line in notices:
-        print(line, file=sys.stderr)
-    trainer = Trainer(config, out, data, resume=bool(args.resume), progress=progress, log=log,
-                      backend=backend)
-    trainer.write_config()
-    log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
-    with limit_blas_threads(threads):  # xpmlp/threads.py: one BLAS thread unless $XPMLP_THREADS says otherwise
-        summary = rundir.read_json(trainer.run())
+    out, created = _prepare_out(args, config)
+    try:
+        with rundir.hold_run_dir(out):  # one writer per run directory, until this process ends
+            for line in notices:
+                print(line, file=sys.stderr)
+            resume = _resume_or_restart(out, log)
+            trainer = Trainer(config, out, data, resume=resume, progress=progress, log=log, backend=backend)
+            trainer.write_config()
+            log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
+            with limit_blas_threads(threads):  # xpmlp/threads.py: one BLAS thread unless $XPMLP_THREADS says otherwise
+                summary = rundir.read_json(trainer.run())
+    except (UserError, TrainError):
+        if created and not any((out / name).exists() for name in rundir.RESULT_FILES):
+            shutil.rmtree(out, ignore_errors=True)  # nothing that looks like a run: leave no directory
+        raise
     log(f"{summary['status']}: test accuracy {_pct(summary['test_acc'])}, "
         f"train time {summary['train_time_s']:.1f}s -> {out}/summary.json")
     return {"completed": 0, "diverged": 0}.get(summary["status"], 130)
+
+
+def _resume_or_restart(run_dir, log):
+    """True to resume from the checkpoint; a run stopped before its first checkpoint (or
+    anything else without one) is cleared and started again, saying so."""
+    if (run_dir / rundir.CHECKPOINT).exists():
+        return True
+    if any((run_dir / name).exists() for name in rundir.RESULT_FILES):
+        log(f"{run_dir}: no checkpoint yet (stopped before its first one); starting it again from scratch")
+        rundir.clear_run_dir(run_dir)
+    return False
 
 
 def cmd_eval(args):
@@ -392,13 +425,19 @@ def main(argv=None):
 
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
     except (UserError, TrainError, DataError, BackendUnavailable, ImageError) as exc:
         print(f"xpmlp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("xpmlp: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if code == 130 and threading.current_thread() is threading.main_thread():
+        # The user asked us to stop and we are on our way out: a further Ctrl-C would land in
+        # the interpreter's shutdown (thread joins, Numba's and tqdm's finalizers) as an
+        # "Exception ignored ... KeyboardInterrupt" traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ without importing it.  The names of models, activations, losses and dtypes come 
 """
 import dataclasses
 import math
+import os
+
+import numpy as np
 
 from .model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp, build_model
 
@@ -46,6 +49,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def validate(self):
+        _check_types(self)
         if self.hidden is None and self.model not in MODELS:
             raise TrainError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
         if self.hidden is not None:
@@ -70,7 +74,16 @@ class TrainConfig:
             raise TrainError(f"--dtype must be {one_of(DTYPES)}, got {self.dtype!r}")
         if self.batch_size > 60000:
             raise TrainError(f"--batch-size {self.batch_size} exceeds the 60000 training images")
+        if self.seed < 0:
+            raise TrainError(f"--seed must be >= 0, got {self.seed}")
+        _check_memory(self)
         return self
+
+    @property
+    def widths(self):
+        """The sizes of every layer's output, input included: [784, *hidden, 10]."""
+        hidden = MODELS[self.model][0] if self.hidden is None else self.hidden
+        return [784, *hidden, 10]
 
     @property
     def name(self):
@@ -93,3 +106,50 @@ class TrainConfig:
         if config.hidden is not None:  # the saved "model" is a name derived from hidden/activation/loss
             config.model = cls.model
         return config
+
+
+# What each setting must be: TOML, config.json and the Python API do not go through argparse.
+_INTEGER = ("epochs", "batch_size", "seed", "eval_every", "checkpoint_every", "log_every")
+_NUMBER = ("lr", "momentum", "weight_decay", "init_std")
+_TEXT = ("model", "dtype", "device")
+_TEXT_OR_NONE = ("activation", "loss", "data_dir")
+
+
+def _check_types(config):
+    def fail(name, kind):
+        raise TrainError(f"--{name.replace('_', '-')} must be {kind}, got {getattr(config, name)!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in _INTEGER:
+        if not is_int(getattr(config, name)):
+            fail(name, "an integer")
+    for name in _NUMBER:
+        value = getattr(config, name)
+        if not (is_int(value) or isinstance(value, float)):
+            fail(name, "a number")
+    for name in _TEXT + _TEXT_OR_NONE:
+        value = getattr(config, name)
+        if not isinstance(value, str) and not (value is None and name in _TEXT_OR_NONE):
+            fail(name, "a string")
+    if config.hidden is not None and not (isinstance(config.hidden, list) and all(map(is_int, config.hidden))):
+        fail("hidden", "a list of integers")
+    if not isinstance(config.tensorboard, bool):
+        fail("tensorboard", "true or false")
+
+
+def _check_memory(config):
+    """Refuse a model that cannot fit in this machine's memory before allocating any of it
+    (``--hidden 1000000000`` would ask for terabytes)."""
+    widths = config.widths
+    params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    # weights, gradients, momenta, plus a few activation buffers per layer for one batch
+    need = np.dtype(config.dtype).itemsize * (3 * params + 4 * config.batch_size * sum(widths))
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: let the allocation decide
+        return
+    if need > have:
+        raise TrainError(f"the model needs about {need / 2**30:.1f} GiB for its weights, gradients and "
+                         f"momenta, more than this machine's {have / 2**30:.1f} GiB of memory")

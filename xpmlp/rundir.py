@@ -5,17 +5,27 @@
   summary.json   final metrics and status (completed / diverged / interrupted)
   checkpoint.npz weights, optimizer state, RNG state and position, written atomically
   events.*       TensorBoard event files (--tensorboard; written by the trainer's writer)
+  .lock          the lock of the run's one writer (hold_run_dir), with its pid
+
+Faults: JSON records and checkpoints are written atomically (a temporary file, renamed);
+metrics are appended whole lines at a time, and a last line cut short by a kill is dropped
+on reading; a full disk is a DiskFull naming the file; a second writer is a RunDirBusy.
 
 A results copy (``xpmlp report --copy-runs``) keeps config.json, summary.json and the
 epoch records alone as epochs.jsonl; ``read_records`` reads either.
 """
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,29 +33,61 @@ import numpy as np
 from .config import TrainConfig, TrainError
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.npz"
+RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
 EPOCHS_COPY = "epochs.jsonl"
+LOCK = ".lock"
+TEMP_SUFFIX = ".tmp"  # of atomic writes in progress; a killed writer's are removed by the next
 
 
 # ---------------------------------------------------------------- files written safely
 
-def atomic_write(path, write):
+class DiskFull(TrainError):
+    """A write failed for lack of space: one line naming the file and the space it needs."""
+
+    def __init__(self, path, need):
+        free = shutil.disk_usage(Path(path).parent).free
+        super().__init__(f"{path}: no space left on device: writing it needs about {_size(need)}, "
+                         f"{_size(free)} free; free some space, then resume the run")
+
+
+def _size(n):
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _disk_full(exc):
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _file_mode():
+    """The mode a plain open() gives a new file (0666 less the umask): mkstemp's 0600
+    would make the atomically written files unlike metrics.jsonl."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path, write, size=0):
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename: a killed
-    process or full disk leaves either the old file or the new one, never half of one."""
+    process or full disk leaves either the old file or the new one, never half of one.
+    ``size``: about how many bytes ``write`` writes, for the message of a full disk."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(exc):
+            raise DiskFull(path, size) from None
         raise
 
 
 def atomic_write_bytes(path, data):
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), size=len(data))
 
 
 def _clean(value):
@@ -64,8 +106,16 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A run's JSON record (config.json, summary.json) as a dict; a file that is not one
+    (cut short, edited by hand, not UTF-8) is a TrainError naming it."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise TrainError(f"{path}: not valid JSON ({exc}); restore or delete the file") from None
+    if not isinstance(value, dict):
+        raise TrainError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------- config and summary
@@ -88,9 +138,16 @@ def write_config(run_dir, config, backend):
 
 
 def load_config(run_dir):
-    """(TrainConfig, raw dict) from a run directory's config.json."""
-    saved = read_json(Path(run_dir) / CONFIG)
-    return TrainConfig.from_saved(saved), saved
+    """(TrainConfig, raw dict) from a run directory's config.json, checked as the command
+    line's settings are (a hand-edited ``"lr": "0.01"`` is a TrainError naming the file)."""
+    path = Path(run_dir) / CONFIG
+    saved = read_json(path)
+    config = TrainConfig.from_saved(saved)
+    try:
+        config.validate()
+    except TrainError as exc:
+        raise TrainError(f"{path}: {exc}") from None
+    return config, saved
 
 
 def is_run(run_dir):
@@ -111,27 +168,50 @@ def read_summary(run_dir):
 # ---------------------------------------------------------------- metrics
 
 def append_metrics(run_dir, records):
-    with open(Path(run_dir) / METRICS, "a") as f:
-        for rec in records:
-            f.write(json.dumps(_clean(rec)) + "\n")
-        f.flush()
+    """Append the records as whole lines: one write of all of them, and on failure (a full
+    disk) the file is cut back to its old length, so no partial line is left behind.
+    (A process killed inside the write can still leave one: read_records drops it.)"""
+    path = Path(run_dir) / METRICS
+    data = "".join(json.dumps(_clean(rec)) + "\n" for rec in records).encode()
+    with open(path, "ab") as f:
+        start = f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(f.fileno(), view):]
+        except BaseException as exc:
+            f.truncate(start)
+            if _disk_full(exc):
+                raise DiskFull(path, len(data)) from None
+            raise
 
 
-def read_records(run_dir):
+def read_records(run_dir, warn=None):
     """The run's metric records in order: metrics.jsonl, or a results copy's epochs.jsonl
-    (whose records have no "kind": they are all epochs).  A blank or half-written last line
-    of a live run is skipped."""
+    (whose records have no "kind": they are all epochs).  A last line cut short (a kill or
+    a full disk while appending it, or a live run's line being written) is dropped with one
+    warning through ``warn`` (default: stderr); a bad line elsewhere is a TrainError."""
     run_dir = Path(run_dir)
     path = run_dir / METRICS if (run_dir / METRICS).exists() else run_dir / EPOCHS_COPY
     if not path.exists():
         return []
+    lines = path.read_bytes().split(b"\n")
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except ValueError as exc:
+            if any(rest.strip() for rest in lines[number:]):
+                raise TrainError(f"{path}: line {number} is not JSON ({exc})") from None
+            (warn or _warn)(f"xpmlp: warning: {path}: dropped its last line, cut short "
+                            f"({len(line)} bytes of a record the process did not finish writing)")
     return records
+
+
+def _warn(line):
+    print(line, file=sys.stderr)
 
 
 def epoch_records(records):
@@ -154,7 +234,8 @@ def save_checkpoint(run_dir, model, optimizer, state, partial):
     arrays.update({f"partial_{k}": v for k, v in partial.items()})
     arrays.update({f"velocity_{i}": model.backend.to_numpy(v) for i, v in enumerate(optimizer.state())})
     arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: np.savez(f, **arrays))
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: np.savez(f, **arrays),
+                 size=sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
 def load_checkpoint(run_dir):
@@ -182,5 +263,111 @@ def load_model(run_dir, backend, config=None):
     config = config or load_config(run_dir)[0]
     model = config.build(backend)
     params, _, state, _ = load_checkpoint(run_dir)
+    check_shapes(run_dir, params, model)
     model.load_state_arrays(params)
     return model, state
+
+
+def check_shapes(run_dir, params, model):
+    """A checkpoint of another model (copied over, or config.json edited) is refused by name."""
+    want = [tuple(getattr(layer, name).shape) for layer, name in model.parameters()]
+    got = [tuple(p.shape) for p in params]
+    if got != want:
+        raise TrainError(f"{Path(run_dir) / CHECKPOINT}: holds parameters of shapes {got}, "
+                         f"but {CONFIG} describes a model of shapes {want}")
+
+
+# ---------------------------------------------------------------- one writer per run directory
+
+_held = {}  # resolved run dir -> [open lock file, how many holders in this process]
+
+
+class RunDirBusy(TrainError):
+    """Another live process writes the run directory."""
+
+    @classmethod
+    def of(cls, run_dir, pid):
+        return cls(f"{run_dir} is in use by another process" + (f" (pid {pid})" if pid else "")
+                   + "; one writer per run directory")
+
+
+def _lock_file(run_dir, create):
+    try:
+        return open(Path(run_dir) / LOCK, "a+" if create else "r+")
+    except FileNotFoundError:
+        return None
+
+
+def _try_lock(f, attempts=10):
+    """flock the file; a few tries, because a sweep's probe (lock_holder) may hold it for a
+    moment.  False when another process holds it."""
+    for _ in range(attempts):
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.05)
+    return False
+
+
+def _holder_pid(f):
+    f.seek(0)
+    text = f.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir):
+    """Be the one writer of ``run_dir`` while inside: an OS lock (flock) on its .lock file,
+    which the kernel releases when the process ends however it ends, so a kill -9 leaves no
+    stale lock.  Re-entrant within a process.  Another live holder: RunDirBusy naming its
+    pid.  The first entry removes temporary files that killed writers left behind."""
+    key = str(Path(run_dir).resolve())
+    if key in _held:
+        _held[key][1] += 1
+    else:
+        f = _lock_file(run_dir, create=True)
+        if not _try_lock(f):
+            pid = _holder_pid(f)
+            f.close()
+            raise RunDirBusy.of(run_dir, pid)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _held[key] = [f, 1]
+        for tmp in Path(run_dir).glob(f".*{TEMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if not _held[key][1]:
+            _held.pop(key)[0].close()  # closing the file releases the lock
+
+
+def lock_holder(run_dir):
+    """The pid of the live process that writes ``run_dir`` (0 if it has not said yet), or
+    None when nobody does."""
+    if str(Path(run_dir).resolve()) in _held:
+        return os.getpid()
+    f = _lock_file(run_dir, create=False)
+    if f is None:
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_pid(f) or 0
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def clear_run_dir(run_dir):
+    """Remove what a run that never reached a checkpoint left (config, metrics, summary,
+    TensorBoard events), so that it can start again; the lock and a sweep's train.log stay."""
+    assert str(Path(run_dir).resolve()) in _held, "clear a run directory only while holding it"
+    for name in RESULT_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+    for events in Path(run_dir).glob("events.out.tfevents.*"):
+        events.unlink()

@@ -14,12 +14,14 @@ A config names the settings shared by its runs and a grid of the ones that vary:
 Each grid point's directory is named after its settings that differ from the
 defaults, so the same point in two configs is one run.  Rerunning skips runs
 whose summary says completed or diverged, resumes interrupted ones from their
-checkpoint, and starts the rest.
+checkpoint, and starts the rest; runs that another live process holds (another sweep)
+are skipped, and said so.  Every grid point is checked before any run starts, and a
+killed sweep's runs end with it.
 """
+import ctypes
 import dataclasses
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from .threads import blas_threads
 _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
                 "tensorboard", "hidden", "activation", "loss"}
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+PARENT_ENV = "XPMLP_SWEEP_PARENT"  # set for a sweep's runs: the driver's pid
 
 
 def load_grid(path):
@@ -44,16 +47,33 @@ def load_grid(path):
             spec = tomllib.load(f)
     except FileNotFoundError:
         raise TrainError(f"sweep config {path} not found") from None
+    except IsADirectoryError:
+        raise TrainError(f"sweep config {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError:
+        raise TrainError(f"sweep config {path}: not a text file (TOML is UTF-8)") from None
+    except OSError as exc:
+        raise TrainError(f"sweep config {path}: cannot read it ({exc.strerror or exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise TrainError(f"sweep config {path}: {exc}") from None
     defaults, grid = spec.get("defaults", {}), spec.get("grid", {})
     rules = spec.get("overrides", [])
+    if not isinstance(defaults, dict) or not isinstance(grid, dict):
+        raise TrainError(f"sweep config {path}: [defaults] and [grid] must be tables of settings")
+    if not isinstance(rules, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("when", {}), dict) and isinstance(r.get("set", {}), dict)
+            for r in rules):
+        raise TrainError(f"sweep config {path}: each [[overrides]] needs tables 'when' and 'set'")
+    if not isinstance(spec.get("out", ""), str):
+        raise TrainError(f"sweep config {path}: out must be a path in quotes, got {spec['out']!r}")
     unknown = (set(defaults) | set(grid) | {k for r in rules for k in (*r.get("when", {}), *r.get("set", {}))}) - _FIELDS
     if unknown:
         raise TrainError(f"sweep config {path}: unknown settings {sorted(unknown)}")
     not_lists = [k for k, v in grid.items() if not isinstance(v, list)]
     if not_lists:
         raise TrainError(f"sweep config {path}: [grid] values must be lists, e.g. lr = [0.1]; not {not_lists}")
+    empty = [k for k, v in grid.items() if not v]
+    if empty:
+        raise TrainError(f"sweep config {path}: [grid] lists must not be empty: {empty}")
     keys = list(grid)
     points = []
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
@@ -61,12 +81,17 @@ def load_grid(path):
         for rule in rules:
             if all(settings.get(k) == v for k, v in rule.get("when", {}).items()):
                 settings.update(rule.get("set", {}))
-        try:
-            TrainConfig(**settings).validate()
-        except TypeError as exc:  # a value of the wrong type, e.g. lr = "0.1"
-            raise TrainError(f"sweep config {path}: {settings}: {exc}") from None
+        _check_point(f"sweep config {path}", settings)
         points.append((run_name(settings), settings))
     return points, spec.get("out", "runs/sweep")
+
+
+def _check_point(source, settings):
+    """Validate one grid point before any run starts (each would otherwise fail alone)."""
+    try:
+        TrainConfig(**settings).validate()
+    except TrainError as exc:
+        raise TrainError(f"{source}: {settings}: {exc}") from None
 
 
 def run_name(settings):
@@ -79,16 +104,23 @@ def run_name(settings):
 
 
 def run_state(run_dir, epochs=None):
-    """'done' (completed or diverged at full length), 'resume' (has a checkpoint) or 'new'.
-    ``epochs`` is the length the sweep asks for now (default: the run's own), so a run
-    cut short by a quick ``--epochs 1`` trial is extended, not taken as done."""
+    """'busy' (another live process writes it), 'done' (completed or diverged at full
+    length), 'resume' (has a checkpoint) or 'new'.  ``epochs`` is the length the sweep asks
+    for now (default: the run's own), so a run cut short by a quick ``--epochs 1`` trial is
+    extended, not taken as done."""
+    if rundir.lock_holder(run_dir) is not None:
+        return "busy"
+    if not (run_dir / rundir.CHECKPOINT).exists():
+        return "new"  # whatever else is there (a start killed early) is cleared by the run itself
     s = rundir.read_summary(run_dir)
     if s:
         if epochs is None:
             epochs = rundir.load_config(run_dir)[0].epochs
-        if s["status"] == "diverged" or (s["status"] == "completed" and s["epochs_completed"] >= epochs):
+        completed = s.get("epochs_completed")
+        if s.get("status") == "diverged" or (
+                s.get("status") == "completed" and isinstance(completed, int) and completed >= epochs):
             return "done"
-    return "resume" if (run_dir / rundir.CHECKPOINT).exists() else "new"
+    return "resume"
 
 
 def _command(run_dir, settings, state, device, data_dir):
@@ -120,17 +152,23 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
     if jobs < 1:
         raise TrainError("--jobs must be at least 1")
     runs = {}  # run dir -> settings; the same point in two configs runs once
+    given = {k: v for k, v in dict(epochs=epochs, device=device, data_dir=data_dir).items() if v is not None}
     for path in config_paths:
         points, root = load_grid(path)
         for name, settings in points:
-            if epochs is not None:
-                settings = dict(settings, epochs=epochs)
+            if given:  # the command line's settings are checked at every point, before any run
+                settings = dict(settings, **given)
+                _check_point("sweep", settings)
             runs.setdefault(Path(out or root) / name, settings)
     todo = [(d, s, run_state(d, s.get("epochs", TrainConfig.epochs))) for d, s in runs.items()]
+    busy = [d for d, _, st in todo if st == "busy"]
     print(f"sweep: {len(runs)} runs, {sum(st == 'done' for *_, st in todo)} already done, "
           f"{sum(st == 'resume' for *_, st in todo)} to resume; {jobs} at a time", flush=True)
+    for run_dir in busy:
+        print(f"skip   {run_dir}: in use by process {rundir.lock_holder(run_dir) or '?'}", flush=True)
     # Slowest first (small batches, deep nets), so the last runs to finish are short ones.
-    todo = sorted((t for t in todo if t[2] != "done"), key=_cost, reverse=True)
+    todo = sorted((t for t in todo if t[2] not in ("done", "busy")), key=_cost, reverse=True)
+    busy_at_start = len(busy)
     if dry_run:
         for run_dir, settings, state in todo:
             print(f"  {state:6} {run_dir}")
@@ -140,6 +178,7 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
     threads = str(max(1, min(blas_threads(), (os.cpu_count() or 1) // jobs)))
     env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                XPMLP_THREADS=threads)
+    env[PARENT_ENV] = str(os.getpid())  # each run stops when this process dies: die_with_parent()
     total_epochs = sum(s.get("epochs", TrainConfig.epochs) for _, s, _ in todo)
     bar = tqdm(total=total_epochs, desc="sweep", unit="epoch", disable=None)
     finished = 0
@@ -156,8 +195,13 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
         while (pending and not stop) or running:
             while pending and not stop and len(running) < jobs:
                 run_dir, settings, state = pending.pop(0)
-                if state == "new" and run_dir.exists():
-                    shutil.rmtree(run_dir)  # a start that never reached its first checkpoint
+                holder = rundir.lock_holder(run_dir)
+                if holder is not None:  # taken since the sweep started (another sweep)
+                    busy.append(run_dir)
+                    tqdm.write(f"skip   {run_dir}: in use by process {holder or '?'}")
+                    continue
+                # A "new" run left from a start that never reached its first checkpoint is
+                # cleared by the run itself, once it holds the directory's lock.
                 run_dir.mkdir(parents=True, exist_ok=True)
                 log = open(run_dir / "train.log", "a")
                 proc = subprocess.Popen(_command(run_dir, settings, state, device, data_dir),
@@ -180,6 +224,9 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
                     tqdm.write(f"{status:9} {run_dir}  [{finished}/{len(todo)} runs]")
                 elif status == "interrupted":
                     tqdm.write(f"interrupted {run_dir} (rerun the sweep to resume it)")
+                elif rundir.lock_holder(run_dir) not in (None, proc.pid):  # another sweep got there first
+                    busy.append(run_dir)
+                    tqdm.write(f"skip   {run_dir}: in use by process {rundir.lock_holder(run_dir) or '?'}")
                 else:
                     failed.append(run_dir)
                     tqdm.write(f"FAILED {run_dir} (exit {proc.returncode}; see {run_dir / 'train.log'})")
@@ -190,9 +237,24 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
     if stop:
         print("sweep interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"sweep: {finished} of {len(todo)} runs finished"
-          + (f"; failed: {', '.join(map(str, failed))}" if failed else ""), flush=True)
-    return 0 if finished == len(todo) else 1
+    print(f"sweep: {finished} of {len(todo) + busy_at_start} runs finished"
+          + (f"; failed: {', '.join(map(str, failed))}" if failed else "")
+          + (f"; skipped {len(busy)} in use by another process" if busy else ""), flush=True)
+    return 0 if finished == len(todo) + busy_at_start else 1
+
+
+def die_with_parent():
+    """In a sweep's run: ask Linux to send us SIGTERM when the sweep that started us dies,
+    however it dies (kill -9 included), so no run is left orphaned; SIGTERM ends the run
+    like Ctrl-C, at a checkpoint.  (Elsewhere than Linux, runs outlive a killed sweep.)"""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before we asked
+        print("xpmlp: the sweep that started this run has ended; not starting it", file=sys.stderr)
+        sys.exit(130)
 
 
 def _cost(item):
@@ -213,5 +275,5 @@ def _epochs_logged(log_path):
 def _status(run_dir):
     try:
         return rundir.read_summary(run_dir).get("status")
-    except ValueError:  # a summary.json that is not JSON
+    except TrainError:  # a summary.json that is not a JSON object
         return None

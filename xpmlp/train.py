@@ -12,8 +12,8 @@ from .compiled import CompiledStepper, compiled_steps
 from .config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
 from .ops import Scratch
 from .optim import SGD
-from .rundir import (SUMMARY, append_metrics, epoch_records, load_checkpoint, read_records, save_checkpoint,
-                     truncate_metrics, write_config, write_summary)
+from .rundir import (SUMMARY, DiskFull, append_metrics, check_shapes, epoch_records, hold_run_dir, load_checkpoint,
+                     read_records, save_checkpoint, truncate_metrics, write_config, write_summary)
 
 # The progress bar shows the latest step's loss and accuracy, read from the device at most
 # this often: each read waits for the GPU to finish the queued steps.
@@ -110,7 +110,10 @@ class Trainer:
         self.progress, self.log = progress, log
         # ``backend``: one the caller already chose (probing CUDA can take seconds).
         self.backend = backend or get_backend(config.device, notice=notice)
-        self.model = config.build(self.backend)
+        try:
+            self.model = config.build(self.backend)
+        except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError (a subclass)
+            raise TrainError(f"not enough memory on {self.backend.device} for {config.name}") from None
         self.optimizer = SGD(self.model, lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
         self.stepper = make_stepper(self.model, self.optimizer)
@@ -119,12 +122,14 @@ class Trainer:
         self._partial = {}  # the per-step records of an epoch interrupted midway
         if resume:
             params, velocity, state, self._partial = load_checkpoint(self.run_dir)
+            check_shapes(self.run_dir, params, self.model)
             self.model.load_state_arrays(params)
             self.optimizer.load_state([self.backend.asarray(v, dtype=self.model.dtype) for v in velocity])
             self.rng.bit_generator.state = state.pop("rng")
             state.pop("num_params")
             self.state.update(state, status="running")
         self._resumed = resume
+        self._saved_state = dict(self.state)  # as of the last checkpoint
         self.writer = None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
@@ -133,6 +138,8 @@ class Trainer:
     # -- files
 
     def write_config(self):
+        if self._resumed:  # the records first: a bad one stops the resume before any file changes
+            truncate_metrics(self.run_dir, self.state["epoch"])
         write_config(self.run_dir, self.config, self.backend)
 
     def _checkpoint(self, rng_state, pos=0, partial_time_s=0.0, partial=None):
@@ -141,6 +148,7 @@ class Trainer:
         state = dict(self.state, rng=rng_state, pos=pos, partial_time_s=partial_time_s,
                      num_params=len(self.model.parameters()))
         save_checkpoint(self.run_dir, self.model, self.optimizer, state, partial or {})
+        self._saved_state = dict(self.state)
 
     def _summary(self, last):
         summary = {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
@@ -152,10 +160,32 @@ class Trainer:
     # -- the loop: run -> epochs -> (step loop, end of epoch | interrupt) -> finish
 
     def run(self):
+        """Train to ``config.epochs`` as the run directory's one writer; returns summary.json's
+        path.  A full disk ends the run as interrupted at its last checkpoint (DiskFull)."""
+        with hold_run_dir(self.run_dir):
+            try:
+                return self._run()
+            except DiskFull:
+                self._after_disk_full()
+                raise
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+
+    def _after_disk_full(self):
+        """Record status interrupted as of the last checkpoint, if the disk lets us."""
+        self.state = dict(self._saved_state, status="interrupted")
+        epochs = [r for r in epoch_records(read_records(self.run_dir)) if r["epoch"] <= self.state["epoch"]]
+        try:
+            self._summary(epochs[-1] if epochs else {})
+        except (OSError, TrainError):
+            pass
+
+    def _run(self):
         be, dtype = self.backend, self.model.dtype
         train = (be.asarray(self.data.train_x, dtype=dtype), be.asarray(self.data.train_y))  # sent once
         test = (be.asarray(self.data.test_x, dtype=dtype), be.asarray(self.data.test_y))
-        if self._resumed:  # records past the checkpoint will be produced again
+        if self._resumed:  # records past the checkpoint will be produced again (done by write_config too)
             truncate_metrics(self.run_dir, self.state["epoch"])
         if self.state["epoch"] < self.config.epochs:
             self._warm_up(*train, self.config.batch_size)
@@ -242,8 +272,6 @@ class Trainer:
         if not last:  # no epoch finished in this call: report the last one on record
             last = self._last_epoch_record()
         self._summary(last)
-        if self.writer is not None:
-            self.writer.close()
         return self.run_dir / SUMMARY
 
     def _warm_up(self, x, y, batch):
