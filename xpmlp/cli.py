@@ -133,6 +133,9 @@ def _prepare_out(args, config):
     if args.resume:
         return Path(args.resume), False
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    holder = rundir.lock_holder(out)
+    if holder is not None:
+        raise rundir.RunDirBusy.of(out, holder)
     if (out / rundir.CHECKPOINT).exists():
         raise UserError(f"--out {out} already holds a run; resume it with --resume {out} or choose another --out")
     created = not out.exists()

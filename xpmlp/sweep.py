@@ -219,14 +219,18 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
                 log.close()
                 del running[proc]
                 status = _status(run_dir)
+                taken = None if proc.returncode == 0 else _taken(run_dir)
                 if status in ("completed", "diverged") and proc.returncode == 0:
                     finished += 1
                     tqdm.write(f"{status:9} {run_dir}  [{finished}/{len(todo)} runs]")
-                elif status == "interrupted":
+                elif status == "interrupted" and not taken:
                     tqdm.write(f"interrupted {run_dir} (rerun the sweep to resume it)")
-                elif rundir.lock_holder(run_dir) not in (None, proc.pid):  # another sweep got there first
+                elif taken == "done":  # another sweep got there first, and finished it
+                    finished += 1
+                    tqdm.write(f"done   {run_dir} (by another process)  [{finished}/{len(todo)} runs]")
+                elif taken:  # another sweep got there first: this one's run was refused
                     busy.append(run_dir)
-                    tqdm.write(f"skip   {run_dir}: in use by process {rundir.lock_holder(run_dir) or '?'}")
+                    tqdm.write(f"skip   {run_dir}: {taken}")
                 else:
                     failed.append(run_dir)
                     tqdm.write(f"FAILED {run_dir} (exit {proc.returncode}; see {run_dir / 'train.log'})")
@@ -270,6 +274,22 @@ def _epochs_logged(log_path):
             return sum(1 for line in f if line.startswith("epoch "))
     except FileNotFoundError:
         return 0
+
+
+def _taken(run_dir):
+    """Why a run that failed here belongs to another process (a sweep started at the same
+    time won the race for it): "done" if that process finished it, else a reason, or None."""
+    holder = rundir.lock_holder(run_dir)
+    if holder is not None:
+        return f"in use by process {holder or '?'}"
+    if run_state(run_dir) == "done":
+        return "done"
+    try:
+        with open(run_dir / "train.log") as f:
+            last = f.read().strip().rsplit("\n", 1)[-1]
+    except FileNotFoundError:
+        return None
+    return last.removeprefix("xpmlp: error: ") if "in use by another process" in last else None
 
 
 def _status(run_dir):
