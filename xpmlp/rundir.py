@@ -292,9 +292,12 @@ class RunDirBusy(TrainError):
 
 
 def _lock_file(run_dir, create):
+    """The open lock file; None when there is none to read (``create`` False)."""
+    if create:
+        return open(Path(run_dir) / LOCK, "a+")
     try:
-        return open(Path(run_dir) / LOCK, "a+" if create else "r+")
-    except FileNotFoundError:
+        return open(Path(run_dir) / LOCK, "r+")
+    except OSError:  # absent, or run_dir is no directory: nobody holds it
         return None
 
 
