@@ -76,20 +76,26 @@ def _kill_self():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _on_call(obj, name, n, before=None):
-    """Replace obj.name by a wrapper that kills this process at its n-th call (after
-    ``before(*args)`` when given, which may do part of the work first)."""
+def _on_call(obj, name, n, before=None, when=None):
+    """Replace obj.name by a wrapper that kills this process at its n-th call (counting only
+    calls for which ``when(*args)`` holds, if given), after ``before(*args)`` when given,
+    which may do part of the work first."""
     original, calls = getattr(obj, name), [0]
 
     def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == n:
-            if before is not None:
-                before(*args, **kwargs)
-            _kill_self()
+        if when is None or when(*args):
+            calls[0] += 1
+            if calls[0] == n:
+                if before is not None:
+                    before(*args, **kwargs)
+                _kill_self()
         return original(*args, **kwargs)
 
     setattr(obj, name, wrapper)
+
+
+def _to_checkpoint(src, dst):  # os.replace has other callers (Numba's cache)
+    return Path(dst).name == rundir.CHECKPOINT
 
 
 def _half_append(run_dir, records):  # a torn record: half of the bytes reach the file
@@ -114,8 +120,7 @@ KILL_POINTS = {
     "torn-metrics-append": (lambda: _on_call(train, "append_metrics", 2, before=_half_append), "--resume"),
     "after-metrics-before-checkpoint": (lambda: _on_call(train.Trainer, "_checkpoint", 2), "--resume"),
     "inside-checkpoint-write": (lambda: _on_call(rundir.np, "savez", 2, before=_half_savez), "--resume"),
-    # os.replace: 1 config.json, 2 and 3 the checkpoints of epochs 1 and 2
-    "checkpoint-written-not-renamed": (lambda: _on_call(rundir.os, "replace", 3), "--resume"),
+    "checkpoint-written-not-renamed": (lambda: _on_call(rundir.os, "replace", 2, when=_to_checkpoint), "--resume"),
     "final-checkpoint": (lambda: _on_call(train.Trainer, "_checkpoint", 3), "--resume"),
     "before-summary": (lambda: _on_call(train.Trainer, "_summary", 1), "--resume"),
 }
@@ -143,6 +148,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, straight, capsys, point):
     run = tmp_path / "run"
     killed_run(point, run)
     had_checkpoint, had_config = (run / "checkpoint.npz").exists(), (run / "config.json").exists()
+    left_temp = no_temp_files(run)
     how = KILL_POINTS[point][1]
     again = ["--resume", run] if how == "--resume" else [*ARGS, "--out", run]
     code, out, err = xpmlp_main(capsys, "train", *again, "--epochs", EPOCHS, "--device", "numpy", "--quiet")
@@ -153,6 +159,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path, straight, capsys, point):
     if point == "torn-metrics-append":
         assert err.count("warning") == 1 and "metrics.jsonl" in err, err
     assert_same_trajectory(run, straight)
+    if point in ("inside-checkpoint-write", "checkpoint-written-not-renamed"):
+        assert left_temp, "the kill left no temporary file: the test proved nothing"
     assert no_temp_files(run) == [], "temporary files of the killed writer were left"
 
 
@@ -608,3 +616,16 @@ sys.exit(code)
     assert p.returncode == 130, p.stdout + p.stderr
     assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
     assert "interrupted in epoch 1 after" in p.stdout
+
+
+def test_run_files_share_one_mode(tmp_path, synthetic, capsys):
+    """Atomically written files (config, summary, checkpoint) get the mode a plain open()
+    gives metrics.jsonl, not mkstemp's 0600."""
+    run = tmp_path / "run"
+    umask = os.umask(0o022)
+    try:
+        assert xpmlp_main(capsys, "train", *ARGS, "--epochs", 1, "--out", run)[0] == 0
+    finally:
+        os.umask(umask)
+    modes = {name: (run / name).stat().st_mode & 0o777 for name in rundir.RESULT_FILES}
+    assert set(modes.values()) == {0o644}, modes
