@@ -94,6 +94,19 @@ def _on_call(obj, name, n, before=None, when=None):
     setattr(obj, name, wrapper)
 
 
+def _on_step(n):
+    """Kill this process at its n-th optimizer step (the warm-up step counts), whichever
+    stepper the trainer runs: the compiled one (Numba) or the ops' one."""
+    calls = [0]
+    for cls in (train.Stepper, train.CompiledStepper):
+        def step(self, *args, _original=cls.step):
+            calls[0] += 1
+            if calls[0] == n:
+                _kill_self()
+            return _original(self, *args)
+        cls.step = step
+
+
 def _to_checkpoint(src, dst):  # os.replace has other callers (Numba's cache)
     return Path(dst).name == rundir.CHECKPOINT
 
@@ -113,9 +126,9 @@ def _half_savez(file, **arrays):  # a temporary checkpoint cut short
 # the last, then the final checkpoint and summary.json), and how the user goes on.
 KILL_POINTS = {
     "before-config": (lambda: _on_call(rundir, "write_json", 1), "--out"),
-    "first-epoch-no-checkpoint": (lambda: _on_call(train.Stepper, "step", 4), "--resume"),
-    "first-epoch-no-checkpoint-same-out": (lambda: _on_call(train.Stepper, "step", 4), "--out"),
-    "mid-epoch-2": (lambda: _on_call(train.Stepper, "step", ITERS + 4), "--resume"),
+    "first-epoch-no-checkpoint": (lambda: _on_step(4), "--resume"),
+    "first-epoch-no-checkpoint-same-out": (lambda: _on_step(4), "--out"),
+    "mid-epoch-2": (lambda: _on_step(ITERS + 4), "--resume"),
     "inside-evaluation": (lambda: _on_call(train, "evaluate", 2), "--resume"),
     "torn-metrics-append": (lambda: _on_call(train, "append_metrics", 2, before=_half_append), "--resume"),
     "after-metrics-before-checkpoint": (lambda: _on_call(train.Trainer, "_checkpoint", 2), "--resume"),
@@ -600,13 +613,14 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
     script = f"""
 import os, signal, sys
 from xpmlp import cli, train
-step, calls = train.Stepper.step, [0]
-def step_then_ctrl_c(self, *args):
-    step(self, *args)
-    calls[0] += 1
-    if calls[0] == 3:
-        os.kill(os.getpid(), signal.SIGINT)
-train.Stepper.step = step_then_ctrl_c
+calls = [0]
+for cls in (train.Stepper, train.CompiledStepper):  # whichever the trainer runs
+    def step_then_ctrl_c(self, *args, _step=cls.step):
+        _step(self, *args)
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    cls.step = step_then_ctrl_c
 code = cli.main({args!r})
 os.kill(os.getpid(), signal.SIGINT)
 sys.exit(code)
