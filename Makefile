@@ -41,6 +41,7 @@ reproduce: $(STAMP)
 	$(VENV)/bin/xpmlp sweep experiments/table11_models.toml experiments/table12_learning_rate.toml \
 	    experiments/table13_momentum.toml experiments/table14_batch_size.toml --jobs 2 --device cpu
 	$(VENV)/bin/xpmlp report --runs-under runs/reproduce --published $(REFERENCE) --out experiments/results --copy-runs
+	$(PY) experiments/confusion_table11.py runs/reproduce experiments/results/fig_confusion_table11.png
 
 # Tables and figures again from the committed records alone: no training, no data.
 report: $(STAMP)

@@ -290,3 +290,16 @@ def test_committed_tables_are_what_their_records_rebuild(tmp_path, where):
     assert runs, f"no records under {where / 'runs'}"
     rebuilt = report.make_report([p.parent for p in runs], tmp_path, PUBLISHED, figures=False)[0]
     assert rebuilt.read_bytes() == (where / "tables.md").read_bytes()
+
+
+def test_confusion_figure_script_names_the_networks_it_lacks(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "confusion_table11", Path(__file__).resolve().parents[1] / "experiments" / "confusion_table11.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    make_run(tmp_path, "mlp0-mse", model="mlp0-mse", epochs=1, ipe=2)   # no checkpoint
+    assert script.main([str(tmp_path), str(tmp_path / "fig.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0-layer + MSE" in err[0] and "2-layer + Relu + SCE" in err[0]
+    assert not (tmp_path / "fig.png").exists()
