@@ -298,7 +298,7 @@ def test_confusion_figure_script_names_the_networks_it_lacks(tmp_path, capsys):
         "confusion_table11", Path(__file__).resolve().parents[1] / "experiments" / "confusion_table11.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    make_run(tmp_path, "mlp0-mse", model="mlp0-mse", epochs=1, ipe=2)   # no checkpoint
+    make_run(tmp_path, "mlp0-mse", model="mlp0-mse", epochs=1, ipe=2, only_epochs=True)   # no checkpoint
     assert script.main([str(tmp_path), str(tmp_path / "fig.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "0-layer + MSE" in err[0] and "2-layer + Relu + SCE" in err[0]
