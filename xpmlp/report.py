@@ -128,10 +128,14 @@ def match_seeds(reference: dict, runs, ignore=()) -> dict:
     return out
 
 
+def lowest_seeds(seeded: dict) -> dict:
+    """{table: [(row, Run | None), ...]}: the lowest seed's run of each row of match_seeds."""
+    return {t: [(row, rs[0] if rs else None) for row, rs in pairs] for t, pairs in seeded.items()}
+
+
 def match_runs(reference: dict, runs, ignore=()) -> dict:
     """{table: [(row, Run | None), ...]}: the lowest seed's run of each row (see match_seeds)."""
-    return {t: [(row, rs[0] if rs else None) for row, rs in pairs]
-            for t, pairs in match_seeds(reference, runs, ignore).items()}
+    return lowest_seeds(match_seeds(reference, runs, ignore))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -236,7 +240,7 @@ def _seed_section(title: str, keys, seeded) -> list[str]:
 def write_tables(seeded: dict, out_dir, runs, title="Runs vs. the reference tables") -> Path:
     """tables.md: per table, the lowest seed's run of each row against the reference, and
     where rows have several seeds, their statistics. Depends only on the records read."""
-    matched = {t: [(row, rs[0] if rs else None) for row, rs in pairs] for t, pairs in seeded.items()}
+    matched = lowest_seeds(seeded)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_rows = sum(len(p) for p in matched.values())
