@@ -112,6 +112,9 @@ ELEMENTWISE = {
     "xpmlp_sgd_step": (  # v <- m*v + (g + wd*p); p <- p - lr*v over the flat buffers
         "T g, T lr, T momentum, T weight_decay", "T p, T v",
         "T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi;"),
+    "xpmlp_sgd_step_stacked": (  # the same for K stacked models, (K, 1) hyperparameters, frozen rows kept
+        "T g, T lr, T momentum, T weight_decay, bool active", "T p, T v",
+        "if (active) { T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi; }"),
     "xpmlp_relu_backward": (  # Eq. (7)
         "T y, T grad_y", "T grad_x", "grad_x = y > (T)0 ? grad_y : (T)0;"),
     "xpmlp_sigmoid_forward": (  # Eq. (8) from e^-|x|: no overflow
@@ -125,7 +128,7 @@ ELEMENTWISE = {
 # float32 elements beyond rtol 1e-6).  Separate IEEE roundings cost nothing in a step that
 # is bound by memory traffic, and give the CPU's bits exactly (subnormals aside, which
 # -ftz flushes), so the GPU and CPU optimizers can be compared bit for bit.
-ELEMENTWISE_OPTIONS = {"xpmlp_sgd_step": ("--fmad=false",)}
+ELEMENTWISE_OPTIONS = {"xpmlp_sgd_step": ("--fmad=false",), "xpmlp_sgd_step_stacked": ("--fmad=false",)}
 
 
 class CupyKernels:
@@ -137,6 +140,7 @@ class CupyKernels:
         kernels = {name: cupy.ElementwiseKernel(*spec, name, options=ELEMENTWISE_OPTIONS.get(name, ()))
                    for name, spec in ELEMENTWISE.items()}
         self._sgd = kernels["xpmlp_sgd_step"]
+        self._sgd_stacked = kernels["xpmlp_sgd_step_stacked"]
         self._relu_backward = kernels["xpmlp_relu_backward"]
         self._sigmoid_forward = kernels["xpmlp_sigmoid_forward"]
         self._sigmoid_backward = kernels["xpmlp_sigmoid_backward"]
@@ -146,6 +150,12 @@ class CupyKernels:
     def sgd_step(self, p, g, v, lr, momentum, weight_decay):
         t = p.dtype.type
         self._sgd(g, t(lr), t(momentum), t(weight_decay), p, v)
+
+    def sgd_step_stacked(self, p, g, v, lr, momentum, weight_decay, active):
+        """sgd_step for (K, P) buffers; (K,) hyperparameters and ``active`` broadcast per row."""
+        def column(a):
+            return a.reshape(-1, 1)
+        self._sgd_stacked(g, column(lr), column(momentum), column(weight_decay), column(active), p, v)
 
     def relu_backward(self, y, grad_y, grad_x):
         """grad_x = grad_y where y > 0, else 0, in one kernel instead of a mask and a multiply."""

@@ -34,6 +34,20 @@ def sgd_step(p, g, v, lr, momentum, weight_decay):
 
 
 @jit
+def sgd_step_stacked(p, g, v, lr, momentum, weight_decay, active):
+    # The same update for K stacked models, rows (K, P), each with its own lr, m, wd;
+    # a frozen model's row (active[k] False) is left as it is.
+    for k in range(p.shape[0]):
+        if not active[k]:
+            continue
+        lr_k, m_k, wd_k = lr[k], momentum[k], weight_decay[k]
+        for i in range(p.shape[1]):
+            vi = m_k * v[k, i] + (g[k, i] + wd_k * p[k, i])
+            v[k, i] = vi
+            p[k, i] = p[k, i] - lr_k * vi
+
+
+@jit
 def row_argmax(row):
     # np.argmax: the first maximum, or the first NaN if there is one.
     arg_max = 0
@@ -138,7 +152,7 @@ def sigmoid_backward(y, grad_y, grad_x, one):
 
 
 def _build():
-    return (sgd_step, softmax_xent, euclidean, bias_add, bias_grad, relu_forward, relu_backward,
+    return (sgd_step, sgd_step_stacked, softmax_xent, euclidean, bias_add, bias_grad, relu_forward, relu_backward,
             sigmoid_backward)
 
 
@@ -151,12 +165,17 @@ class NumbaKernels:
 
     def __init__(self):
         self._steps = {}  # the compiled training step per dtype, built on first use
-        (self._sgd, self._xent, self._euclidean, self.bias_add, self.bias_grad, self.relu_forward,
-         self.relu_backward, self._sigmoid_backward) = _build()
+        (self._sgd, self._sgd_stacked, self._xent, self._euclidean, self.bias_add, self.bias_grad,
+         self.relu_forward, self.relu_backward, self._sigmoid_backward) = _build()
 
     def sgd_step(self, p, g, v, lr, momentum, weight_decay):
         t = p.dtype.type
         self._sgd(p, g, v, t(lr), t(momentum), t(weight_decay))
+
+    def sgd_step_stacked(self, p, g, v, lr, momentum, weight_decay, active):
+        """sgd_step for (K, P) buffers of K stacked models; lr, momentum, weight_decay: (K,)
+        arrays of the buffers' dtype; rows whose ``active`` is False are not touched."""
+        self._sgd_stacked(p, g, v, lr, momentum, weight_decay, active)
 
     @staticmethod
     def _metrics(loss, acc, dtype, out):

@@ -40,7 +40,7 @@ XDIST_WORKERS = 4
 # The test files that hold CuPy tests (tests/test_gpu_check.py checks this list against
 # a collection of `-m gpu` over the whole suite).
 GPU_TEST_FILES = ("tests/test_backends.py", "tests/test_cross_backend.py", "tests/test_gradients.py",
-                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_train.py")
+                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_stack.py", "tests/test_train.py")
 STACK_MODELS = 17
 SHOWN_BENCH_KEYS = ("epoch_s", "torch_epoch_s", "gemm_limit_epoch_s", "ratio_torch", "ratio_limit", "ratio_floor")
 
@@ -96,6 +96,8 @@ def _preflight_args():
 
     return {
         "sgd_step": lambda xp, dt: (*arrays(xp, dt, (8,), (8,), (8,)), 0.01, 0.9, 5e-4),
+        "sgd_step_stacked": lambda xp, dt: (*arrays(xp, dt, (2, 8), (2, 8), (2, 8), (2,), (2,), (2,)),
+                                            xp.asarray([True, False])),
         "relu_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),
         "sigmoid_forward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3)),
         "sigmoid_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),

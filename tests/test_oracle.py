@@ -101,3 +101,40 @@ def test_training_matches_torch(backend, ops, name, lr):
     # The run moved the weights well away from their start, so the comparison means something.
     start = build_model(name, backend="numpy", dtype="float64", seed=1).state_arrays()
     assert rel_err(params[-2], start[-2]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mlp1-sigmoid-mse", "mlp2-relu-sce"])
+def test_stacked_training_matches_separate_torch_models(backend, ops, name):
+    """K = 3 stacked models, each with its own seed, init std, lr, momentum and weight decay,
+    against three torch models with their own torch.optim.SGD, on shared batches."""
+    seeds, stds = [1, 2, 3], [0.01, 0.1, 0.05]
+    lrs, momenta, decays = [0.1, 0.01, 0.05], [0.9, 0.0, 0.5], [5e-4, 0.0, 1e-3]
+    model = build_model(name, backend=backend, dtype="float64", seed=seeds, init_std=stds, stack=(3,), ops=ops)
+    opt = SGD(model, lr=lrs, momentum=momenta, weight_decay=decays)
+    start = [np.array(a) for a in model.state_arrays()]
+    nets = [torch_model(name, [a[k].reshape(-1) if a.shape[1] == 1 else a[k] for a in start]) for k in range(3)]
+    torch_opts = [torch.optim.SGD(net.parameters(), lr=lr, momentum=m, weight_decay=wd, dampening=0)
+                  for (net, _), lr, m, wd in zip(nets, lrs, momenta, decays)]
+    f64 = backend.dtype("float64")
+    ours, theirs = [], []
+    for x, labels in BATCHES:
+        out = model.forward(backend.asarray(x, dtype=f64))
+        ours.append(host(backend, model.loss.forward(out, backend.asarray(labels))))
+        model.backward(model.loss.backward())
+        opt.step()
+        losses = []
+        for (net, kind), torch_opt in zip(nets, torch_opts):
+            torch_opt.zero_grad()
+            loss = torch_loss(kind, net(torch.from_numpy(x)), torch.from_numpy(labels))
+            loss.backward()
+            torch_opt.step()
+            losses.append(loss.item())
+        theirs.append(losses)
+    np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=REL_TOL)
+    params = model.state_arrays()
+    for k, (net, _) in enumerate(nets):
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        for i, linear in enumerate(linears):
+            assert rel_err(params[2 * i][k], linear.weight.detach().numpy().T) <= REL_TOL, f"model {k} W{i}"
+            assert rel_err(params[2 * i + 1][k].reshape(-1), linear.bias.detach().numpy()) <= REL_TOL
+        assert rel_err(params[-2][k], start[-2][k]) > 1e-3, "the weights moved"

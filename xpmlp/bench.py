@@ -26,6 +26,10 @@ Method (the README's "Performance" section says the same):
   the batch gather (100 random rows) and the optimizer step (the fused SGD kernel over
   every parameter).  What an epoch costs beyond the floor is everything else: bias,
   activations, loss, the launches or Python calls between them, and cache traffic.
+- ``--stack K`` times instead K stacked models (stack.py) against one model at a time,
+  interleaved the same way: model-epochs per second of each and their ratio.  The K
+  models share the shuffle (seed 0) and take the report's Table 12 learning rates and
+  Table 13 momenta in turn, as ``xpmlp sweep ... --stack`` would train them.
 """
 import contextlib
 import json
@@ -113,6 +117,29 @@ def bench_ours(backend, x, y, dtype, ops=None, seed=0, compiled=True):
         perm = backend.asarray(rng.permutation(N_TRAIN))
         step_loop(stepper, x, y, perm, BATCH, losses, accs, 0, iters)
         return backend.to_numpy(losses)  # the once-per-epoch read of the metrics
+
+    return epoch, model
+
+
+# (lr, momentum) of the report's Tables 12 and 13 (the default point once): 16 settings.
+STACK_SETTINGS = ([(lr, MOMENTUM) for lr in (1.0, 0.1, 0.01, 0.001, 1e-4, 1e-5)]
+                  + [(LR, m) for m in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)])
+
+
+def bench_stacked(backend, x, y, dtype, models, ops=None, seed=0):
+    """(run_epoch, model): an epoch of ``models`` stacked models sharing one shuffle."""
+    settings = [STACK_SETTINGS[k % len(STACK_SETTINGS)] for k in range(models)]
+    model = build_model(MODEL, backend=backend, dtype=dtype, seed=[seed] * models, stack=(models,), ops=ops)
+    stepper = Stepper(model, SGD(model, lr=[lr for lr, _ in settings], momentum=[m for _, m in settings],
+                                        weight_decay=WEIGHT_DECAY))
+    rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
+    losses = xp.zeros((iters, models), dtype=model.dtype)
+    accs = xp.zeros((iters, models), dtype=model.dtype)
+
+    def epoch():
+        perm = backend.asarray(rng.permutation(N_TRAIN))
+        step_loop(stepper, x, y, perm, BATCH, losses, accs, 0, iters)
+        backend.to_numpy(losses)
 
     return epoch, model
 
@@ -263,12 +290,13 @@ def pin_to_one_core():
 
 
 def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None, kernels=True,
-        jax_peer=True, pin=False, busy=0):
+        jax_peer=True, pin=False, busy=0, stack=None):
     """The benchmark's result dict.  ``kernels=False`` runs the buffered ops (the fast
     path's array code) instead of the backend's fused kernels, to see what they are worth.
     ``threads``: CPU threads of every contender (None: ours by xpmlp's policy, the peers
     their own default).  ``pin``: every contender on one core, one thread each.  ``busy``:
-    also time each contender with that many CPU-bound processes running."""
+    also time each contender with that many CPU-bound processes running.  ``stack=K``: time
+    K stacked models against one model at a time instead."""
     affinity = os.sched_getaffinity(0) if pin else None
     pinned = pin_to_one_core() if pin else None
     if pin:
@@ -279,6 +307,8 @@ def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None,
     backend = get_backend(device)
     try:
         with limit_blas_threads(threads):
+            if stack:
+                return _run_stack(backend, dtype, epochs, threads, stack, ops=None if kernels else "buffered")
             result = _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy,
                           ops=None if kernels else "buffered")
         return dict(result, pinned_core=pinned, busy_processes=busy)
@@ -287,12 +317,35 @@ def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None,
             os.sched_setaffinity(0, affinity)
 
 
-def _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy, ops):
+def _data(backend, dtype):
+    """MNIST-shaped random data: (host x, host y, device x, device y)."""
     rng = np.random.default_rng(0)
     x_host = rng.random((N_TRAIN, FEATURES), dtype=np.float32) - np.float32(0.5)
     y_host = rng.integers(0, CLASSES, N_TRAIN)
-    x = backend.asarray(x_host, dtype=backend.dtype(dtype))
-    y = backend.asarray(y_host)
+    return x_host, y_host, backend.asarray(x_host, dtype=backend.dtype(dtype)), backend.asarray(y_host)
+
+
+def _run_stack(backend, dtype, epochs, threads, models, ops):
+    _, _, x, y = _data(backend, dtype)
+    stacked, model = bench_stacked(backend, x, y, dtype, models, ops)
+    stacked()  # its warm-up first, so the memory peak below is the stacked training's
+    memory_key, memory_mb = _peak_memory_mb(backend)
+    single, _ = bench_ours(backend, x, y, dtype, ops)
+    with np.errstate(all="ignore"):  # lr 1.0 and momentum 1.0 diverge, as in the report
+        median = _time_interleaved({"stacked": (stacked, backend.synchronize),
+                                    "single": (single, backend.synchronize)}, epochs, warmed=("stacked",))
+    stacked_rate, single_rate = models / median["stacked"], 1 / median["single"]
+    return {"model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs, "stack": models,
+            "stacked_epoch_s": median["stacked"], "epoch_s": median["single"],
+            "stacked_model_epochs_per_s": stacked_rate, "single_model_epochs_per_s": single_rate,
+            "ratio_stack": stacked_rate / single_rate, memory_key: memory_mb, **backend.describe(),
+            "ops": model.ops.name, "fused_kernels": model.ops.name == "fused", "threads": threads,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "versions": versions()}
+
+
+def _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy, ops):
+    x_host, y_host, x, y = _data(backend, dtype)
     ours, model = bench_ours(backend, x, y, dtype, ops)
     initial_weights = [(backend.to_numpy(layer.W).copy(), backend.to_numpy(layer.b).copy())
                        for layer in model.layers if hasattr(layer, "W")]
@@ -377,9 +430,25 @@ def format_table(r):
     return "\n".join(lines)
 
 
+def format_stack(r):
+    mem = next(k for k in r if k.startswith("peak_"))
+    return "\n".join([
+        f"{r['model']}, batch {r['batch_size']}, {r['dtype']}, on {r.get('device_name', r['device'])} "
+        f"({r['backend']}); median of {r['epochs_timed']} epochs after a warm-up",
+        f"{r['stack']} stacked models: {r['stacked_epoch_s'] * 1000:8.1f} ms an epoch, "
+        f"{r['stacked_model_epochs_per_s']:.3f} model-epochs/s",
+        f"one model at a time: {r['epoch_s'] * 1000:8.1f} ms an epoch, "
+        f"{r['single_model_epochs_per_s']:.3f} model-epochs/s",
+        f"ratio_stack {r['ratio_stack']:.3f}  {mem} {r[mem]:.0f}"])
+
+
 def main(args):
     result = run(args.device, args.dtype, args.epochs, torch_peer=not args.no_torch, threads=args.threads,
-                 kernels=not args.no_kernels, jax_peer=not args.no_jax, pin=args.pin, busy=args.busy)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+                 kernels=not args.no_kernels, jax_peer=not args.no_jax, pin=args.pin, busy=args.busy,
+                 stack=args.stack)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_stack(result) if args.stack else format_table(result))
     sys.stdout.flush()
     return 0

@@ -66,6 +66,32 @@ def _hidden(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 256,128: {text!r}") from None
 
 
+MAX_SEEDS = 64  # one stacked group: K models' weights, velocities and activations in memory
+
+
+def _seed_list(text):
+    """'0-4' or '0,3,7' (or both: '0-2,9'): distinct non-negative seeds, at most MAX_SEEDS."""
+    seeds = []
+    for item in text.split(","):
+        first, dash, last = item.strip().partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seeds like 0-4 or 0,3,7: {text!r}") from None
+        if low < 0 or high < low:
+            raise argparse.ArgumentTypeError(f"expected seeds like 0-4 or 0,3,7 (non-negative, low-high): {text!r}")
+        if high - low >= MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"at most {MAX_SEEDS} seeds in one run: {text!r}")
+        seeds += range(low, high + 1)
+    duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+    if duplicates:
+        raise argparse.ArgumentTypeError(f"seed {duplicates[0]} given twice in {text!r}")
+    if len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SEEDS} seeds in one run, got {len(seeds)}")
+    return seeds
+
+
 def add_train_flags(p):
     d = DEFAULTS
     g = p.add_argument_group("model")
@@ -81,6 +107,9 @@ def add_train_flags(p):
     g.add_argument("--weight-decay", type=_finite_float, help=f"(default: {d.weight_decay})")
     g.add_argument("--init-std", type=_finite_float, help=f"std of the initial weights (default: {d.init_std})")
     g.add_argument("--seed", type=int, help=f"weights and shuffling (default: {d.seed})")
+    g.add_argument("--seeds", type=_seed_list, metavar="LIST",
+                   help="train one model per seed as one stacked program, e.g. 0-4 or 0,3,7: a run "
+                        "directory per seed under --out, and their mean/std/min/max in --out/summary.json")
     g.add_argument("--dtype", choices=DTYPES, help=f"(default: {d.dtype})")
     g = p.add_argument_group("run")
     g.add_argument("--device", help=f"auto, cpu, numpy, cuda, cuda:N (default: {d.device})")
@@ -136,7 +165,7 @@ def _prepare_out(args, config):
     holder = rundir.lock_holder(out)
     if holder is not None:
         raise rundir.RunDirBusy.of(out, holder)
-    if (out / rundir.CHECKPOINT).exists():
+    if (out / rundir.CHECKPOINT).exists() or (out / rundir.GROUP_CHECKPOINT).exists():
         raise UserError(f"--out {out} already holds a run; resume it with --resume {out} or choose another --out")
     created = not out.exists()
     return _writable_dir(out, "--out"), created
@@ -170,6 +199,8 @@ def cmd_train(args):
     from .train import Trainer
 
     die_with_parent()  # a sweep's run ends with its sweep
+    if args.seeds is not None or (args.resume and (Path(args.resume) / rundir.GROUP_FILE).is_file()):
+        return train_seeds(args)
     config = config_from_args(args)
     threads = blas_threads()  # a bad $XPMLP_THREADS fails here, before any file
     progress = not args.quiet and sys.stderr.isatty()
@@ -206,6 +237,69 @@ def _resume_or_restart(run_dir, log):
         log(f"{run_dir}: no checkpoint yet (stopped before its first one); starting it again from scratch")
         rundir.clear_run_dir(run_dir)
     return False
+
+
+def train_seeds(args):
+    """``train --seeds LIST``: one stacked group, a run directory per seed under --out and an
+    aggregate summary.json; ``train --resume OUT`` of such a directory continues the group."""
+    from .backends import get_backend
+    from .data import load_mnist
+    from .stack import StackTrainer, aggregate, group_configs, hold_group, resume_or_restart
+    from .threads import blas_threads, limit_blas_threads
+
+    created = False
+    if args.resume:
+        out = Path(args.resume)
+        holder = rundir.lock_holder(out)
+        if holder is not None:
+            raise rundir.RunDirBusy.of(out, holder)
+        if args.seeds is not None or any(getattr(args, k) is not None for k in TRAJECTORY_KEYS):
+            raise UserError(f"--resume {out}: a seeds group resumes with the settings it was started with")
+        configs, run_dirs = group_configs(out)
+        if args.epochs is not None and args.epochs != configs[0].epochs:
+            raise UserError(f"--resume {out}: --epochs {args.epochs} contradicts the group's {configs[0].epochs}")
+    else:
+        if args.seed is not None:
+            raise UserError("give either --seed or --seeds, not both")
+        config = config_from_args(args)
+        configs = [dataclasses.replace(config, seed=s) for s in args.seeds]
+    threads = blas_threads()  # a bad $XPMLP_THREADS fails here, before any file
+    progress = not args.quiet and sys.stderr.isatty()
+    log = _log_fn(progress)
+    notices = []
+    backend = get_backend(configs[0].device, notice=notices.append)  # fail before any file
+    data = load_mnist(configs[0].data_dir, progress=progress)
+    if not args.resume:
+        out, created = _prepare_out(args, configs[0])
+        run_dirs = [out / f"seed={c.seed}" for c in configs]
+    try:
+        with hold_group(out, run_dirs):  # one writer of the group and of each seed's run directory
+            for line in notices:
+                print(line, file=sys.stderr)
+            resume = resume_or_restart(out, run_dirs, log)
+            trainer = StackTrainer(configs, run_dirs, data, out, resume=resume, progress=progress, log=log,
+                                   backend=backend)
+            if not resume:
+                trainer.write_config()
+            log(f"training {configs[0].name} with seeds {', '.join(str(c.seed) for c in configs)} as one stacked "
+                f"program on {backend.device} ({configs[0].dtype}) into {out}")
+            with limit_blas_threads(threads):
+                summaries = [rundir.read_json(path) for path in trainer.run()]
+            aggregated = aggregate(summaries)
+            rundir.write_json(out / rundir.SUMMARY, {
+                "runs": [str(d) for d in run_dirs], "seeds": [c.seed for c in configs],
+                "status": [s["status"] for s in summaries], **aggregated})
+    except (UserError, TrainError):
+        if created and not (out / rundir.GROUP_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing that looks like a result: leave no directory
+        raise
+    accs = aggregated.get("test_acc")
+    log(f"{len(configs)} seeds: " + ", ".join(f"{s['status']}" for s in summaries)
+        + (f"; test accuracy mean {_pct(accs['mean'])}, std {100 * accs['std']:.2f} points" if accs else "")
+        + f" -> {out}/summary.json")
+    if trainer.state["status"] == "interrupted":
+        print(f"xpmlp: interrupted; continue the group with: xpmlp train --resume {out}", file=sys.stderr)
+    return 0 if all(s["status"] in ("completed", "diverged") for s in summaries) else 130
 
 
 def cmd_eval(args):
@@ -304,7 +398,8 @@ def cmd_data(args):
 def cmd_sweep(args):
     from .sweep import run_sweep
     return run_sweep(args.configs, jobs=args.jobs, device=args.device, out=args.out,
-                     data_dir=args.data_dir, epochs=args.epochs, dry_run=args.dry_run)
+                     data_dir=args.data_dir, epochs=args.epochs, dry_run=args.dry_run, stack=args.stack,
+                     max_stack=args.max_stack)
 
 
 def cmd_report(args):
@@ -327,6 +422,8 @@ def cmd_report(args):
 
 
 def cmd_bench(args):
+    if args.stack and args.epochs < 3:
+        raise UserError(f"--stack reports a median of at least 3 epochs: --epochs {args.epochs} is too few")
     from .bench import main as bench_main
     return bench_main(args)
 
@@ -387,6 +484,10 @@ def build_parser():
     p.add_argument("--data-dir")
     p.add_argument("--epochs", type=int, help="override epochs (for a quick trial)")
     p.add_argument("--dry-run", action="store_true", help="list the grid and what would run")
+    p.add_argument("--stack", action="store_true",
+                   help="train the points that share architecture, batch size, dtype, epochs and device "
+                        "as stacked groups, one program each, in this process")
+    p.add_argument("--max-stack", type=_positive_int, metavar="K", help="at most K models in a group (memory)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables and figures from run directories")
@@ -416,6 +517,8 @@ def build_parser():
     p.add_argument("--pin", action="store_true", help="pin every contender to one core, one thread each")
     p.add_argument("--busy", type=_nonnegative_int, default=0, metavar="N",
                    help="also time every contender with N CPU-bound processes running (ratio_busy)")
+    p.add_argument("--stack", type=_positive_int, metavar="K",
+                   help="time K stacked models against one model at a time instead (model-epochs per second)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

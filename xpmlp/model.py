@@ -22,15 +22,19 @@ class FlatBuffers:
     """All parameters in one contiguous array and all gradients in another.
 
     Layers hold views into them, so the optimizer updates every W and b with a
-    handful of whole-buffer operations instead of one small kernel each.
+    handful of whole-buffer operations instead of one small kernel each.  With
+    ``stack=(K,)`` the buffers are (K, P), one row per stacked model, so per-model
+    hyperparameters broadcast as a (K, 1) column over the whole buffer.
     """
 
-    def __init__(self, xp, arrays, dtype):
+    def __init__(self, xp, arrays, dtype, stack=()):
+        self.stack = tuple(stack)
+        lead = len(self.stack)
         self.shapes = [tuple(a.shape) for a in arrays]
-        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.sizes = [int(np.prod(s[lead:])) for s in self.shapes]
         total = sum(self.sizes)
-        self.params = xp.empty((total,), dtype=dtype)
-        self.grads = xp.zeros((total,), dtype=dtype)
+        self.params = xp.empty(self.stack + (total,), dtype=dtype)
+        self.grads = xp.zeros(self.stack + (total,), dtype=dtype)
         for view, a in zip(self.split(self.params), arrays):
             view[...] = a
 
@@ -38,9 +42,22 @@ class FlatBuffers:
         """Views of ``flat`` shaped like each parameter, in order."""
         views, start = [], 0
         for shape, size in zip(self.shapes, self.sizes):
-            views.append(flat[start:start + size].reshape(shape))
+            views.append(flat[..., start:start + size].reshape(shape))
             start += size
         return views
+
+
+class PerModelNormal:
+    """Draws stacked weights of shape (K, ...) with model k's values from its own
+    ``numpy.random.Generator(seeds[k])`` and std ``stds[k]``: each stacked model starts
+    from exactly the weights its separate run would draw."""
+
+    def __init__(self, seeds, stds):
+        self.rngs = [np.random.default_rng(seed) for seed in seeds]
+        self.stds = list(stds)
+
+    def normal(self, loc, scale, size):  # ``scale`` is ignored: each model has its own std
+        return np.stack([rng.normal(loc, std, size=size[1:]) for rng, std in zip(self.rngs, self.stds)])
 
 
 class Sequential:
@@ -51,14 +68,16 @@ class Sequential:
     flat buffers, so that the optimizer has one slot to update.
     """
 
-    def __init__(self, layers, loss, backend, dtype, ops=None):
+    def __init__(self, layers, loss, backend, dtype, ops=None, stack=()):
         self.layers, self.loss = list(layers), loss
         self.backend, self.xp, self.dtype = backend, backend.xp, dtype
         self.ops = ops if ops is not None else loss.ops
+        self.stack = tuple(stack)  # (K,) for K models over a leading axis
         self.flat = None
         if self.ops.in_place:
             pairs = self.parameters()
-            self.flat = FlatBuffers(self.xp, [getattr(layer, name) for layer, name in pairs], dtype)
+            self.flat = FlatBuffers(self.xp, [getattr(layer, name) for layer, name in pairs], dtype,
+                                    stack=self.stack)
             for (layer, name), p, g in zip(pairs, self.flat.split(self.flat.params),
                                            self.flat.split(self.flat.grads)):
                 setattr(layer, name, p)
@@ -113,7 +132,11 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
 
     ``ops``: 'plain' (the Array API reference), 'buffered' (out= buffers, NumPy and CuPy)
     or 'fused' (the backend's kernels); by default the fastest the backend has, or
-    'plain' with ``fast=False``."""
+    'plain' with ``fast=False``.
+
+    ``stack=(K,)`` builds K models over a leading axis.  With a scalar ``seed`` one
+    generator draws all their weights; with K seeds (and a scalar or K values of
+    ``init_std``) model k draws exactly what ``build_mlp(seed=seed[k], ...)`` draws."""
     from .backends import get_backend
 
     backend = get_backend(backend)
@@ -125,7 +148,13 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     ops = ops_for(backend, ops, fast=fast is not False)
     xp_dtype = backend.dtype(dtype)
-    rng = np.random.default_rng(seed)
+    if np.ndim(seed):
+        if len(stack) != 1 or len(seed) != stack[0]:
+            raise ValueError(f"{len(seed)} seeds for stack={tuple(stack)}: give one seed per stacked model")
+        init_std = np.broadcast_to(init_std, (len(seed),))
+        rng = PerModelNormal(seed, init_std)
+    else:
+        rng = np.random.default_rng(seed)
     sizes = [in_features, *hidden, num_classes]
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -135,7 +164,7 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
             layers.append(ACTIVATIONS[activation](backend, xp_dtype, ops=ops))
     if loss == "mse":
         layers.append(Sigmoid(backend, xp_dtype, ops=ops))
-    return Sequential(layers, LOSSES[loss](backend, xp_dtype, ops=ops), backend, xp_dtype, ops)
+    return Sequential(layers, LOSSES[loss](backend, xp_dtype, ops=ops), backend, xp_dtype, ops, stack=stack)
 
 
 def build_model(name, *, backend="numpy", dtype="float32", init_std=0.01, seed=0, stack=(), fast=None,

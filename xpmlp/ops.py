@@ -70,8 +70,9 @@ class PlainOps:
     # -- Linear (Eqs. 4, 5)
 
     def linear(self, x, W, b, scratch):
-        """y = xW + b."""
-        y = self._matmul(x, W, self._out(scratch, "linear_y", x.shape[:-1] + W.shape[-1:]))
+        """y = xW + b.  A 2-D batch shared by stacked models gives each its output: (K, N, out)."""
+        lead = x.shape[:-2] if x.ndim >= W.ndim else W.shape[:-2]
+        y = self._matmul(x, W, self._out(scratch, "linear_y", lead + x.shape[-2:-1] + W.shape[-1:]))
         return self.bias_add(y, b)
 
     def linear_backward(self, x, W, grad_y, grad_W, grad_b, need_input_grad, scratch):
@@ -153,10 +154,15 @@ class PlainOps:
 
     # -- the optimizer and the batch
 
-    def sgd_update(self, p, g, v, lr, momentum, weight_decay, scratch):
-        """(p, v) after v <- m*v + (g + wd*p); p <- p - lr*v."""
-        v = momentum * v + (g + weight_decay * p)
-        return p - lr * v, v
+    def sgd_update(self, p, g, v, lr, momentum, weight_decay, scratch, active=None):
+        """(p, v) after v <- m*v + (g + wd*p); p <- p - lr*v.  Stacked models (a leading
+        axis of K): lr, momentum, weight_decay are (K, 1, ...) columns, and ``active``, a
+        boolean column or None (all), keeps the frozen models' p and v as they were."""
+        v_new = momentum * v + (g + weight_decay * p)
+        p_new = p - lr * v_new
+        if active is None:
+            return p_new, v_new
+        return self.xp.where(active, p_new, p), self.xp.where(active, v_new, v)
 
     def flush_denormals(self, a):
         """``a`` with the values below the dtype's smallest normal number set to zero."""
@@ -164,8 +170,11 @@ class PlainOps:
         return xp.where(xp.abs(a) < xp.finfo(a.dtype).smallest_normal, xp.zeros_like(a), a)
 
     def take_rows(self, a, indices, scratch, name):
-        """Rows ``indices`` of ``a`` (the batch gather)."""
-        return self.backend.take_rows(a, indices)
+        """Rows ``indices`` of ``a`` (the batch gather); (K, B) indices give K batches."""
+        if indices.ndim == 1:
+            return self.backend.take_rows(a, indices)
+        # The Array API's take wants 1-D indices: one stacked model at a time.
+        return self.xp.stack([self.backend.take_rows(a, indices[k, ...]) for k in range(indices.shape[0])])
 
 
 class BufferedOps(PlainOps):
@@ -234,7 +243,13 @@ class BufferedOps(PlainOps):
         grad = xp.subtract(exp_shifted / sum_exp, targets, out=scratch.get("dx", output.shape))
         return self._metrics(loss, accuracy(xp, output, labels), out) + (xp.divide(grad, n, out=grad),)
 
-    def sgd_update(self, p, g, v, lr, momentum, weight_decay, scratch):
+    def sgd_update(self, p, g, v, lr, momentum, weight_decay, scratch, active=None):
+        if active is not None:  # some stacked models frozen: their rows put back after the update
+            before = (scratch.get("sgd_p", p.shape), scratch.get("sgd_v", v.shape))
+            before[0][...], before[1][...] = p, v
+            self.sgd_update(p, g, v, lr, momentum, weight_decay, scratch)
+            p[...], v[...] = self.xp.where(active, p, before[0]), self.xp.where(active, v, before[1])
+            return p, v
         xp, tmp = self.xp, scratch.get("sgd_tmp", p.shape)
         xp.multiply(p, weight_decay, out=tmp)
         xp.add(g, tmp, out=tmp)
@@ -266,22 +281,37 @@ class FusedOps(BufferedOps):
         self.kernels = backend.kernels
 
     def euclidean(self, output, labels, scratch, out=None):
-        if output.ndim != 2:
+        if output.ndim not in (2, 3):
             return super().euclidean(output, labels, scratch, out)
         return self._fused_loss(self.kernels.euclidean, output, labels, scratch, out)
 
     def softmax_xent(self, output, labels, scratch, out=None):
-        if output.ndim != 2:
+        if output.ndim not in (2, 3):
             return super().softmax_xent(output, labels, scratch, out)
         return self._fused_loss(self.kernels.softmax_xent, output, labels, scratch, out)
 
-    @staticmethod
-    def _fused_loss(kernel, output, labels, scratch, out):
+    def _fused_loss(self, kernel, output, labels, scratch, out):
         grad = scratch.get("dx", output.shape)
-        return tuple(kernel(output, labels, grad, out)) + (grad,)
+        if output.ndim == 2:
+            return tuple(kernel(output, labels, grad, out)) + (grad,)
+        # Stacked models (K, N, C): the one-model kernel on each model's slice, so each
+        # computes exactly what it computes alone.  Labels (N,) are shared by all.
+        models = output.shape[0]
+        if out is None:
+            out = tuple(self.xp.empty((models,), dtype=output.dtype) for _ in range(2))
+        for k in range(models):
+            kernel(output[k], labels if labels.ndim == 1 else labels[k], grad[k],
+                   (out[0][..., k:k + 1], out[1][..., k:k + 1]))
+        return tuple(out) + (grad,)
 
-    def sgd_update(self, p, g, v, lr, momentum, weight_decay, scratch):
-        self.kernels.sgd_step(p, g, v, lr, momentum, weight_decay)  # flat buffers: contiguous
+    def sgd_update(self, p, g, v, lr, momentum, weight_decay, scratch, active=None):
+        if p.ndim == 1:
+            self.kernels.sgd_step(p, g, v, lr, momentum, weight_decay)  # flat buffers: contiguous
+        else:  # K stacked models' flat rows (K, P), (K, 1) hyperparameters; frozen rows skipped
+            if active is None:
+                active = scratch.get("sgd_all_active", (p.shape[0], 1), dtype=bool)
+                active[...] = True
+            self.kernels.sgd_step_stacked(p, g, v, *(h.reshape(-1) for h in (lr, momentum, weight_decay, active)))
         return p, v
 
 
@@ -303,12 +333,20 @@ class NumbaOps(FusedOps):
     an epoch (measured, mlp2-relu-sce)."""
 
     def bias_add(self, y, b):
+        if y.ndim == 3:  # stacked: each model's slice as one model does it
+            for k in range(y.shape[0]):
+                self.kernels.bias_add(y[k], b[k, 0])
+            return y
         if y.ndim != 2:
             return super().bias_add(y, b)
         self.kernels.bias_add(y, b)
         return y
 
     def bias_grad(self, grad_y, grad_b):
+        if grad_y.ndim == 3:
+            for k in range(grad_y.shape[0]):
+                self.kernels.bias_grad(grad_y[k], grad_b[k, 0])
+            return grad_b
         if grad_y.ndim != 2:
             return super().bias_grad(grad_y, grad_b)
         self.kernels.bias_grad(grad_y, grad_b)

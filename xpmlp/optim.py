@@ -7,7 +7,13 @@ The rule is written once, as the ops' ``sgd_update``, and applied to each slot: 
 (parameter, gradient, velocity) triple.  A model whose ops update in place keeps every
 parameter in one flat buffer, so it has one slot and a step is one pass; on the plain
 path each parameter is a slot of its own, and the update rebinds it.
+
+For K stacked models (``model.stack == (K,)``) each hyperparameter may be one value or
+K values, kept on the device as a (K,) array and given to the rule as a column that
+broadcasts over each model's rows; ``freeze(k)`` masks model k's updates from then on.
 """
+import numpy as np
+
 from .ops import Scratch
 
 
@@ -54,6 +60,11 @@ class FlatSlot:
 class SGD:
     def __init__(self, model, lr=0.01, momentum=0.0, weight_decay=0.0):
         self.model, self.ops = model, model.ops
+        self.stacked = bool(model.stack)
+        if self.stacked:
+            lr, momentum, weight_decay = (self._per_model(h) for h in (lr, momentum, weight_decay))
+            self._active_host = [True] * model.stack[0]
+            self.active = model.backend.asarray(self._active_host)
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         xp = model.xp
         if model.flat is not None:
@@ -63,10 +74,33 @@ class SGD:
                           for layer, name in model.parameters()]
         self.scratch = Scratch(xp, model.dtype)
 
+    def _per_model(self, value):
+        """One hyperparameter as a (K,) device array of the model's dtype."""
+        host = np.broadcast_to(np.asarray(value, dtype=np.float64), self.model.stack)
+        return self.model.backend.asarray(host, dtype=self.model.dtype)
+
+    def freeze(self, k):
+        """Stop updating stacked model ``k`` (it diverged): its weights and velocity stay
+        as they are, and the other models' updates are unaffected."""
+        self._active_host[k] = False
+        self.active = self.model.backend.asarray(self._active_host)
+
     def step(self):
+        if self.stacked:
+            return self._step_stacked()
         for slot in self.slots:
             slot.param, slot.velocity = self.ops.sgd_update(
                 slot.param, slot.grad, slot.velocity, self.lr, self.momentum, self.weight_decay, self.scratch)
+
+    def _step_stacked(self):
+        xp = self.model.xp
+        for slot in self.slots:
+            def column(h, ndim=slot.param.ndim):  # (K,) -> (K, 1, ...) over the slot's rows
+                return xp.reshape(h, (h.shape[0],) + (1,) * (ndim - 1))
+            active = None if all(self._active_host) else column(self.active)
+            slot.param, slot.velocity = self.ops.sgd_update(
+                slot.param, slot.grad, slot.velocity, column(self.lr), column(self.momentum),
+                column(self.weight_decay), self.scratch, active=active)
 
     def flush_denormals(self):
         """Set parameters and velocities smaller than the dtype's smallest normal number

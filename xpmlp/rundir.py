@@ -34,6 +34,8 @@ from .config import TrainConfig, TrainError
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.npz"
 RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
+# A stacked group's directory (stack.py): its members, and its one checkpoint while it trains.
+GROUP_FILE, GROUP_CHECKPOINT = "stack.json", "stack-checkpoint.npz"
 EPOCHS_COPY = "epochs.jsonl"
 LOCK = ".lock"
 TEMP_SUFFIX = ".tmp"  # of atomic writes in progress; a killed writer's are removed by the next

@@ -17,9 +17,14 @@ whose summary says completed or diverged, resumes interrupted ones from their
 checkpoint, and starts the rest; runs that another live process holds (another sweep)
 are skipped, and said so.  Every grid point is checked before any run starts, and a
 killed sweep's runs end with it.
+
+With ``stack=True`` the points that share architecture, batch size, dtype, epochs,
+device and run settings train as stacked groups (stack.py) in this process, one group
+at a time, MNIST loaded once; each group's checkpoint lives in ``<out>/.stacks/``.
 """
 import ctypes
 import dataclasses
+import hashlib
 import itertools
 import os
 import signal
@@ -31,7 +36,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig, TrainError
-from .threads import blas_threads
+from .threads import blas_threads, limit_blas_threads
 
 # Settings that do not change what a run computes: kept out of directory names.
 _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
@@ -144,13 +149,17 @@ def _command(run_dir, settings, state, device, data_dir):
     return cmd
 
 
-def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epochs=None, dry_run=False):
-    """Run every grid point of the configs, ``jobs`` at a time.  Returns an exit status:
-    0 when every run completed or diverged, 1 when some failed."""
+def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epochs=None, dry_run=False,
+              stack=False, max_stack=None):
+    """Run every grid point of the configs, ``jobs`` at a time (``stack``: in stacked groups
+    of at most ``max_stack`` models).  Returns an exit status: 0 when every run completed or
+    diverged, 1 when some failed, 130 when interrupted."""
     from tqdm import tqdm
 
     if jobs < 1:
         raise TrainError("--jobs must be at least 1")
+    if max_stack is not None and max_stack < 1:
+        raise TrainError("--max-stack must be at least 1")
     runs = {}  # run dir -> settings; the same point in two configs runs once
     given = {k: v for k, v in dict(epochs=epochs, device=device, data_dir=data_dir).items() if v is not None}
     for path in config_paths:
@@ -166,6 +175,22 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
           f"{sum(st == 'resume' for *_, st in todo)} to resume; {jobs} at a time", flush=True)
     for run_dir in busy:
         print(f"skip   {run_dir}: in use by process {rundir.lock_holder(run_dir) or '?'}", flush=True)
+    stacked_done = 0
+    if stack:
+        groups, todo = plan_stacks(todo, max_stack, device)
+        if dry_run:
+            for group_dir, members, state in groups:
+                print(f"  stack {state:6} {group_dir} ({len(members)} runs: {', '.join(d.name for d, _ in members)})")
+        else:
+            for group_dir, members, state in groups:
+                result = run_stack_group(group_dir, members, state, device=device, data_dir=data_dir)
+                if result == "interrupted":
+                    print("sweep interrupted; run the same command again to resume", file=sys.stderr)
+                    return 130
+                if result == "done":
+                    stacked_done += len(members)
+                else:  # another process holds the group or one of its runs
+                    busy += [d for d, _ in members]
     # Slowest first (small batches, deep nets), so the last runs to finish are short ones.
     todo = sorted((t for t in todo if t[2] not in ("done", "busy")), key=_cost, reverse=True)
     busy_at_start = len(busy)
@@ -241,7 +266,7 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
     if stop:
         print("sweep interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"sweep: {finished} of {len(todo) + busy_at_start} runs finished"
+    print(f"sweep: {finished + stacked_done} of {len(todo) + busy_at_start + stacked_done} runs finished"
           + (f"; failed: {', '.join(map(str, failed))}" if failed else "")
           + (f"; skipped {len(busy)} in use by another process" if busy else ""), flush=True)
     return 0 if finished == len(todo) + busy_at_start else 1
@@ -259,6 +284,93 @@ def die_with_parent():
     if os.getppid() != int(parent):  # it died before we asked
         print("xpmlp: the sweep that started this run has ended; not starting it", file=sys.stderr)
         sys.exit(130)
+
+
+def plan_stacks(todo, max_stack, device):
+    """(groups, the rest): each group (group dir, [(run dir, settings)], 'new' or 'resume')
+    of grid points that share a program; the rest, today's (run dir, settings, state) items,
+    are the points left to run alone, each said in one line.
+
+    Groups are formed over every point, finished or not, so that a rerun finds the same
+    group (and its checkpoint) whatever finished since."""
+    from .stack import GROUP_FILE, group_key, group_state
+
+    by_key = {}
+    for item in todo:
+        settings = dict(item[1], **({"device": device} if device else {}))
+        by_key.setdefault(group_key(TrainConfig(**settings)), []).append(item)
+    groups, rest = [], []
+    for items in by_key.values():
+        size = max_stack or len(items)
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            names = "\n".join(sorted(str(d) for d, _, _ in chunk))
+            group_dir = chunk[0][0].parent / ".stacks" / \
+                f"{TrainConfig(**chunk[0][1]).name}-{hashlib.sha1(names.encode()).hexdigest()[:10]}"
+            state = group_state(group_dir)
+            if state is not None and state["status"] != "completed":
+                members = [Path(d) for d in rundir.read_json(group_dir / GROUP_FILE)["members"]]
+                settings = {d: s for d, s, _ in chunk}
+                groups.append((group_dir, [(d, settings[d]) for d in members], "resume"))
+                rest += [t for t in chunk if t[0] not in members]
+                continue
+            new = [(d, s) for d, s, st in chunk if st == "new"]
+            for d, _, st in chunk:
+                if st == "resume":
+                    print(f"alone  {d}: has its own checkpoint from a run outside a stack", flush=True)
+            rest += [t for t in chunk if t[2] != "new"]
+            if new:
+                groups.append((group_dir, new, "new"))
+    return groups, rest
+
+
+def run_stack_group(group_dir, members, state, *, device=None, data_dir=None):
+    """Train one stacked group (a plan_stacks item) in this process, holding the group's
+    directory and each member's run directory while it trains.  Returns "done" (every member
+    completed or diverged), "interrupted" (Ctrl-C or SIGTERM: the group's checkpoint is
+    saved) or "busy" (another process holds the group or one of its runs; nothing done).
+    An executor may call it in a worker process: MNIST is read, and sent to each device,
+    once per process."""
+    from tqdm import tqdm
+
+    from .backends import get_backend
+    from .data import load_mnist
+    from .stack import StackTrainer, clear_group, hold_group
+
+    die_with_parent()  # in a worker process started by a sweep: the group ends with its sweep
+    overrides = dict(**({"device": device} if device else {}), **({"data_dir": data_dir} if data_dir else {}))
+    configs = [TrainConfig(**dict(s, **overrides)) for _, s in members]
+    run_dirs = [d for d, _ in members]
+    first = configs[0]
+    if first.data_dir not in _LOADED:
+        _LOADED[first.data_dir] = load_mnist(first.data_dir, progress=sys.stderr.isatty())
+    if first.device not in _LOADED:
+        _LOADED[first.device] = get_backend(first.device, notice=tqdm.write)
+    try:
+        with hold_group(group_dir, run_dirs):
+            if state == "new":  # whatever a start that never reached its first checkpoint left
+                clear_group(group_dir, run_dirs)
+            tqdm.write(f"stack  {group_dir} ({state}): {len(run_dirs)} runs as one program: "
+                       + ", ".join(d.name for d in run_dirs))
+            trainer = StackTrainer(configs, run_dirs, _LOADED[first.data_dir], group_dir, resume=state == "resume",
+                                   progress=sys.stderr.isatty(), log=tqdm.write, backend=_LOADED[first.device],
+                                   device_data=_DEVICE_DATA)
+            if state == "new":
+                trainer.write_config()
+            with limit_blas_threads(blas_threads()):  # xpmlp's thread policy, as a single run
+                trainer.run()
+    except rundir.RunDirBusy as exc:
+        tqdm.write(f"skip   {group_dir}: {exc}")
+        return "busy"
+    if trainer.state["status"] == "interrupted":
+        return "interrupted"
+    for d in run_dirs:
+        tqdm.write(f"{_status(d):9} {d}")
+    return "done"
+
+
+_LOADED = {}  # data dir -> MNIST, device -> backend: read and set up once per process
+_DEVICE_DATA = {}  # (backend, dtype) -> MNIST on that device: sent once per process
 
 
 def _cost(item):

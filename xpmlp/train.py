@@ -49,7 +49,7 @@ class _StopFlag:
 
 
 def evaluate(model, x, y, chunk=1000):
-    """Mean loss and accuracy over a whole set, read back once."""
+    """Mean loss and accuracy over a whole set, read back once (per model, when stacked)."""
     n = x.shape[0]
     loss_sum = acc_sum = 0
     for start in range(0, n, chunk):
@@ -60,7 +60,9 @@ def evaluate(model, x, y, chunk=1000):
         loss_sum = loss_sum + loss * rows
         acc_sum = acc_sum + acc * rows
     be = model.backend
-    return float(be.to_numpy(loss_sum)) / n, float(be.to_numpy(acc_sum)) / n
+    means = [np.asarray(be.to_numpy(total), dtype=np.float64) / n for total in (loss_sum, acc_sum)]
+    # Stacked models: two (K,) arrays, each model's value as it would be alone.
+    return tuple(means) if model.stack else tuple(float(m) for m in means)
 
 
 class Stepper:
@@ -87,7 +89,7 @@ def step_loop(stepper, x, y, perm, batch, losses, accs, start, stop, after_step=
     trainer runs and the bench times.  ``after_step(i)`` (progress, interruption) returns
     True to end the loop early.  Returns the number of steps done by the end."""
     for i in range(start, stop):
-        stepper.step(x, y, perm[i * batch:(i + 1) * batch], losses, accs, i)
+        stepper.step(x, y, perm[..., i * batch:(i + 1) * batch], losses, accs, i)  # (K, n): one row a model
         if after_step is not None and after_step(i):
             return i + 1
     return stop
