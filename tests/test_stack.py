@@ -420,7 +420,7 @@ def test_bench_stack_reports_model_epochs_and_their_ratio(monkeypatch):
 
     monkeypatch.setattr(bench.Stepper, "step", step)
     r = bench.run(device="cpu", epochs=3, threads=1, stack=5)
-    assert set(timed) == {(5,), ()} and timed.count((5,)) == 4 * 10  # a warm-up and three timed epochs of 10 steps
+    assert timed.count((5,)) == 4 * 10  # a warm-up and three timed epochs; the single model may be compiled
     assert r["stack"] == 5
     assert r["stacked_model_epochs_per_s"] == pytest.approx(5 / r["stacked_epoch_s"])
     assert r["single_model_epochs_per_s"] == pytest.approx(1 / r["epoch_s"])
