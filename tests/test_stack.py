@@ -285,6 +285,94 @@ def test_seeds_with_seed_is_a_user_error(tmp_path):
                       "--seed")
 
 
+# ---------------------------------------------------------------- --seeds: one writer, interrupt and resume
+
+def seeds_record(root, seeds):
+    """Each seed's run record, and the aggregate summary less its times."""
+    agg = json.loads((root / "summary.json").read_text())
+    agg.pop("train_time_s")
+    return [record(root / f"seed={s}") for s in seeds], {k: v for k, v in agg.items() if k != "runs"}
+
+
+def assert_same_seeds(a, b, seeds):
+    for s in seeds:
+        assert_same_record(a / f"seed={s}", b / f"seed={s}")
+    assert seeds_record(a, seeds)[1] == seeds_record(b, seeds)[1]
+
+
+@pytest.fixture(scope="module")
+def straight_seeds(tmp_path_factory):
+    from test_cli import FAST, xpmlp
+    cwd = tmp_path_factory.mktemp("seeds")
+    rc, _, err = xpmlp("train", *FAST, "--epochs", "4", "--seeds", "0-2", "--quiet", "--out", "straight", cwd=cwd)
+    assert rc == 0, err
+    return cwd / "straight"
+
+
+@pytest.mark.parametrize("held", [".", "seed=1"], ids=["group", "member"])
+@pytest.mark.parametrize("resume", [False, True], ids=["out", "resume"])
+def test_seeds_of_a_directory_another_process_holds_is_one_line(tmp_path, straight_seeds, held, resume):
+    import shutil
+    from test_cli import FAST, assert_user_error, snapshot, xpmlp
+    from test_faults import held_by_another_process
+    out = tmp_path / "seeds"
+    if resume:
+        shutil.copytree(straight_seeds, out)
+        args = ("--resume", "seeds")
+    else:
+        (out / held).mkdir(parents=True, exist_ok=True)
+        args = (*FAST, "--epochs", "1", "--seeds", "0-2", "--out", "seeds")
+    before = snapshot(out)
+    with held_by_another_process(out / held) as holder:
+        assert_user_error(xpmlp("train", *args, cwd=tmp_path), f"in use by another process (pid {holder.pid})")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_interrupted_seeds_say_how_to_resume_and_resume_identically(tmp_path, straight_seeds, sig):
+    import os
+    import subprocess
+    import sys
+    import time
+    from test_cli import FAST, env, xpmlp
+    proc = subprocess.Popen([sys.executable, "-m", "xpmlp", "train", *FAST, "--epochs", "4", "--seeds", "0-2",
+                             "--quiet", "--out", "cut"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "cut" / "stack-checkpoint.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))  # in epoch 2
+    _, err = proc.communicate(timeout=120)
+    if sig == "SIGKILL":
+        assert proc.returncode == -9
+    else:
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines()[-1] == "xpmlp: interrupted; continue the group with: xpmlp train --resume cut"
+        statuses = json.loads((tmp_path / "cut" / "summary.json").read_text())["status"]
+        assert statuses == ["interrupted"] * 3
+    rc, _, err = xpmlp("train", "--resume", "cut", "--quiet", cwd=tmp_path)
+    assert rc == 0, err
+    assert_same_seeds(tmp_path / "cut", straight_seeds, [0, 1, 2])
+
+
+def test_seeds_stopped_before_their_first_checkpoint_start_again(tmp_path, straight_seeds):
+    """A group killed before its first checkpoint: --resume (or the same --out) starts it
+    again from scratch, saying so, whatever records it had begun."""
+    from test_cli import FAST, xpmlp
+    from xpmlp.stack import group_configs
+    configs, _ = group_configs(straight_seeds)
+    out = tmp_path / "seeds"
+    t = StackTrainer(configs, [out / f"seed={c.seed}" for c in configs], None, out, progress=False)
+    t.write_config()
+    (out / "seed=1" / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 1}\n')  # a record of the killed start
+    rc, said, err = xpmlp("train", "--resume", "seeds", cwd=tmp_path)
+    assert rc == 0, err
+    assert "no group checkpoint yet (stopped before its first one); starting it again from scratch" in said
+    assert_same_seeds(out, straight_seeds, [0, 1, 2])
+    rc, _, err = xpmlp("train", *FAST, "--epochs", "4", "--seeds", "0-2", "--out", "seeds", cwd=tmp_path)
+    assert rc == 2 and "already holds a run; resume it with --resume seeds" in err
+
+
 # ---------------------------------------------------------------- sweep --stack
 
 STACK_GRID = """
@@ -402,6 +490,31 @@ def test_sweep_stack_loads_mnist_once(tmp_path, monkeypatch, capsys):
         assert run_sweep([str(tmp_path / "grid.toml")], stack=True, data_dir=str(real_mnist_dir())) == 0
     out = capsys.readouterr().out
     assert out.count("stack  ") == 2 and len(calls) == 1, out
+
+
+def test_sweep_stack_skips_what_another_process_holds(tmp_path, capsys):
+    """A held run is left out of its group, and a held group (another sweep trains it) is
+    skipped whole, touching nothing; the sweep says so and exits 1."""
+    from helpers import real_mnist_dir
+    from test_cli import snapshot
+    from test_faults import held_by_another_process
+    from xpmlp.sweep import load_grid, run_stack_group, run_sweep
+    grid = tmp_path / "grid.toml"
+    grid.write_text(STACK_GRID.replace("{out}", str(tmp_path / "runs")).replace("epochs = 3", "epochs = 1")
+                    .replace("lr = [0.01, 0.1, 1e6]", "lr = [0.1]"))
+    held, other = (tmp_path / "runs" / name for name, _ in load_grid(grid)[0])
+    held.mkdir(parents=True)
+    with held_by_another_process(held) as holder:
+        assert run_sweep([str(grid)], stack=True, data_dir=str(real_mnist_dir())) == 1
+        out = capsys.readouterr().out
+        assert f"skip   {held}: in use by process {holder.pid}" in out and "skipped 1 in use" in out, out
+        assert json.loads((other / "summary.json").read_text())["status"] == "completed"
+        assert not (held / "config.json").exists()
+        before = snapshot(tmp_path / "runs")
+        settings = dict(load_grid(grid)[0][0][1], data_dir=str(real_mnist_dir()))
+        assert run_stack_group(tmp_path / "group", [(held, settings)], "new") == "busy"
+        assert f"in use by another process (pid {holder.pid})" in capsys.readouterr().out
+        assert snapshot(tmp_path / "runs") == before
 
 
 # ---------------------------------------------------------------- bench --stack

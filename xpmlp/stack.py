@@ -14,6 +14,7 @@ once and every model's first layer multiplies the same 2-D input.
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -121,7 +122,7 @@ class StackTrainer:
         member's config.json, as its single run writes it."""
         self.group_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_json(self.group_dir / GROUP_FILE,
-                          {"members": [str(d) for d in self.run_dirs], "shared_shuffle": self.shared_shuffle,
+                          {"members": _relative(self.run_dirs, self.group_dir), "shared_shuffle": self.shared_shuffle,
                            "group": {k: getattr(self.config, k) for k in GROUP_KEYS},
                            "per_model": {k: [getattr(c, k) for c in self.configs] for k in PER_MODEL_KEYS}})
         for cfg, run_dir in zip(self.configs, self.run_dirs):
@@ -133,7 +134,7 @@ class StackTrainer:
         arrays.update({f"velocity_{i}": self.backend.to_numpy(v) for i, v in enumerate(self.optimizer.state())})
         arrays.update({f"partial_{k}": v for k, v in (partial or {}).items()})
         state = dict(self.state, rngs=rng_states, pos=pos, partial_time_s=partial_time_s,
-                     member_status=self.member_status, members=[str(d) for d in self.run_dirs],
+                     member_status=self.member_status, members=_relative(self.run_dirs, self.group_dir),
                      num_params=len(self.model.parameters()))
         arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
         rundir.atomic_write(self.group_dir / GROUP_CHECKPOINT, lambda f: np.savez(f, **arrays))
@@ -352,12 +353,18 @@ class StackTrainer:
                     leave=False, unit="it", dynamic_ncols=True)
 
 
+def _relative(run_dirs, group_dir):
+    """The members as stack.json names them: relative to the group directory, so that a
+    group moved or resumed from another working directory still finds them."""
+    return [os.path.relpath(d, group_dir) for d in run_dirs]
+
+
 def group_configs(group_dir):
     """(configs, run dirs) of the group that ``group_dir``'s stack.json describes."""
     path = Path(group_dir) / GROUP_FILE
     saved = rundir.read_json(path)
     try:
-        members = [Path(d) for d in saved["members"]]
+        members = [Path(os.path.normpath(Path(group_dir) / d)) for d in saved["members"]]
         configs = [TrainConfig(**saved["group"], **{k: saved["per_model"][k][i] for k in PER_MODEL_KEYS})
                    for i in range(len(members))]
         for config in configs:

@@ -293,7 +293,7 @@ def plan_stacks(todo, max_stack, device):
 
     Groups are formed over every point, finished or not, so that a rerun finds the same
     group (and its checkpoint) whatever finished since."""
-    from .stack import GROUP_FILE, group_key, group_state
+    from .stack import group_configs, group_key, group_state
 
     by_key = {}
     for item in todo:
@@ -304,15 +304,15 @@ def plan_stacks(todo, max_stack, device):
         size = max_stack or len(items)
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
-            names = "\n".join(sorted(str(d) for d, _, _ in chunk))
+            names = "\n".join(sorted(str(d.resolve()) for d, _, _ in chunk))
             group_dir = chunk[0][0].parent / ".stacks" / \
                 f"{TrainConfig(**chunk[0][1]).name}-{hashlib.sha1(names.encode()).hexdigest()[:10]}"
             state = group_state(group_dir)
             if state is not None and state["status"] != "completed":
-                members = [Path(d) for d in rundir.read_json(group_dir / GROUP_FILE)["members"]]
-                settings = {d: s for d, s, _ in chunk}
-                groups.append((group_dir, [(d, settings[d]) for d in members], "resume"))
-                rest += [t for t in chunk if t[0] not in members]
+                points = {d.resolve(): (d, s) for d, s, _ in chunk}
+                members = [d.resolve() for d in group_configs(group_dir)[1]]  # in the checkpoint's order
+                groups.append((group_dir, [points[d] for d in members], "resume"))
+                rest += [t for t in chunk if t[0].resolve() not in members]
                 continue
             new = [(d, s) for d, s, st in chunk if st == "new"]
             for d, _, st in chunk:
