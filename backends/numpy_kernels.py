@@ -7,8 +7,6 @@ There is no sigmoid forward kernel: Numba calls a scalar exp per element, 20x sl
 than NumPy's vectorised exp (measured 211 us against 10 us for a 100 x 256 batch).
 Constants come in as arguments of the arrays' dtype, so float32 stays float32.
 """
-import functools
-
 import numpy as np
 
 try:
@@ -61,34 +59,55 @@ def row_argmax(row):
 
 
 @jit
+def softmax_xent_row(logits, labels, grad_out, r, n):
+    # Row r of softmax_xent: writes its gradient row (softmax - onehot)/n and returns its
+    # loss term -log softmax(x)_label (float64; 0 without a target) and whether its
+    # arg-max is the label.  A label outside [0, k) gives the row no target (one_hot's row
+    # of zeros) and is never used as an index: Numba does not check bounds.
+    k = logits.shape[1]
+    label = labels[r]
+    has_target = 0 <= label < k
+    hit = row_argmax(logits[r]) == label
+    row_max = logits[r, 0]
+    for c in range(1, k):
+        row_max = max(row_max, logits[r, c])
+    sum_exp = 0.0
+    for c in range(k):
+        e = np.exp(logits[r, c] - row_max)
+        grad_out[r, c] = e
+        sum_exp += e
+    term = np.log(sum_exp) - (logits[r, label] - row_max) if has_target else 0.0
+    for c in range(k):
+        grad_out[r, c] = grad_out[r, c] / sum_exp / n
+    if has_target:
+        grad_out[r, label] -= 1.0 / n
+    return term, hit
+
+
+@jit
 def softmax_xent(logits, labels, grad_out):
     # Mean -log softmax(x)_label over rows, its gradient (softmax - onehot)/N, and the
     # fraction of rows whose arg-max is the label: all from one read of the logits.
-    # A label outside [0, k) gives its row no target (one_hot's row of zeros) and is
-    # never used as an index: Numba does not check bounds.
-    n, k = logits.shape
+    n = logits.shape[0]
     total = 0.0
     hits = 0
     for r in range(n):
-        label = labels[r]
-        has_target = 0 <= label < k
-        arg_max = row_argmax(logits[r])
-        hits += arg_max == label
-        row_max = logits[r, 0]
-        for c in range(1, k):
-            row_max = max(row_max, logits[r, c])
-        sum_exp = 0.0
-        for c in range(k):
-            e = np.exp(logits[r, c] - row_max)
-            grad_out[r, c] = e
-            sum_exp += e
-        if has_target:
-            total += np.log(sum_exp) - (logits[r, label] - row_max)
-        for c in range(k):
-            grad_out[r, c] = grad_out[r, c] / sum_exp / n
-        if has_target:
-            grad_out[r, label] -= 1.0 / n
+        term, hit = softmax_xent_row(logits, labels, grad_out, r, n)
+        total += term
+        hits += hit
     return total / n, hits / n
+
+
+@jit
+def euclidean_row(output, labels, grad_out, one, n_t, r):
+    # Row r of euclidean: writes its gradient row (x - t)/N and returns its ||x - t||^2
+    # (float64) and whether its arg-max is the label.
+    total = 0.0
+    for c in range(output.shape[1]):
+        diff = output[r, c] - one if c == labels[r] else output[r, c]
+        total += diff * diff
+        grad_out[r, c] = diff / n_t
+    return total, row_argmax(output[r]) == labels[r]
 
 
 @jit
@@ -201,13 +220,13 @@ class NumbaKernels:
         self._sigmoid_backward(y, grad_y, grad_x, y.dtype.type(1))  # a float32 one keeps float32
 
     def mlp_steps(self, dtype):
-        """The compiled training step of ReLU MLPs for ``dtype`` (numpy_step.py), as a
-        callable without its first argument, NumPy's gemm; None where that is not found."""
+        """The compiled training step of ReLU MLPs for ``dtype`` (numpy_step.py's MLPSteps,
+        bound to NumPy's gemm); None where that gemm is not found."""
         dtype = np.dtype(dtype)
         if dtype not in self._steps:
-            from .numpy_step import numpy_gemm, steps
+            from .numpy_step import MLPSteps, numpy_gemm
             gemm = numpy_gemm(dtype)
-            self._steps[dtype] = None if gemm is None else functools.partial(steps, gemm)
+            self._steps[dtype] = None if gemm is None else MLPSteps(gemm, dtype)
         return self._steps[dtype]
 
 

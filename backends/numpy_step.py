@@ -5,11 +5,20 @@ One call runs any number of steps (gather, forward, loss and accuracy, backward,
 with no Python between the operations.  The matrix products go to NumPy's own BLAS,
 called through ctypes with the arguments ``np.matmul`` gives it, so they return the same
 bits as the array code; every elementwise pass is fused into the loop over the rows the
-product just wrote, while they are still in cache:
-  forward   h = relu(a @ W + b)                    one pass after the product
-  loss      softmax cross-entropy (or sigmoid + Euclidean), gradient and accuracy, one pass
-  backward  g_prev = (g @ W^T) * [h > 0] and its bias gradient, one pass
-  SGD       each layer's W and b right after its last use, while its gradient is in cache
+product just wrote, while they are still in cache.
+
+A step is two phases, each of one task or of two halves that two threads can take:
+  rows      gather, h = relu(a @ W + b) layer by layer, the loss terms and gradient
+            (softmax cross-entropy, or sigmoid + Euclidean), g_prev = (g @ W^T) * [h > 0]:
+            all row by row, so the batch's rows split in two halves that never meet;
+  features  each layer's dW = a^T g, db = column sums of g and its SGD update, split by the
+            rows of W (the layer's input features), which only the thread owning them reads
+            or writes; and the step's mean loss and accuracy from the per-row terms.
+A task waits only for the tasks of the previous phase; tasks are claimed, not assigned
+(``_claim``), so a helper thread that is late or descheduled holds nothing back: the
+calling thread takes every task nobody has claimed, and waits only for a task in progress.
+The halves are cut where the products return the same bits as a whole product (checked
+by compiled.py), so one thread and two give the same training, bit for bit.
 Only ReLU hidden layers are compiled: Numba's scalar exp is ~20x slower than NumPy's
 vectorised one, so Sigmoid hidden layers keep the array path (see numpy_kernels.py).
 """
@@ -18,11 +27,11 @@ import os
 
 import numpy as np
 
-from .numpy_kernels import bias_grad, euclidean, jit, numba, sgd_step, sigmoid_backward, softmax_xent
+from .numpy_kernels import euclidean_row, jit, numba, sgd_step, sigmoid_backward, softmax_xent_row
 
 if numba is not None:
     from llvmlite import ir
-    from numba.core import types
+    from numba.core import cgutils, types
     from numba.extending import intrinsic
 else:  # numpy_kernels.load() gives no kernels without Numba: nothing here is called
     def intrinsic(fn):
@@ -32,6 +41,9 @@ else:  # numpy_kernels.load() gives no kernels without Numba: nothing here is ca
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # Loss codes of the compiled step
 SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1
+# The words of the ``sync`` array two threads share: (call generation << 32) | next task
+# to claim, and the number of tasks done.
+CLAIM, DONE = 0, 1
 
 
 def numpy_gemm(dtype):
@@ -77,14 +89,75 @@ def _call_gemm(typingctx, address, trans_a, trans_b, m, n, k, alpha, a, lda, b, 
     return types.void(address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc), codegen
 
 
+def _item_pointer(context, builder, array_type, array, index_type, index):
+    array = context.make_array(array_type)(context, builder, array)
+    index = context.cast(builder, index, index_type, types.intp)
+    return cgutils.get_item_pointer(context, builder, array_type, array, [index], wraparound=False)
+
+
+@intrinsic
+def _atomic_load(typingctx, array, index):
+    """array[index] of an int64 array, read atomically: a spin loop sees other threads' writes."""
+    def codegen(context, builder, signature, args):
+        ptr = _item_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        return builder.load_atomic(ptr, "seq_cst", 8)
+
+    return types.int64(array, index), codegen
+
+
+@intrinsic
+def _atomic_add(typingctx, array, index, value):
+    """array[index] += value atomically (int64); returns the old value."""
+    def codegen(context, builder, signature, args):
+        ptr = _item_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        return builder.atomic_rmw("add", ptr, context.cast(builder, args[2], signature.args[2], types.int64),
+                                  "seq_cst")
+
+    return types.int64(array, index, value), codegen
+
+
+@intrinsic
+def _atomic_cas(typingctx, array, index, expected, new):
+    """array[index] = new if it equals expected, atomically (int64); returns the old value."""
+    def codegen(context, builder, signature, args):
+        ptr = _item_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        old = builder.cmpxchg(ptr, context.cast(builder, args[2], signature.args[2], types.int64),
+                              context.cast(builder, args[3], signature.args[3], types.int64), "seq_cst", "seq_cst")
+        return builder.extract_value(old, 0)
+
+    return types.int64(array, index, expected, new), codegen
+
+
+@jit
+def _claim(sync, generation, total):
+    # The next task of this call (generation) nobody has claimed, or -1 when none is left
+    # or the call is over (a late helper finds a newer generation and leaves).
+    while True:
+        word = _atomic_load(sync, CLAIM)
+        task = word & 0xFFFFFFFF
+        if word >> 32 != generation or task >= total:
+            return -1
+        if _atomic_cas(sync, CLAIM, word, word + 1) == word:
+            return task
+
+
+@jit
+def _wait_done(sync, count):
+    # Spin until ``count`` tasks are done: a task takes ~0.1-1 ms, too short to sleep for.
+    while _atomic_load(sync, DONE) < count:
+        pass
+
+
 @jit
 def matmul(gemm, a, trans_a, b, trans_b, out):
-    # out = op(a) @ op(b) for C-contiguous a, b, out, op = transpose where asked:
-    # the call np.matmul makes for a (transposed) C-contiguous operand.
+    # out = op(a) @ op(b), op = transpose where asked, for arrays whose rows are contiguous
+    # (row slices, column slices): the call np.matmul makes for such (transposed) operands.
     m, n = out.shape
     k = a.shape[0] if trans_a else a.shape[1]
+    size = out.itemsize
     _call_gemm(gemm, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
-               out.dtype.type(1), a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], out.ctypes.data, n)
+               out.dtype.type(1), a.ctypes.data, a.strides[0] // size, b.ctypes.data, b.strides[0] // size,
+               out.ctypes.data, out.strides[0] // size)
 
 
 @jit
@@ -110,54 +183,165 @@ def sigmoid(h):
 
 
 @jit
-def relu_backward_bias_grad(g, h, grad_b):
-    # g = g * [h > 0] in place (Eq. 7) and grad_b = its column sums (Eq. 5), rows in order.
+def relu_mask(g, h):
+    # g = g * [h > 0] in place (Eq. 7).
     n, k = g.shape
-    for c in range(k):
-        grad_b[c] = 0
     for r in range(n):
         for c in range(k):
-            v = g[r, c] if h[r, c] > 0 else 0
-            g[r, c] = v
-            grad_b[c] += v
+            if not h[r, c] > 0:
+                g[r, c] = 0
+
+
+@jit
+def column_sums(g, out, lo, hi):
+    # out[c] = sum of g[:, c] for c in [lo, hi), rows added in order (Eq. 5's bias gradient).
+    for c in range(lo, hi):
+        out[c] = 0
+    for r in range(g.shape[0]):
+        for c in range(lo, hi):
+            out[c] += g[r, c]
+
+
+@jit
+def _half(j, parts, cut, size):
+    # [lo, hi) of half j of range(size) cut at ``cut``; the whole range for one part.
+    if parts == 1:
+        return 0, size
+    return (0, cut) if j == 0 else (cut, size)
+
+
+@jit
+def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_loss, row_hit):
+    # Phase one of step s for the batch rows [lo, hi): gather, forward, loss terms and
+    # gradient, backward down to the first layer's output gradient.
+    batch = xb.shape[0]
+    last = len(Ws) - 1
+    for r in range(lo, hi):
+        row = idx[s * batch + r]
+        xb[r, :] = x[row, :]
+        yb[r] = y[row]
+    a = xb[lo:hi]
+    for k in range(last + 1):
+        h = hs[k][lo:hi]
+        matmul(gemm, a, False, Ws[k], False, h)
+        bias_relu(h, bs[k], k < last)
+        a = h
+    out, g = hs[last], gs[last]
+    if loss_code == SOFTMAX_XENT:
+        for r in range(lo, hi):
+            row_loss[r], row_hit[r] = softmax_xent_row(out, yb, g, r, batch)
+    else:
+        one = out.dtype.type(1)
+        sigmoid(out[lo:hi])
+        for r in range(lo, hi):
+            row_loss[r], row_hit[r] = euclidean_row(out, yb, g, one, out.dtype.type(batch), r)
+        sigmoid_backward(out[lo:hi], g[lo:hi], g[lo:hi], one)  # in place
+    for k in range(last, 0, -1):
+        matmul(gemm, gs[k][lo:hi], False, Ws[k], True, gs[k - 1][lo:hi])
+        relu_mask(gs[k - 1][lo:hi], hs[k - 1][lo:hi])
+
+
+@jit
+def _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_bs, hs, gs,
+              params, grads, velocity, offsets, lr, momentum, weight_decay):
+    # Phase two, part j: every layer's weight-gradient rows and bias-gradient columns of this
+    # part, and their SGD update (nobody reads W once phase one is done).
+    for k in range(len(Ws)):
+        fan_in, fan_out = Ws[k].shape
+        f_lo, f_hi = _half(j, parts, feature_cuts[k], fan_in)
+        c_lo, c_hi = _half(j, parts, column_cuts[k], fan_out)
+        a = xb if k == 0 else hs[k - 1]
+        matmul(gemm, a[:, f_lo:f_hi], True, gs[k], False, grad_Ws[k][f_lo:f_hi])
+        column_sums(gs[k], grad_bs[k], c_lo, c_hi)
+        w, b = offsets[k], offsets[k] + fan_in * fan_out  # layer k's W, then its b, in the flat buffers
+        for lo, hi in ((w + f_lo * fan_out, w + f_hi * fan_out), (b + c_lo, b + c_hi)):
+            sgd_step(params[lo:hi], grads[lo:hi], velocity[lo:hi], lr, momentum, weight_decay)
 
 
 @jit
 def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code,
-          params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs):
-    """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y).
+          params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs,
+          row_loss, row_hit, parts, row_cut, feature_cuts, column_cuts, sync, generation, wait):
+    """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
+    ``parts`` (1 or 2) per phase claimed through ``sync``; call it from each thread taking
+    part, with the same arguments, and ``wait`` True in the one that needs the result.
+    Returns the number of tasks this call ran.
 
     Ws, bs, grad_Ws, grad_bs: views into the flat params and grads; layer k's W and b
     are params[offsets[k]:offsets[k + 1]].  hs[k]: layer k's output (after its ReLU),
-    gs[k]: dL/d(layer k's pre-activation output); xb, yb: the batch."""
+    gs[k]: dL/d(layer k's pre-activation output); xb, yb: the batch; row_loss, row_hit:
+    each row's loss term and hit.  Halves: batch rows cut at row_cut, layer k's input
+    features at feature_cuts[k], its outputs at column_cuts[k]."""
     batch = xb.shape[0]
-    n_layers = len(Ws)
-    last = n_layers - 1
-    n_t = xb.dtype.type(batch)
-    for s in range(losses.shape[0]):
-        for r in range(batch):  # gather
-            row = idx[s * batch + r]
-            xb[r, :] = x[row, :]
-            yb[r] = y[row]
-        a = xb
-        for k in range(n_layers):  # forward
-            matmul(gemm, a, False, Ws[k], False, hs[k])
-            bias_relu(hs[k], bs[k], k < last)
-            a = hs[k]
-        if loss_code == SOFTMAX_XENT:
-            loss, acc = softmax_xent(hs[last], yb, gs[last])
+    total = losses.shape[0] * 2 * parts
+    ran = 0
+    while True:
+        task = _claim(sync, generation, total)
+        if task < 0:
+            break
+        ran += 1
+        phase, j = task // parts, task % parts
+        _wait_done(sync, phase * parts)  # the previous phase's tasks
+        s = phase // 2
+        if phase % 2 == 0:
+            lo, hi = _half(j, parts, row_cut, batch)
+            _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_loss, row_hit)
         else:
-            sigmoid(hs[last])
-            loss, acc = euclidean(hs[last], yb, gs[last], xb.dtype.type(1), n_t)
-            sigmoid_backward(hs[last], gs[last], gs[last], xb.dtype.type(1))  # in place
-        losses[s], accs[s] = loss, acc
-        for k in range(last, -1, -1):  # backward, then this layer's SGD
-            matmul(gemm, hs[k - 1] if k > 0 else xb, True, gs[k], False, grad_Ws[k])
-            if k == last:
-                bias_grad(gs[k], grad_bs[k])
-            if k > 0:
-                matmul(gemm, gs[k], False, Ws[k], True, gs[k - 1])
-                relu_backward_bias_grad(gs[k - 1], hs[k - 1], grad_bs[k - 1])
-            lo, hi = offsets[k], offsets[k + 1]
-            sgd_step(params[lo:hi], grads[lo:hi], velocity[lo:hi], lr, momentum, weight_decay)
+            _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_bs, hs, gs,
+                      params, grads, velocity, offsets, lr, momentum, weight_decay)
+            if j == 0:  # the mean loss and accuracy, the terms added in row order
+                total_loss, hits = 0.0, 0
+                for r in range(batch):
+                    total_loss += row_loss[r]
+                    hits += row_hit[r]
+                losses[s] = total_loss / batch if loss_code == SOFTMAX_XENT else total_loss / (2 * batch)
+                accs[s] = hits / batch
+        _atomic_add(sync, DONE, 1)
+    if wait:
+        _wait_done(sync, total)
+    return ran
 
+
+def exact_cut(gemm, dtype, size, products, multiple=4):
+    """Where to cut ``size`` rows of a product's output in two so that each half's product
+    gives the same bits as the whole one, for every product (k, n, trans_a, trans_b) of
+    ``size`` rows: the cut nearest the middle, among multiples of ``multiple`` in the middle
+    half, or None.  BLAS kernels work in blocks of rows, so only some cuts keep the sums
+    in the same order (OpenBLAS on AVX-512 here: multiples of 12); the order of a kernel's
+    arithmetic does not depend on the data, so random data shows it."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for k, n, trans_a, trans_b in products:
+        a = rng.standard_normal((k, size) if trans_a else (size, k)).astype(dtype)
+        b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+        whole = np.empty((size, n), dtype=dtype)
+        matmul(gemm, a, trans_a, b, trans_b, whole)
+        arrays.append((a, b, trans_a, trans_b, whole))
+    middle = size // 2
+    for cut in sorted(range(multiple, size, multiple), key=lambda c: abs(c - middle)):
+        if not size // 4 <= cut <= size - size // 4:
+            break
+        if all(_halves_equal(gemm, cut, *arrays_k) for arrays_k in arrays):
+            return cut
+    return None
+
+
+def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole):
+    halves = np.empty_like(whole)
+    for lo, hi in ((0, cut), (cut, whole.shape[0])):
+        matmul(gemm, a[:, lo:hi] if trans_a else a[lo:hi], trans_a, b, trans_b, halves[lo:hi])
+    return np.array_equal(halves, whole)
+
+
+class MLPSteps:
+    """``steps`` bound to NumPy's gemm for one dtype: call it with steps' other arguments;
+    ``cut(size, products)`` is exact_cut for that gemm."""
+
+    def __init__(self, gemm, dtype):
+        self.gemm, self.dtype = gemm, np.dtype(dtype)
+
+    def __call__(self, *args):
+        return steps(self.gemm, *args)
+
+    def cut(self, size, products):
+        return exact_cut(self.gemm, self.dtype, size, products)

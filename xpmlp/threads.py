@@ -5,6 +5,11 @@ OpenBLAS's second thread buys at most ~1.4x on them, and only on an idle machine
 another process keeps a core busy, the two threads wait for each other at every product
 and an epoch becomes 3-15x slower.  One thread is steady (README, Performance, measured
 with `xpmlp bench --busy 1`).  ``XPMLP_THREADS`` or a command's ``--threads`` overrides it.
+
+The compiled step (xpmlp/compiled.py) does better with two cores: it splits each step
+between two threads of its own, each calling BLAS with one thread, and goes back to one
+while that is faster (a busy machine).  It takes two where this process may run on two
+cores, unless ``XPMLP_THREADS`` / ``--threads`` says 1.
 """
 import contextlib
 import os
@@ -24,6 +29,16 @@ def blas_threads(threads=None):
     if not value.strip().isdigit() or int(value) < 1:
         raise TrainError(f"XPMLP_THREADS must be a positive integer, got {value!r}")
     return int(value)
+
+
+def step_threads(threads=None):
+    """Threads of the compiled step: ``threads`` or ``$XPMLP_THREADS`` when given, else the
+    cores this process may run on; at most two (it splits a step in two halves)."""
+    if threads is None and os.environ.get("XPMLP_THREADS") is not None:
+        threads = blas_threads()
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, threads))
 
 
 def limit_blas_threads(threads=None):

@@ -14,10 +14,15 @@ from .ops import Scratch
 from .optim import SGD
 from .rundir import (SUMMARY, DiskFull, append_metrics, check_shapes, epoch_records, hold_run_dir, load_checkpoint,
                      read_records, save_checkpoint, truncate_metrics, write_config, write_summary)
+from .threads import step_threads
 
 # The progress bar shows the latest step's loss and accuracy, read from the device at most
 # this often: each read waits for the GPU to finish the queued steps.
 BAR_READ_INTERVAL_S = 2.0
+# Steps per call of the compiled step: enough that a call's fixed costs (Numba's dispatch
+# of ~30 arguments, waking the helper thread) vanish, few enough that Ctrl-C and the
+# progress bar wait at most ~0.1 s.
+STEPS_PER_CALL = 25
 
 
 # ---------------------------------------------------------------- the loop
@@ -87,19 +92,30 @@ class Stepper:
 def step_loop(stepper, x, y, perm, batch, losses, accs, start, stop, after_step=None):
     """Steps ``start`` to ``stop - 1`` of an epoch whose shuffle is ``perm``: the loop the
     trainer runs and the bench times.  ``after_step(i)`` (progress, interruption) returns
-    True to end the loop early.  Returns the number of steps done by the end."""
-    for i in range(start, stop):
-        stepper.step(x, y, perm[..., i * batch:(i + 1) * batch], losses, accs, i)  # (K, n): one row a model
-        if after_step is not None and after_step(i):
-            return i + 1
+    True to end the loop early.  A stepper with ``steps`` (the compiled one) gets up to
+    STEPS_PER_CALL steps a call, and ``after_step`` runs for each after its call.
+    Returns the number of steps done by the end."""
+    per_call = STEPS_PER_CALL if hasattr(stepper, "steps") else 1
+    for i in range(start, stop, per_call):
+        end = min(stop, i + per_call)
+        rows = perm[..., i * batch:end * batch]  # (K, n): one row a model
+        if per_call == 1:
+            stepper.step(x, y, rows, losses, accs, i)
+        else:
+            stepper.steps(x, y, rows, losses[..., i:end], accs[..., i:end])
+        if after_step is not None and any([after_step(j) for j in range(i, end)]):
+            return end
     return stop
 
 
-def make_stepper(model, optimizer, compiled=True):
+def make_stepper(model, optimizer, compiled=True, threads=None):
     """The compiled step (xpmlp/compiled.py) where the model's ops have one for it and
-    ``compiled``, else the Stepper of its ops."""
+    ``compiled``, on ``threads`` threads (default: threads.py's policy), else the Stepper
+    of its ops."""
     kernel = compiled_steps(model) if compiled else None
-    return CompiledStepper(model, optimizer, kernel) if kernel is not None else Stepper(model, optimizer)
+    if kernel is None:
+        return Stepper(model, optimizer)
+    return CompiledStepper(model, optimizer, kernel, step_threads(threads))
 
 
 class Trainer:
