@@ -6,11 +6,13 @@ BLAS calls, the same fused loss and SGD loops), so everything must match bit for
 With a Sigmoid output it computes e^x with Numba's scalar exp instead of NumPy's
 vectorised one: last-bit differences, so a float tolerance there.
 """
+import queue
+
 import numpy as np
 import pytest
 
 import xpmlp
-from xpmlp.compiled import CompiledStepper, compiled_steps
+from xpmlp.compiled import PROBE_EVERY, PROBE_STEPS, Chooser, CompiledStepper, compiled_steps
 from xpmlp.optim import SGD
 from xpmlp.train import Stepper, make_stepper
 
@@ -26,19 +28,19 @@ def _data(dtype, n=BATCH * STEPS):
     return (rng.random((n, 784)) - 0.5).astype(dtype), rng.integers(0, 10, n), rng.permutation(n)
 
 
-def _train(name, dtype, compiled, steps_per_call=1):
-    """(stepper, model, optimizer, losses, accuracies) after STEPS steps."""
+def _train(name, dtype, compiled, steps_per_call=1, batch=BATCH):
+    """(stepper, model, optimizer, losses, accuracies) after STEPS steps, on one thread."""
     model = xpmlp.build_model(name, backend="numpy", dtype=dtype, seed=1, init_std=0.1, ops="fused")
     optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    stepper = make_stepper(model, optimizer, compiled)
-    x, y, perm = _data(dtype)
+    stepper = make_stepper(model, optimizer, compiled, threads=1)
+    x, y, perm = _data(dtype, batch * STEPS)
     losses, accs = np.zeros(STEPS, dtype=dtype), np.zeros(STEPS, dtype=dtype)
     if steps_per_call == 1:
         for i in range(STEPS):
-            stepper.step(x, y, perm[i * BATCH:(i + 1) * BATCH], losses, accs, i)
+            stepper.step(x, y, perm[i * batch:(i + 1) * batch], losses, accs, i)
     else:
         for i in range(0, STEPS, steps_per_call):
-            stepper.steps(x, y, perm[i * BATCH:(i + steps_per_call) * BATCH],
+            stepper.steps(x, y, perm[i * batch:(i + steps_per_call) * batch],
                           losses[i:i + steps_per_call], accs[i:i + steps_per_call])
     return stepper, model, optimizer, losses, accs
 
@@ -120,3 +122,117 @@ def test_a_batch_of_another_dtype_is_converted_not_misread():
     rows = perm[:BATCH]
     want = untrained.loss.forward(untrained.forward(x[rows].astype(np.float32)), y[rows])
     np.testing.assert_allclose(losses[0], want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- two threads
+
+def _two_threads(name, dtype, batch=BATCH, steps_per_call=3):
+    """(stepper, model, optimizer, losses, accuracies) after STEPS steps, every call split
+    between the calling thread and the helper."""
+    model = xpmlp.build_model(name, backend="numpy", dtype=dtype, seed=1, init_std=0.1, ops="fused")
+    optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    stepper = CompiledStepper(model, optimizer, threads=2, adaptive=False)
+    x, y, perm = _data(dtype, batch * STEPS)
+    losses, accs = np.zeros(STEPS, dtype=dtype), np.zeros(STEPS, dtype=dtype)
+    for i in range(0, STEPS, steps_per_call):
+        stepper.steps(x, y, perm[i * batch:(i + steps_per_call) * batch],
+                      losses[i:i + steps_per_call], accs[i:i + steps_per_call])
+    return stepper, model, optimizer, losses, accs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["mlp0-sce", "mlp2-relu-sce", "mlp1-relu-mse", "mlp2-relu-mse"])
+def test_two_threads_train_as_one_bit_for_bit(name, dtype):
+    """The halves are cut where the products return the bits of whole ones, so splitting a
+    step between two threads changes nothing (and with softmax cross-entropy, the compiled
+    step on one thread equals the fused ops: above)."""
+    stepper, model, opt, losses, accs = _two_threads(name, dtype)
+    assert stepper._batch[-1] is not None, "no exact cut found: nothing split"
+    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=True, steps_per_call=3)
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(accs, want_accs)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt)[key], want, err_msg=key)
+
+
+def test_the_cuts_split_numpys_products_exactly():
+    """exact_cut's answer checked against NumPy's own matmul: each half's product has the
+    bits of the rows of the whole one."""
+    model = xpmlp.build_model("mlp2-relu-sce", backend="numpy", seed=1)
+    kernel = compiled_steps(model)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((100, 784)).astype(np.float32), rng.standard_normal((784, 256)).astype(np.float32)
+    cut = kernel.cut(100, [(784, 256, False, False)])
+    assert cut is not None and 25 <= cut <= 75
+    np.testing.assert_array_equal(np.vstack([a[:cut] @ b, a[cut:] @ b]), a @ b)
+    cut = kernel.cut(784, [(100, 256, True, False)])  # a weight gradient: a^T g, split by rows of W
+    g = rng.standard_normal((100, 256)).astype(np.float32)
+    np.testing.assert_array_equal(np.vstack([a[:, :cut].T @ g, a[:, cut:].T @ g]), a.T @ g)
+
+
+def test_the_helper_takes_part():
+    stepper, *_ = _two_threads("mlp2-relu-sce", np.float32)
+    x, y, perm = _data(np.float32)
+    losses, accs = np.zeros(STEPS, dtype=np.float32), np.zeros(STEPS, dtype=np.float32)
+    for _ in range(500):  # on a loaded machine the helper may be late for the first calls
+        if stepper._helper.tasks[0] > 0:
+            break
+        stepper.steps(x, y, perm, losses, accs)
+    assert stepper._helper.tasks[0] > 0
+
+
+def test_the_calling_thread_takes_every_task_if_no_helper_comes():
+    """Tasks are claimed, not assigned: a helper that never runs holds nothing back."""
+    stepper, model, opt, losses, accs = _two_threads("mlp2-relu-sce", np.float32, steps_per_call=1)
+    _, want_model, *_ = _two_threads("mlp2-relu-sce", np.float32)
+    stepper2, model2, *_ = _two_threads("mlp2-relu-sce", np.float32, steps_per_call=STEPS)
+    stepper2._helper.jobs = queue.SimpleQueue()  # jobs handed to nobody
+    x, y, perm = _data(np.float32)
+    for _ in range(2):
+        for s in (stepper, stepper2):
+            s.steps(x, y, perm, losses, accs)
+    np.testing.assert_array_equal(model2.flat.params, model.flat.params)
+
+
+def test_a_late_helper_of_an_earlier_call_takes_nothing():
+    stepper, model, *_ = _two_threads("mlp1-relu-sce", np.float32)
+    x, y, perm = _data(np.float32)
+    losses, accs = np.zeros(STEPS, dtype=np.float32), np.zeros(STEPS, dtype=np.float32)
+    jobs = queue.SimpleQueue()
+    stepper._helper.jobs = jobs  # keep the call's job instead of running it
+    stepper.steps(x, y, perm, losses, accs)
+    kernel, stale_args = jobs.get()
+    stepper.steps(x, y, perm, losses, accs)  # the next call: a new generation
+    params = model.flat.params.copy()
+    assert kernel(*stale_args) == 0  # no task claimed
+    np.testing.assert_array_equal(model.flat.params, params)
+
+
+def test_a_batch_too_small_to_split_runs_on_one_thread():
+    stepper, model, opt, losses, accs = _two_threads("mlp1-relu-sce", np.float32, batch=6)
+    assert stepper._batch[-1] is None and stepper._helper is None
+    _, want_model, *_ = _train("mlp1-relu-sce", np.float32, compiled=False, batch=6)
+    np.testing.assert_array_equal(model.flat.params, want_model.flat.params)
+
+
+def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
+    chooser, per_step = Chooser(), {1: 0.0008, 2: 0.0004}
+
+    def call(steps=25):
+        plan = chooser.plan(steps)
+        for threads, count in plan:
+            chooser.record(threads, count, count * per_step[threads])
+        return plan
+
+    assert [call(), call()] == [[(2, 25)], [(1, 25)]]  # each tried once, two threads first
+    plans = [call() for _ in range(2 * PROBE_EVERY)]
+    assert [p for p in plans if p != [(2, 25)]] == [[(1, PROBE_STEPS), (2, 25 - PROBE_STEPS)]] * 2
+    per_step[2] = 0.004  # the machine gets busy: a step waits for a descheduled helper
+    plans = [call() for _ in range(2 * PROBE_EVERY)]
+    assert plans[1:3] == [[(1, 25)]] * 2 and plans[-1] == [(1, 25)]
+    assert [p for p in plans[1:] if p != [(1, 25)]] == [[(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]] * 2
+    per_step[2] = 0.0004  # quiet again: the probes see it
+    plans = [call() for _ in range(4 * PROBE_EVERY)]
+    assert plans[-1] == [(2, 25)]
+    assert call(3) in ([(2, 3)], [(1, 3)])  # a call shorter than a probe is one way
+    assert chooser.steps_run[1] + chooser.steps_run[2] == 2 * 25 + 8 * PROBE_EVERY * 25 + 3

@@ -96,15 +96,16 @@ def _on_call(obj, name, n, before=None, when=None):
 
 def _on_step(n):
     """Kill this process at its n-th optimizer step (the warm-up step counts), whichever
-    stepper the trainer runs: the compiled one (Numba) or the ops' one."""
+    stepper the trainer runs: the compiled one (Numba; one step a call here) or the ops' one."""
     calls = [0]
-    for cls in (train.Stepper, train.CompiledStepper):
-        def step(self, *args, _original=cls.step):
+    train.STEPS_PER_CALL = 1
+    for cls, name in ((train.Stepper, "step"), (train.CompiledStepper, "steps")):
+        def step(self, *args, _original=getattr(cls, name)):
             calls[0] += 1
             if calls[0] == n:
                 _kill_self()
             return _original(self, *args)
-        cls.step = step
+        setattr(cls, name, step)
 
 
 def _to_checkpoint(src, dst):  # os.replace has other callers (Numba's cache)
@@ -614,13 +615,14 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
 import os, signal, sys
 from xpmlp import cli, train
 calls = [0]
-for cls in (train.Stepper, train.CompiledStepper):  # whichever the trainer runs
-    def step_then_ctrl_c(self, *args, _step=cls.step):
+train.STEPS_PER_CALL = 1
+for cls, name in ((train.Stepper, "step"), (train.CompiledStepper, "steps")):  # whichever the trainer runs
+    def step_then_ctrl_c(self, *args, _step=getattr(cls, name)):
         _step(self, *args)
         calls[0] += 1
         if calls[0] == 3:
             os.kill(os.getpid(), signal.SIGINT)
-    cls.step = step_then_ctrl_c
+    setattr(cls, name, step_then_ctrl_c)
 code = cli.main({args!r})
 os.kill(os.getpid(), signal.SIGINT)
 sys.exit(code)

@@ -1,9 +1,11 @@
 """The BLAS thread policy of train, sweep and bench (xpmlp/threads.py)."""
+import os
+
 import pytest
 from test_cli import assert_user_error, xpmlp
 from threadpoolctl import threadpool_info
 
-from xpmlp.threads import DEFAULT_THREADS, blas_threads, limit_blas_threads
+from xpmlp.threads import DEFAULT_THREADS, blas_threads, limit_blas_threads, step_threads
 
 
 def _blas_threads_now():
@@ -16,6 +18,18 @@ def test_one_blas_thread_by_default_unless_asked(monkeypatch):
     assert blas_threads(3) == 3
     monkeypatch.setenv("XPMLP_THREADS", "2")
     assert blas_threads() == 2 and blas_threads(1) == 1
+
+
+def test_the_compiled_step_takes_two_threads_where_two_cores_are_free_unless_asked(monkeypatch):
+    monkeypatch.delenv("XPMLP_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert step_threads() == 2  # at most two: it splits a step in two
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # e.g. bench --pin
+    assert step_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert step_threads(1) == 1 and step_threads(4) == 2
+    monkeypatch.setenv("XPMLP_THREADS", "1")  # e.g. each run of a sweep of two jobs on two cores
+    assert step_threads() == 1
 
 
 def test_the_limit_holds_numpys_blas_inside_the_block_only(monkeypatch):

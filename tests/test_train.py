@@ -182,10 +182,13 @@ def test_resume_drops_metrics_past_the_checkpoint(tmp_path, synthetic):
 
 # ---------------------------------------------------------------- Ctrl-C
 
-def interrupt_after(monkeypatch, t, steps):
+def interrupt_after(monkeypatch, t, steps, per_call=1):
     """Ctrl-C arrives after ``steps`` optimizer steps: a real SIGINT to this process, handled
-    by the Trainer's own _StopFlag (in the main thread; elsewhere the flag is set directly)."""
+    by the Trainer's own _StopFlag (in the main thread; elsewhere the flag is set directly).
+    The compiled stepper takes ``per_call`` steps a call (train.STEPS_PER_CALL), and Ctrl-C
+    waits for the call under way to end."""
     flags = []
+    monkeypatch.setattr(train, "STEPS_PER_CALL", per_call)
 
     class RecordingFlag(train._StopFlag):
         def __enter__(self):
@@ -194,21 +197,23 @@ def interrupt_after(monkeypatch, t, steps):
 
     monkeypatch.setattr(train, "_StopFlag", RecordingFlag)
     # The stepper's step, not the optimizer's: the compiled step runs SGD inside its kernel.
-    step, count = t.stepper.step, [0]
+    name = "steps" if hasattr(t.stepper, "steps") else "step"  # what the step loop calls
+    step, count = getattr(t.stepper, name), [0]
 
     def counting_step(*args):
         step(*args)
         if not flags:  # the warm-up step, taken before the epochs (and the stop flag) begin
             return
-        count[0] += 1
-        if count[0] == steps:
+        before = count[0]
+        count[0] += args[3].shape[0] if name == "steps" else 1  # steps: (x, y, idx, losses, accs)
+        if before < steps <= count[0]:
             if threading.current_thread() is threading.main_thread():
                 signal.raise_signal(signal.SIGINT)  # runs the handler before returning
             else:
                 flags[-1].stop = True
             assert flags[-1].stop, "SIGINT did not reach the Trainer's stop flag"
 
-    t.stepper.step = counting_step
+    setattr(t.stepper, name, counting_step)
     return count
 
 
@@ -242,6 +247,23 @@ def test_interrupt_checkpoints_and_resume_is_bit_identical(tmp_path, synthetic, 
     monkeypatch.undo()  # the resumed run is not interrupted
     summary = train_run(config(epochs=3), run, synthetic, resume=True)
     assert summary["status"] == "completed"
+    assert_same_trajectory(run, straight)
+
+
+def test_ctrl_c_ends_the_compiled_steps_call_under_way(tmp_path, synthetic, monkeypatch):
+    """Calls of 3 steps: Ctrl-C after step 4 stops after step 6, the end of that call, and
+    the checkpoint there resumes bit-identically."""
+    straight = tmp_path / "straight"
+    train_run(config(epochs=2), straight, synthetic)
+    run = tmp_path / "run"
+    t = trainer(config(epochs=2), run, synthetic)
+    assert hasattr(t.stepper, "steps"), "the compiled step is the default here"
+    count = interrupt_after(monkeypatch, t, 4, per_call=3)
+    t.run()
+    assert count[0] == 6
+    assert load_checkpoint(run)[2]["pos"] == 6
+    monkeypatch.undo()
+    assert train_run(config(epochs=2), run, synthetic, resume=True)["status"] == "completed"
     assert_same_trajectory(run, straight)
 
 

@@ -11,7 +11,8 @@ Method (the README's "Performance" section says the same):
   a 0.5 s pause that lets the previous one's spinning threads go idle; we report each
   one's median.  The device is synchronised before and after each timed epoch.
 - Ours is the trainer's own step loop and stepper: the compiled step where the model has
-  one (xpmlp/compiled.py), and then the ops' step loop too, to show what compiling buys.
+  one (xpmlp/compiled.py; on one or two threads as threads.py's policy says, each step on
+  two only while that is faster), and then the ops' step loop too, to show what compiling buys.
 - PyTorch eager runs the same model, loss and optimizer on the same device in the same
   process (when torch is installed); JAX (when installed, CPU only) the same network as one
   jitted ``lax.scan`` per epoch (bench_jax.py), from our initial weights, and the bench
@@ -103,12 +104,13 @@ def _time_interleaved(contenders, epochs, warmed=(), busy=0):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_ours(backend, x, y, dtype, ops=None, seed=0, compiled=True):
-    """(run_epoch, model): our training epoch, through the trainer's own step loop;
+def bench_ours(backend, x, y, dtype, ops=None, seed=0, compiled=True, threads=None):
+    """(run_epoch, model, stepper): our training epoch, through the trainer's own step loop;
     run_epoch returns the epoch's losses.  ``compiled``: the compiled step where the ops
-    have one (as the trainer chooses), else the ops' own Stepper."""
+    have one (as the trainer chooses, on ``threads`` threads), else the ops' own Stepper."""
     model = build_model(MODEL, backend=backend, dtype=dtype, seed=seed, ops=ops)
-    stepper = make_stepper(model, SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), compiled)
+    stepper = make_stepper(model, SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), compiled,
+                           threads)
     rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
     losses = xp.zeros((iters,), dtype=model.dtype)
     accs = xp.zeros((iters,), dtype=model.dtype)
@@ -118,7 +120,7 @@ def bench_ours(backend, x, y, dtype, ops=None, seed=0, compiled=True):
         step_loop(stepper, x, y, perm, BATCH, losses, accs, 0, iters)
         return backend.to_numpy(losses)  # the once-per-epoch read of the metrics
 
-    return epoch, model
+    return epoch, model, stepper
 
 
 # (lr, momentum) of the report's Tables 12 and 13 (the default point once): 16 settings.
@@ -274,6 +276,16 @@ def bench_jax(weights, x_host, y_host, first_perm, our_first_losses, seed=0):
     return epoch, version, check
 
 
+def _step_threads(stepper):
+    """The compiled step's threads and, where it had two, the share of its steps (all its
+    epochs, busy ones included) that ran on two."""
+    threads = getattr(stepper, "threads", None)
+    if threads != 2:
+        return {"step_threads": threads}
+    run = stepper.chooser.steps_run
+    return {"step_threads": 2, "two_thread_step_share": run[2] / max(1, run[1] + run[2])}
+
+
 def _peak_memory_mb(backend):
     if backend.name == "cupy":
         pool = backend.xp.get_default_memory_pool()
@@ -330,7 +342,7 @@ def _run_stack(backend, dtype, epochs, threads, models, ops):
     stacked, model = bench_stacked(backend, x, y, dtype, models, ops)
     stacked()  # its warm-up first, so the memory peak below is the stacked training's
     memory_key, memory_mb = _peak_memory_mb(backend)
-    single, _ = bench_ours(backend, x, y, dtype, ops)
+    single, *_ = bench_ours(backend, x, y, dtype, ops, threads=threads)
     with np.errstate(all="ignore"):  # lr 1.0 and momentum 1.0 diverge, as in the report
         median = _time_interleaved({"stacked": (stacked, backend.synchronize),
                                     "single": (single, backend.synchronize)}, epochs, warmed=("stacked",))
@@ -346,7 +358,7 @@ def _run_stack(backend, dtype, epochs, threads, models, ops):
 
 def _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy, ops):
     x_host, y_host, x, y = _data(backend, dtype)
-    ours, model = bench_ours(backend, x, y, dtype, ops)
+    ours, model, stepper = bench_ours(backend, x, y, dtype, ops, threads=threads)
     initial_weights = [(backend.to_numpy(layer.W).copy(), backend.to_numpy(layer.b).copy())
                        for layer in model.layers if hasattr(layer, "W")]
     our_first_losses = ours().copy()  # its warm-up, so the memory peak below is the training's own
@@ -386,6 +398,7 @@ def _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy, ops):
         memory_key: memory_mb, **backend.describe(),
         "ops": model.ops.name, "fused_kernels": model.ops.name == "fused", "compiled_step": compiled,
         "threads": blas_threads(threads), "peer_threads": threads,
+        **_step_threads(stepper),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "versions": dict(versions(), **peer_versions),
     }
@@ -404,7 +417,7 @@ def format_table(r):
             ("  + SGD step", r["sgd_epoch_s"]), ("  = floor", r["floor_epoch_s"])]
     mem = next(k for k in r if k.startswith("peak_"))
     where = f"pinned to core {r['pinned_core']}, " if r["pinned_core"] is not None else ""
-    step = "compiled step" if r["compiled_step"] else f"{r['ops']} ops"
+    step = f"compiled step on {r['step_threads']} thread(s)" if r["compiled_step"] else f"{r['ops']} ops"
     lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}, on {r.get('device_name', r['device'])} "
              f"({r['backend']}, {step}, {where}{r['threads']} BLAS thread(s)); median of {r['epochs_timed']} "
              "epochs after a warm-up",
@@ -416,6 +429,8 @@ def format_table(r):
                  f"ratio_jax {r['ratio_jax'] and round(r['ratio_jax'], 3)}  "
                  f"ratio_limit {round(r['ratio_limit'], 3)}  ratio_floor {round(r['ratio_floor'], 3)}  "
                  f"{mem} {r[mem]:.0f}")
+    if r.get("two_thread_step_share") is not None:
+        lines.append(f"steps the compiled step ran on two threads: {r['two_thread_step_share']:.0%}")
     if r.get("torch_note"):
         lines.append(f"PyTorch eager: {r['torch_note']}")
     if r["jax_check"]:

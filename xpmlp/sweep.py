@@ -198,11 +198,14 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
         for run_dir, settings, state in todo:
             print(f"  {state:6} {run_dir}")
         return 0
-    # Cap BLAS threads so jobs x threads <= cores: oversubscribed OpenBLAS slows down tenfold.
-    # Within that, each run follows xpmlp's thread policy (xpmlp/threads.py: one, by default).
-    threads = str(max(1, min(blas_threads(), (os.cpu_count() or 1) // jobs)))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
-               XPMLP_THREADS=threads)
+    # Cap threads so jobs x threads <= cores: oversubscribed OpenBLAS slows down tenfold.
+    # Within that, each run follows xpmlp's thread policy (xpmlp/threads.py: one BLAS thread,
+    # and two for the compiled step where a run has two cores).
+    per_job = max(1, (os.cpu_count() or 1) // jobs)
+    threads = str(min(blas_threads(), per_job))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if per_job == 1 or "XPMLP_THREADS" in os.environ:
+        env["XPMLP_THREADS"] = threads
     env[PARENT_ENV] = str(os.getpid())  # each run stops when this process dies: die_with_parent()
     total_epochs = sum(s.get("epochs", TrainConfig.epochs) for _, s, _ in todo)
     bar = tqdm(total=total_epochs, desc="sweep", unit="epoch", disable=None)
