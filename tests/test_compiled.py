@@ -231,8 +231,8 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
     plans = [call() for _ in range(2 * PROBE_EVERY)]
     assert plans[1:3] == [[(1, 25)]] * 2 and plans[-1] == [(1, 25)]
     assert [p for p in plans[1:] if p != [(1, 25)]] == [[(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]] * 2
-    per_step[2] = 0.0004  # quiet again: the probes see it
+    per_step[2] = 0.0004  # quiet again: the first probe sees it
     plans = [call() for _ in range(4 * PROBE_EVERY)]
-    assert plans[-1] == [(2, 25)]
+    assert [(2, 25)] in plans[:PROBE_EVERY] and plans[-1] == [(2, 25)]
     assert call(3) in ([(2, 3)], [(1, 3)])  # a call shorter than a probe is one way
     assert chooser.steps_run[1] + chooser.steps_run[2] == 2 * 25 + 8 * PROBE_EVERY * 25 + 3

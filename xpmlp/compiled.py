@@ -73,10 +73,11 @@ class _Helper:
 
 
 class Chooser:
-    """One thread or two for the next steps: the one with the lower time per step so far
-    (an average of its recent calls), each tried first; every PROBE_EVERY-th call also
-    tries the other one on its first PROBE_STEPS steps, so a change in the machine's load
-    is seen within a few calls."""
+    """One thread or two for the next steps: the one whose latest run took less time per
+    step, each tried first; every PROBE_EVERY-th call also tries the other one on its
+    first PROBE_STEPS steps, so a change in the machine's load is seen within a few calls.
+    The latest run, not an average: after a busy spell one quick probe brings two threads
+    back, and a lucky probe on a busy machine costs one slow call."""
 
     def __init__(self):
         self.per_step = {1: None, 2: None}
@@ -94,10 +95,8 @@ class Chooser:
         return [(3 - best, probe)] + ([(best, steps - probe)] if steps > probe else [])
 
     def record(self, threads, steps, seconds):
-        old = self.per_step[threads]
-        now = seconds / steps
+        self.per_step[threads] = seconds / steps
         self.steps_run[threads] += steps
-        self.per_step[threads] = now if old is None else (old + now) / 2
 
 
 class CompiledStepper:
