@@ -397,9 +397,15 @@ def cmd_data(args):
 
 def cmd_sweep(args):
     from .sweep import run_sweep
+    ray = None
+    ray_flags = dict(address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                     shared_fs=False if args.no_shared_fs else None)
+    if any(v is not None for v in ray_flags.values()):
+        from .sweep_ray import RayOptions  # does not import Ray
+        ray = RayOptions(**{k: v for k, v in ray_flags.items() if v is not None})
     return run_sweep(args.configs, jobs=args.jobs, device=args.device, out=args.out,
                      data_dir=args.data_dir, epochs=args.epochs, dry_run=args.dry_run, stack=args.stack,
-                     max_stack=args.max_stack)
+                     max_stack=args.max_stack, executor=args.executor, ray=ray)
 
 
 def cmd_report(args):
@@ -478,7 +484,10 @@ def build_parser():
 
     p = sub.add_parser("sweep", help="run a grid of trainings from TOML configs, restartably")
     p.add_argument("configs", nargs="+", help="TOML sweep configs (see experiments/)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
+    p.add_argument("--jobs", type=int, help="local executor: runs at a time (default: 1)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: processes on this machine (default); ray: each run (or stacked group) a Ray "
+                        "task, on a local Ray instance or the cluster at --address (pip install 'xpmlp[ray]')")
     p.add_argument("--device", help="override the configs' device")
     p.add_argument("--out", help="override the configs' output root")
     p.add_argument("--data-dir")
@@ -488,6 +497,17 @@ def build_parser():
                    help="train the points that share architecture, batch size, dtype, epochs and device "
                         "as stacked groups, one program each, in this process")
     p.add_argument("--max-stack", type=_positive_int, metavar="K", help="at most K models in a group (memory)")
+    g = p.add_argument_group("Ray (--executor ray)")
+    g.add_argument("--address", help="join a running Ray cluster: auto (the one this machine belongs to) or "
+                                     "HOST:PORT of its head (default: start a local Ray instance)")
+    g.add_argument("--cpus-per-run", type=_finite_float, metavar="N", help="CPUs Ray reserves for each run, "
+                   "and its BLAS threads (default: 1)")
+    g.add_argument("--gpus-per-run", type=_finite_float, metavar="N",
+                   help="GPUs per run, fractions allowed (0.25: four runs share a GPU); each run trains with "
+                        "--device cuda on the GPU Ray gives it (default: 0)")
+    g.add_argument("--no-shared-fs", action="store_true", default=None,
+                   help="the workers do not see this machine's files: each run trains in a temporary directory "
+                        "on its worker and sends its files back here at every checkpoint")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables and figures from run directories")

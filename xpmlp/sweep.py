@@ -22,6 +22,7 @@ With ``stack=True`` the points that share architecture, batch size, dtype, epoch
 device and run settings train as stacked groups (stack.py) in this process, one group
 at a time, MNIST loaded once; each group's checkpoint lives in ``<out>/.stacks/``.
 """
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -149,13 +150,26 @@ def _command(run_dir, settings, state, device, data_dir):
     return cmd
 
 
-def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epochs=None, dry_run=False,
-              stack=False, max_stack=None):
-    """Run every grid point of the configs, ``jobs`` at a time (``stack``: in stacked groups
-    of at most ``max_stack`` models).  Returns an exit status: 0 when every run completed or
-    diverged, 1 when some failed, 130 when interrupted."""
-    from tqdm import tqdm
-
+def run_sweep(config_paths, *, jobs=None, device=None, out=None, data_dir=None, epochs=None, dry_run=False,
+              stack=False, max_stack=None, executor="local", ray=None):
+    """Run every grid point of the configs (``stack``: in stacked groups of at most
+    ``max_stack`` models): ``jobs`` at a time in local processes, or as Ray tasks
+    (``executor="ray"``, with ``ray`` the RayOptions of xpmlp/sweep_ray.py).  Returns an exit
+    status: 0 when every run completed or diverged, 1 when some failed, 130 when interrupted."""
+    if executor == "ray":
+        if jobs is not None:
+            raise TrainError("--jobs is for the local executor; with --executor ray, --cpus-per-run and "
+                             "--gpus-per-run say how many runs fit on each machine")
+        ray = ray or _ray_options()
+        device = ray.device(device)
+        if stack and not ray.shared_fs:
+            raise TrainError("--stack with --no-shared-fs is not supported yet: stacked groups need the "
+                             "workers to share the run directories' filesystem")
+        if not dry_run:
+            ray.check()
+    elif ray is not None:
+        raise TrainError("--address, --cpus-per-run, --gpus-per-run and --no-shared-fs need --executor ray")
+    jobs = 1 if jobs is None else jobs
     if jobs < 1:
         raise TrainError("--jobs must be at least 1")
     if max_stack is not None and max_stack < 1:
@@ -172,16 +186,17 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
     todo = [(d, s, run_state(d, s.get("epochs", TrainConfig.epochs))) for d, s in runs.items()]
     busy = [d for d, _, st in todo if st == "busy"]
     print(f"sweep: {len(runs)} runs, {sum(st == 'done' for *_, st in todo)} already done, "
-          f"{sum(st == 'resume' for *_, st in todo)} to resume; {jobs} at a time", flush=True)
+          f"{sum(st == 'resume' for *_, st in todo)} to resume; "
+          + (ray.describe() if executor == "ray" else f"{jobs} at a time"), flush=True)
     for run_dir in busy:
         print(f"skip   {run_dir}: in use by process {rundir.lock_holder(run_dir) or '?'}", flush=True)
-    stacked_done = 0
+    stacked_done, groups = 0, []
     if stack:
         groups, todo = plan_stacks(todo, max_stack, device)
         if dry_run:
             for group_dir, members, state in groups:
                 print(f"  stack {state:6} {group_dir} ({len(members)} runs: {', '.join(d.name for d, _ in members)})")
-        else:
+        elif executor == "local":  # one group at a time in this process; Ray runs them as tasks
             for group_dir, members, state in groups:
                 result = run_stack_group(group_dir, members, state, device=device, data_dir=data_dir)
                 if result == "interrupted":
@@ -198,28 +213,48 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
         for run_dir, settings, state in todo:
             print(f"  {state:6} {run_dir}")
         return 0
+    if executor == "ray":  # the units of work: stacked groups, then single runs
+        from . import sweep_ray  # imports Ray: only for this executor
+        finished, failed, stopped = sweep_ray.run(groups + todo, ray, busy=busy, device=device, data_dir=data_dir)
+        expected = len(todo) + sum(len(members) for _, members, _ in groups)
+    else:
+        finished, failed, stopped = _run_local(todo, jobs, busy=busy, device=device, data_dir=data_dir)
+        finished, expected = finished + stacked_done, len(todo) + stacked_done
+    if stopped:
+        print("sweep interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"sweep: {finished} of {expected + busy_at_start} runs finished"
+          + (f"; failed: {', '.join(map(str, failed))}" if failed else "")
+          + (f"; skipped {len(busy)} in use by another process" if busy else ""), flush=True)
+    return 0 if finished == expected + busy_at_start else 1
+
+
+def _ray_options():
+    from .sweep_ray import RayOptions  # no Ray import: that waits for the sweep to start
+    return RayOptions()
+
+
+def _run_local(todo, jobs, *, busy, device, data_dir):
+    """The local executor: each unit of work of ``todo`` (one grid point: run dir, settings,
+    state) as an ``xpmlp train`` subprocess, ``jobs`` at a time.  Runs found in use by
+    another process are added to ``busy``.  Returns (runs finished, run dirs that failed,
+    whether the sweep was stopped by a signal)."""
+    from tqdm import tqdm
+
     # Cap threads so jobs x threads <= cores: oversubscribed OpenBLAS slows down tenfold.
     # Within that, each run follows xpmlp's thread policy (xpmlp/threads.py: one BLAS thread,
     # and two for the compiled step where a run has two cores).
-    per_job = max(1, (os.cpu_count() or 1) // jobs)
-    threads = str(min(blas_threads(), per_job))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    if per_job == 1 or "XPMLP_THREADS" in os.environ:
-        env["XPMLP_THREADS"] = threads
-    env[PARENT_ENV] = str(os.getpid())  # each run stops when this process dies: die_with_parent()
+    env = run_env(max(1, (os.cpu_count() or 1) // jobs))
     total_epochs = sum(s.get("epochs", TrainConfig.epochs) for _, s, _ in todo)
     bar = tqdm(total=total_epochs, desc="sweep", unit="epoch", disable=None)
     finished = 0
     running, failed, pending = {}, [], list(todo)
-    stop = []
 
-    def on_signal(signum, frame):  # Ctrl-C or kill: let each run checkpoint, start nothing new
-        stop.append(signum)
+    def stop_runs():  # Ctrl-C or kill: let each run checkpoint, start nothing new
         for proc in running:
             proc.send_signal(signal.SIGINT)
 
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_on_signals(stop_runs) as stop, bar:
         while (pending and not stop) or running:
             while pending and not stop and len(running) < jobs:
                 run_dir, settings, state = pending.pop(0)
@@ -246,33 +281,61 @@ def run_sweep(config_paths, *, jobs=1, device=None, out=None, data_dir=None, epo
                     continue
                 log.close()
                 del running[proc]
-                status = _status(run_dir)
-                taken = None if proc.returncode == 0 else _taken(run_dir)
-                if status in ("completed", "diverged") and proc.returncode == 0:
+                kind, line = outcome(run_dir, proc.returncode)
+                if kind == "finished":
                     finished += 1
-                    tqdm.write(f"{status:9} {run_dir}  [{finished}/{len(todo)} runs]")
-                elif status == "interrupted" and not taken:
-                    tqdm.write(f"interrupted {run_dir} (rerun the sweep to resume it)")
-                elif taken == "done":  # another sweep got there first, and finished it
-                    finished += 1
-                    tqdm.write(f"done   {run_dir} (by another process)  [{finished}/{len(todo)} runs]")
-                elif taken:  # another sweep got there first: this one's run was refused
-                    busy.append(run_dir)
-                    tqdm.write(f"skip   {run_dir}: {taken}")
-                else:
-                    failed.append(run_dir)
-                    tqdm.write(f"FAILED {run_dir} (exit {proc.returncode}; see {run_dir / 'train.log'})")
+                    line += f"  [{finished}/{len(todo)} runs]"
+                elif kind in ("failed", "busy"):
+                    (failed if kind == "failed" else busy).append(run_dir)
+                tqdm.write(line)
+    return finished, failed, bool(stop)
+
+
+def run_env(cores):
+    """The environment of a sweep's ``xpmlp train`` processes, each of which has ``cores``
+    cores: BLAS threads by xpmlp's policy within them, and this process as the parent whose
+    death ends them (die_with_parent)."""
+    threads = str(min(blas_threads(), cores))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if cores == 1 or "XPMLP_THREADS" in os.environ:  # else the compiled step may take two
+        env["XPMLP_THREADS"] = threads
+    env[PARENT_ENV] = str(os.getpid())  # each run stops when this process dies: die_with_parent()
+    return env
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop_runs):
+    """Inside, Ctrl-C and SIGTERM call ``stop_runs()`` and are recorded in the list yielded
+    (true once the sweep should start nothing new) instead of ending this process."""
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        stop_runs()
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-        bar.close()
-    if stop:
-        print("sweep interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    print(f"sweep: {finished + stacked_done} of {len(todo) + busy_at_start + stacked_done} runs finished"
-          + (f"; failed: {', '.join(map(str, failed))}" if failed else "")
-          + (f"; skipped {len(busy)} in use by another process" if busy else ""), flush=True)
-    return 0 if finished == len(todo) + busy_at_start else 1
+
+
+def outcome(run_dir, returncode):
+    """What an ``xpmlp train`` of ``run_dir`` that exited with ``returncode`` came to: (kind,
+    the line to print), kind one of finished, interrupted, busy (another process holds or
+    finished the run), failed."""
+    status = _status(run_dir)
+    taken = None if returncode == 0 else _taken(run_dir)
+    if status in ("completed", "diverged") and returncode == 0:
+        return "finished", f"{status:9} {run_dir}"
+    if status == "interrupted" and not taken:
+        return "interrupted", f"interrupted {run_dir} (rerun the sweep to resume it)"
+    if taken == "done":  # another sweep got there first, and finished it
+        return "finished", f"done   {run_dir} (by another process)"
+    if taken:  # another sweep got there first: this one's run was refused
+        return "busy", f"skip   {run_dir}: {taken}"
+    return "failed", f"FAILED {run_dir} (exit {returncode}; see {run_dir / 'train.log'})"
 
 
 def die_with_parent():
