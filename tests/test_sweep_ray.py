@@ -87,19 +87,19 @@ def local_runs(tmp_path_factory):
     return root / "runs"
 
 
-def sweep_here(config, **ray_options):
+def sweep_here(config, stack=False, **ray_options):
     """run_sweep through Ray in this process, on the module's instance: (exit status, stdout)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = run_sweep([str(config)], executor="ray", ray=RayOptions(**ray_options),
-                         data_dir=str(real_mnist_dir()))
+                         data_dir=str(real_mnist_dir()), stack=stack)
     return code, out.getvalue()
 
 
 def assert_same_runs(got_root, want_root, lrs=LRS):
     """Every run directory holds the same files with the same contents, times aside: the
     records, summary and config as JSON, the checkpoint's arrays bit for bit."""
-    assert sorted(p.name for p in got_root.iterdir()) == sorted(RUNS[lr] for lr in lrs)
+    assert sorted(p.name for p in got_root.iterdir() if p.name != ".stacks") == sorted(RUNS[lr] for lr in lrs)
     for name in (RUNS[lr] for lr in lrs):
         got, want = got_root / name, want_root / name
         names = sorted(p.name for p in want.iterdir() if p.name in rundir.RESULT_FILES)
@@ -162,6 +162,15 @@ def test_rerun_of_a_finished_ray_sweep_does_nothing(ray_runs):
     assert code == 0, out
     assert "sweep: 3 runs, 3 already done, 0 to resume" in out and "start" not in out
     assert _snapshot(runs) == before, "a finished run was touched"
+
+
+def test_stacked_groups_are_ray_tasks_too(cluster, local_runs, tmp_path):
+    """With --stack, a group of grid points (one program) is the unit of work: one task."""
+    code, out = sweep_here(write_config(tmp_path, TWO), stack=True)
+    assert code == 0, out
+    assert sum(line.startswith("start  ") for line in out.splitlines()) == 1, out
+    assert out.count("(stacked in ") == 2 and "2 of 2 runs finished" in out
+    assert_same_runs(tmp_path / "runs", local_runs, TWO)
 
 
 # ---------------------------------------------------------------- faults
