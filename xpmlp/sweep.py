@@ -21,6 +21,10 @@ killed sweep's runs end with it.
 With ``stack=True`` the points that share architecture, batch size, dtype, epochs,
 device and run settings train as stacked groups (stack.py) in this process, one group
 at a time, MNIST loaded once; each group's checkpoint lives in ``<out>/.stacks/``.
+
+An executor runs the units of work (single runs, and stacked groups): the local one,
+``jobs`` ``xpmlp train`` processes at a time, or Ray (``executor="ray"``, sweep_ray.py),
+one task per unit on a local Ray instance or a cluster.
 """
 import contextlib
 import ctypes
