@@ -146,8 +146,9 @@ def _check_answers(address):
 
 
 class _Sweep:
-    """The driver's loop: submits one task per run, shows what is done, running, queued and
-    failed (one line per change, and a bar on a terminal), and cancels on Ctrl-C."""
+    """The driver's loop: submits one task per unit of work (a run, or a stacked group),
+    shows what is done, running, queued and failed (one line per change, and a bar on a
+    terminal), and cancels on Ctrl-C."""
 
     def __init__(self, ray, todo, options, busy, device, data_dir):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -171,7 +172,8 @@ class _Sweep:
 
     def run(self):
         ray = self.ray
-        with self.tqdm(total=len(self.todo), desc="sweep", unit="run", disable=None) as self.bar, \
+        runs = sum(len(what) if isinstance(what, list) else 1 for _, what, _ in self.todo)
+        with self.tqdm(total=runs, desc="sweep", unit="run", disable=None) as self.bar, \
                 stop_on_signals(lambda: None) as stop:
             for target, what, state in self.todo:
                 if isinstance(what, list):  # a stacked group's directory, its members (run dir, settings)
