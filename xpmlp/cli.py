@@ -500,8 +500,8 @@ def build_parser():
     g = p.add_argument_group("Ray (--executor ray)")
     g.add_argument("--address", help="join a running Ray cluster: auto (the one this machine belongs to) or "
                                      "HOST:PORT of its head (default: start a local Ray instance)")
-    g.add_argument("--cpus-per-run", type=_finite_float, metavar="N", help="CPUs Ray reserves for each run, "
-                   "and its BLAS threads (default: 1)")
+    g.add_argument("--cpus-per-run", type=_finite_float, metavar="N", help="CPUs Ray reserves for each run; its "
+                   "threads, by xpmlp's policy, fit in them (default: 1)")
     g.add_argument("--gpus-per-run", type=_finite_float, metavar="N",
                    help="GPUs per run, fractions allowed (0.25: four runs share a GPU); each run trains with "
                         "--device cuda on the GPU Ray gives it (default: 0)")
