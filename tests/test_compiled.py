@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import xpmlp
-from xpmlp.compiled import PROBE_EVERY, PROBE_STEPS, Chooser, CompiledStepper, compiled_steps
+from xpmlp.compiled import PROBE_EVERY, PROBE_MAX, PROBE_STEPS, Chooser, CompiledStepper, compiled_steps
 from xpmlp.optim import SGD
 from xpmlp.train import Stepper, make_stepper
 
@@ -228,11 +228,15 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
     plans = [call() for _ in range(2 * PROBE_EVERY)]
     assert [p for p in plans if p != [(2, 25)]] == [[(1, PROBE_STEPS), (2, 25 - PROBE_STEPS)]] * 2
     per_step[2] = 0.004  # the machine gets busy: a step waits for a descheduled helper
-    plans = [call() for _ in range(2 * PROBE_EVERY)]
+    plans = [call() for _ in range(8 * PROBE_MAX)]
     assert plans[1:3] == [[(1, 25)]] * 2 and plans[-1] == [(1, 25)]
-    assert [p for p in plans[1:] if p != [(1, 25)]] == [[(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]] * 2
+    probes = [i for i, p in enumerate(plans) if p == [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]]
+    assert len(probes) + 1 == sum(p != [(1, 25)] for p in plans)  # the first call, then probes
+    gaps = np.diff(probes)
+    assert all(gaps[1:] >= gaps[:-1]) and gaps[-1] == PROBE_MAX  # rarer, down to one in PROBE_MAX
     per_step[2] = 0.0004  # quiet again: the first probe sees it
-    plans = [call() for _ in range(4 * PROBE_EVERY)]
-    assert [(2, 25)] in plans[:PROBE_EVERY] and plans[-1] == [(2, 25)]
+    plans = [call() for _ in range(2 * PROBE_MAX)]
+    first = plans.index([(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)])
+    assert first <= PROBE_MAX and plans[first + 1] == [(2, 25)] and plans[-1] == [(2, 25)]
     assert call(3) in ([(2, 3)], [(1, 3)])  # a call shorter than a probe is one way
-    assert chooser.steps_run[1] + chooser.steps_run[2] == 2 * 25 + 8 * PROBE_EVERY * 25 + 3
+    assert chooser.steps_run[1] + chooser.steps_run[2] == (2 + 2 * PROBE_EVERY + 10 * PROBE_MAX) * 25 + 3

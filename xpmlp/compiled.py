@@ -27,8 +27,9 @@ SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1  # the kernel's loss codes (numpy_step.py
 # Two threads win only while both get a core: once another process takes one, a step
 # waits for a descheduled helper (2-4x slower epochs, measured).  So each call times its
 # steps, the faster way so far runs, and every PROBE_EVERY-th call first tries the other
-# way for PROBE_STEPS steps, which bounds what a probe costs on a busy machine.
-PROBE_EVERY, PROBE_STEPS = 8, 4
+# way for PROBE_STEPS steps, which bounds what a probe costs on a busy machine; while two
+# threads keep losing, the probes grow rarer, down to one in PROBE_MAX calls.
+PROBE_EVERY, PROBE_MAX, PROBE_STEPS = 8, 32, 4
 
 
 def _loss_code(model):
@@ -74,29 +75,34 @@ class _Helper:
 
 class Chooser:
     """One thread or two for the next steps: the one whose latest run took less time per
-    step, each tried first; every PROBE_EVERY-th call also tries the other one on its
-    first PROBE_STEPS steps, so a change in the machine's load is seen within a few calls.
-    The latest run, not an average: after a busy spell one quick probe brings two threads
-    back, and a lucky probe on a busy machine costs one slow call."""
+    step, each tried first; every few calls (PROBE_EVERY, or up to PROBE_MAX apart while
+    two threads keep losing) the other one is tried first on PROBE_STEPS steps, so a change
+    in the machine's load is seen within a few calls.  The latest run, not an average:
+    after a busy spell one quick probe brings two threads back, and a lucky probe on a busy
+    machine costs one slow call."""
 
     def __init__(self):
         self.per_step = {1: None, 2: None}
         self.steps_run = {1: 0, 2: 0}  # how many steps each way took
-        self.calls = 0
+        self.calls, self.interval, self.next_probe = 0, PROBE_EVERY, PROBE_EVERY
 
     def plan(self, steps):
         """[(threads, steps), ...] for a call of ``steps`` steps."""
         self.calls += 1
         untried = [t for t, v in self.per_step.items() if v is None]
         best = untried[-1] if untried else min(self.per_step, key=self.per_step.get)
-        if untried or self.calls % PROBE_EVERY:
+        if untried or self.calls < self.next_probe:
             return [(best, steps)]
+        self.next_probe = self.calls + self.interval
         probe = min(steps, PROBE_STEPS)
         return [(3 - best, probe)] + ([(best, steps - probe)] if steps > probe else [])
 
     def record(self, threads, steps, seconds):
         self.per_step[threads] = seconds / steps
         self.steps_run[threads] += steps
+        one = self.per_step[1]
+        if threads == 2 and one is not None:  # two threads won or lost again
+            self.interval = PROBE_EVERY if self.per_step[2] < one else min(2 * self.interval, PROBE_MAX)
 
 
 class CompiledStepper:
