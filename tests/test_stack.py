@@ -538,6 +538,7 @@ def test_bench_stack_reports_model_epochs_and_their_ratio(monkeypatch):
     assert r["stacked_model_epochs_per_s"] == pytest.approx(5 / r["stacked_epoch_s"])
     assert r["single_model_epochs_per_s"] == pytest.approx(1 / r["epoch_s"])
     assert r["ratio_stack"] == pytest.approx(r["stacked_model_epochs_per_s"] / r["single_model_epochs_per_s"])
+    assert r["ratio_wide"] == pytest.approx(r["first_layer_batched_epoch_s"] / r["first_layer_wide_epoch_s"])
     assert r["peak_rss_mb"] > 0
     json.dumps(r)
     assert "ratio_stack" in bench.format_stack(r)

@@ -30,7 +30,11 @@ Method (the README's "Performance" section says the same):
 - ``--stack K`` times instead K stacked models (stack.py) against one model at a time,
   interleaved the same way: model-epochs per second of each and their ratio.  The K
   models share the shuffle (seed 0) and take the report's Table 12 learning rates and
-  Table 13 momenta in turn, as ``xpmlp sweep ... --stack`` would train them.
+  Table 13 momenta in turn, as ``xpmlp sweep ... --stack`` would train them.  With them
+  the first layer's products of an epoch (forward and weight gradient) of the K models,
+  batched as the stacked model computes them, against one wide product
+  ``X @ [W_1 ... W_K]`` (``ratio_wide`` = batched / wide time): the stacked model keeps
+  the batched form while that ratio stays near 1.
 """
 import contextlib
 import json
@@ -144,6 +148,35 @@ def bench_stacked(backend, x, y, dtype, models, ops=None, seed=0):
         backend.to_numpy(losses)
 
     return epoch, model
+
+
+def bench_first_layer(backend, model):
+    """(batched_epoch, wide_epoch): an epoch's first-layer products of K stacked models that
+    share the batch X, forward and weight gradient, two ways: batched (what the stacked
+    model computes: X @ W_k and X^T G_k, K products of (in, out)) and wide (one product
+    each, X @ [W_1 ... W_K] and X^T [G_1 ... G_K], on arrays already in the wide layout:
+    the wide form at its best, before the copies that the models' own layout would cost)."""
+    xp, iters = backend.xp, N_TRAIN // BATCH
+    layer = model.layers[0]
+    models, (n_in, n_out) = layer.W.shape[0], layer.W.shape[1:]
+    x = xp.ones((BATCH, n_in), dtype=model.dtype)
+    grad_y, grad_W = xp.ones((models, BATCH, n_out), dtype=model.dtype), xp.empty_like(layer.W)
+    y = xp.empty((models, BATCH, n_out), dtype=model.dtype)
+    wide_W = xp.ones((n_in, models * n_out), dtype=model.dtype)
+    wide_y, wide_grad_y = (xp.ones((BATCH, models * n_out), dtype=model.dtype) for _ in range(2))
+    wide_grad_W = xp.empty_like(wide_W)
+
+    def batched():
+        for _ in range(iters):
+            xp.matmul(x, layer.W, out=y)
+            xp.matmul(x.T, grad_y, out=grad_W)
+
+    def wide():
+        for _ in range(iters):
+            xp.matmul(x, wide_W, out=wide_y)
+            xp.matmul(x.T, wide_grad_y, out=wide_grad_W)
+
+    return batched, wide
 
 
 def bench_memory_passes(backend, x, y, dtype, ops=None, seed=0):
@@ -343,14 +376,21 @@ def _run_stack(backend, dtype, epochs, threads, models, ops):
     stacked()  # its warm-up first, so the memory peak below is the stacked training's
     memory_key, memory_mb = _peak_memory_mb(backend)
     single, *_ = bench_ours(backend, x, y, dtype, ops, threads=threads)
+    batched, wide = bench_first_layer(backend, model)
     with np.errstate(all="ignore"):  # lr 1.0 and momentum 1.0 diverge, as in the report
         median = _time_interleaved({"stacked": (stacked, backend.synchronize),
-                                    "single": (single, backend.synchronize)}, epochs, warmed=("stacked",))
+                                    "single": (single, backend.synchronize),
+                                    "first_layer_batched": (batched, backend.synchronize),
+                                    "first_layer_wide": (wide, backend.synchronize)}, epochs, warmed=("stacked",))
     stacked_rate, single_rate = models / median["stacked"], 1 / median["single"]
     return {"model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs, "stack": models,
             "stacked_epoch_s": median["stacked"], "epoch_s": median["single"],
             "stacked_model_epochs_per_s": stacked_rate, "single_model_epochs_per_s": single_rate,
-            "ratio_stack": stacked_rate / single_rate, memory_key: memory_mb, **backend.describe(),
+            "ratio_stack": stacked_rate / single_rate,
+            "first_layer_batched_epoch_s": median["first_layer_batched"],
+            "first_layer_wide_epoch_s": median["first_layer_wide"],
+            "ratio_wide": median["first_layer_batched"] / median["first_layer_wide"],
+            memory_key: memory_mb, **backend.describe(),
             "ops": model.ops.name, "fused_kernels": model.ops.name == "fused", "threads": threads,
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "versions": versions()}
@@ -454,7 +494,10 @@ def format_stack(r):
         f"{r['stacked_model_epochs_per_s']:.3f} model-epochs/s",
         f"one model at a time: {r['epoch_s'] * 1000:8.1f} ms an epoch, "
         f"{r['single_model_epochs_per_s']:.3f} model-epochs/s",
-        f"ratio_stack {r['ratio_stack']:.3f}  {mem} {r[mem]:.0f}"])
+        f"ratio_stack {r['ratio_stack']:.3f}  {mem} {r[mem]:.0f}",
+        f"first layer of the {r['stack']} (forward and weight gradient, shared batch): batched "
+        f"{r['first_layer_batched_epoch_s'] * 1000:.1f} ms an epoch, one wide product "
+        f"{r['first_layer_wide_epoch_s'] * 1000:.1f} ms: ratio_wide {r['ratio_wide']:.3f}"])
 
 
 def main(args):
