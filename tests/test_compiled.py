@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import xpmlp
-from xpmlp.compiled import PROBE_EVERY, PROBE_MAX, PROBE_STEPS, Chooser, CompiledStepper, compiled_steps
+from xpmlp.compiled import (PROBE_EVERY, PROBE_MAX, PROBE_STEPS, Chooser, CompiledStepper, StackedCompiledStepper,
+                            compiled_steps)
 from xpmlp.optim import SGD
 from xpmlp.train import Stepper, make_stepper
 
@@ -92,12 +93,61 @@ def test_the_layers_see_the_compiled_steps_weights():
     np.testing.assert_array_equal(model.forward(x[:20]).copy(), want_model.forward(x[:20]))
 
 
+MODELS = 3
+
+
+def _train_stacked(name, dtype, compiled, shuffle, frozen=None, steps_per_call=1):
+    """(stepper, model, optimizer, losses, accuracies) of MODELS stacked models with their own
+    seeds, init stds and SGD settings after STEPS steps; model ``frozen`` frozen first."""
+    model = xpmlp.build_model(name, backend="numpy", dtype=dtype, seed=[1, 4, 7], init_std=[0.1, 0.05, 0.1],
+                              stack=(MODELS,), ops="fused")
+    optimizer = SGD(model, lr=[0.05, 0.1, 0.01], momentum=[0.9, 0.0, 0.5], weight_decay=[5e-4, 0.0, 1e-3])
+    if frozen is not None:
+        optimizer.freeze(frozen)
+    stepper = make_stepper(model, optimizer, compiled)
+    x, y, perm = _data(dtype)
+    if shuffle == "own":
+        perm = np.stack([np.random.default_rng(k).permutation(len(perm)) for k in range(MODELS)])
+    losses, accs = np.zeros((STEPS, MODELS), dtype=dtype), np.zeros((STEPS, MODELS), dtype=dtype)
+    for i in range(0, STEPS, steps_per_call):
+        if steps_per_call == 1:
+            stepper.step(x, y, perm[..., i * BATCH:(i + 1) * BATCH], losses, accs, i)
+        else:
+            stepper.steps(x, y, perm[..., i * BATCH:(i + steps_per_call) * BATCH],
+                          losses[i:i + steps_per_call], accs[i:i + steps_per_call])
+    return stepper, model, optimizer, losses, accs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shuffle", ["shared", "own"])
+@pytest.mark.parametrize("name,frozen,per_call", [("mlp0-sce", None, 1), ("mlp2-relu-sce", None, 1),
+                                                   ("mlp2-relu-sce", 1, 1), ("mlp2-relu-sce", 0, 3)])
+def test_compiled_step_of_stacked_models_equals_their_array_path_bit_for_bit(name, frozen, per_call, shuffle,
+                                                                             dtype):
+    """Each stacked model's compiled step is the one-model compiled step (same BLAS calls on
+    its slices), so it matches the stacked array path bit for bit, one step a call or
+    several; a frozen model is not stepped, and its weights stay as they were on both paths."""
+    stepper, model, opt, losses, accs = _train_stacked(name, dtype, True, shuffle, frozen, per_call)
+    assert isinstance(stepper, StackedCompiledStepper)
+    _, want_model, want_opt, want_losses, want_accs = _train_stacked(name, dtype, False, shuffle, frozen)
+    active = [k for k in range(MODELS) if k != frozen]
+    np.testing.assert_array_equal(losses[:, active], want_losses[:, active])
+    np.testing.assert_array_equal(accs[:, active], want_accs[:, active])
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt)[key][active], want[active], err_msg=key)
+    start = xpmlp.build_model(name, backend="numpy", dtype=dtype, seed=[1, 4, 7], init_std=[0.1, 0.05, 0.1],
+                              stack=(MODELS,), ops="fused")
+    for k in range(MODELS):
+        moved = not np.array_equal(model.flat.params[k], start.flat.params[k])
+        assert moved == (k != frozen) and np.array_equal(want_model.flat.params[k], start.flat.params[k]) != moved
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("mlp1-sigmoid-sce", {}),            # Sigmoid hidden layers: NumPy's vectorised exp wins
     ("mlp2-sigmoid-mse", {}),
     ("mlp2-relu-sce", {"fast": False}),  # the plain path stays plain
     ("mlp2-relu-sce", {"ops": "buffered"}),  # the buffered ops: the array code, no kernels
-    ("mlp2-relu-sce", {"stack": (2,)}),  # stacked models
+    ("mlp2-relu-sce", {"stack": (2, 3)}),  # models stacked over two axes
 ])
 def test_networks_it_does_not_compile_keep_the_array_step(name, kwargs):
     model = xpmlp.build_model(name, backend="numpy", **kwargs)

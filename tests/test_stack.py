@@ -523,17 +523,17 @@ def test_bench_stack_reports_model_epochs_and_their_ratio(monkeypatch):
     from xpmlp import bench
     monkeypatch.setattr(bench, "N_TRAIN", 1000)
     monkeypatch.setattr(bench, "SETTLE_S", 0.0)
-    timed = []
-    real = bench.Stepper.step
+    epochs = []
+    real = bench.step_loop
 
-    def step(self, x, y, idx, *args):
-        timed.append(self.model.stack)
-        assert idx.ndim == 1, "the benchmark's stacked models share one shuffle"
-        return real(self, x, y, idx, *args)
+    def step_loop(stepper, x, y, perm, batch, *args):
+        epochs.append((stepper.model.stack, perm.ndim, real(stepper, x, y, perm, batch, *args)))
+        return epochs[-1][-1]
 
-    monkeypatch.setattr(bench.Stepper, "step", step)
+    monkeypatch.setattr(bench, "step_loop", step_loop)
     r = bench.run(device="cpu", epochs=3, threads=1, stack=5)
-    assert timed.count((5,)) == 4 * 10  # a warm-up and three timed epochs; the single model may be compiled
+    # a warm-up and three timed epochs of 10 steps, the stacked models sharing one shuffle
+    assert [e for e in epochs if e[0] == (5,)] == [((5,), 1, 10)] * 4
     assert r["stack"] == 5
     assert r["stacked_model_epochs_per_s"] == pytest.approx(5 / r["stacked_epoch_s"])
     assert r["single_model_epochs_per_s"] == pytest.approx(1 / r["epoch_s"])

@@ -136,8 +136,8 @@ def bench_stacked(backend, x, y, dtype, models, ops=None, seed=0):
     """(run_epoch, model): an epoch of ``models`` stacked models sharing one shuffle."""
     settings = [STACK_SETTINGS[k % len(STACK_SETTINGS)] for k in range(models)]
     model = build_model(MODEL, backend=backend, dtype=dtype, seed=[seed] * models, stack=(models,), ops=ops)
-    stepper = Stepper(model, SGD(model, lr=[lr for lr, _ in settings], momentum=[m for _, m in settings],
-                                        weight_decay=WEIGHT_DECAY))
+    stepper = make_stepper(model, SGD(model, lr=[lr for lr, _ in settings], momentum=[m for _, m in settings],
+                                      weight_decay=WEIGHT_DECAY))
     rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
     losses = xp.zeros((iters, models), dtype=model.dtype)
     accs = xp.zeros((iters, models), dtype=model.dtype)

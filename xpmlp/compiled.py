@@ -49,9 +49,10 @@ def _loss_code(model):
 
 def compiled_steps(model):
     """The compiled step for this model, or None: only a model on fused ops whose kernels
-    compile steps (NumPy + Numba), of a network they compile, not stacked."""
+    compile steps (NumPy + Numba), of a network they compile; one model, or models stacked
+    over one leading axis (StackedCompiledStepper)."""
     kernel = getattr(getattr(model.ops, "kernels", None), "mlp_steps", None)
-    if kernel is None or model.flat is None or _loss_code(model) is None or model.layers[0].W.ndim != 2:
+    if kernel is None or model.flat is None or _loss_code(model) is None or len(model.stack) > 1:
         return None
     return kernel(model.dtype)
 
@@ -194,3 +195,41 @@ class CompiledStepper:
 
     def step(self, x, y, idx, loss_out, acc_out, i):
         self.steps(x, y, idx, loss_out[i:i + 1], acc_out[i:i + 1])
+
+
+class StackedCompiledStepper(CompiledStepper):
+    """The compiled step of K stacked models (stack.py): each model's step is the one-model
+    kernel's, on one thread, on that model's slices of the stacked arrays (its rows of the
+    flat buffers), the models in turn, so each computes exactly what it computes alone; a
+    frozen model (SGD.freeze) is not stepped.  The steps of ``steps`` go one at a time,
+    every model taking step s before any takes step s + 1."""
+
+    def __init__(self, model, optimizer, kernel=None):
+        super().__init__(model, optimizer, kernel, threads=1)
+        self.offsets = np.cumsum([0] + [layer.W[0].size + layer.b[0].size for layer in self.linears])
+        flat, (slot,) = model.flat, optimizer.slots
+        # Model m's arrays as the kernel takes one model's: views, so the kernel updates the stack.
+        self._models = [(tuple(layer.W[m] for layer in self.linears), tuple(layer.b[m, 0] for layer in self.linears),
+                         tuple(layer.grad_W[m] for layer in self.linears),
+                         tuple(layer.grad_b[m, 0] for layer in self.linears),
+                         flat.params[m], flat.grads[m], slot.velocity[m]) for m in range(model.stack[0])]
+
+    def steps(self, x, y, idx, loss_out, acc_out):
+        """``idx``: (n,) rows all models share, or (K, n), one row of indices a model;
+        ``loss_out``, ``acc_out``: (steps, K)."""
+        n = loss_out.shape[0]
+        batch = idx.shape[-1] // n
+        xb, yb, outputs, grads, row_loss, row_hit, _ = self._buffers(x, y, batch)
+        opt, t, none = self.optimizer, np.dtype(self.model.dtype).type, self.offsets[:0]
+        for s in range(n):
+            for m, (Ws, bs, grad_Ws, grad_bs, params, grads_m, velocity) in enumerate(self._models):
+                if not opt._active_host[m]:
+                    continue
+                rows = (idx if idx.ndim == 1 else idx[m])[s * batch:(s + 1) * batch]
+                self._generation += 1
+                self._sync[1] = 0
+                self._sync[0] = self._generation << 32
+                self.kernel(x, y, rows, Ws, bs, grad_Ws, grad_bs, outputs, grads, xb, yb, self.loss_code,
+                            params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
+                            t(opt.weight_decay[m]), loss_out[s:s + 1, m], acc_out[s:s + 1, m], row_loss, row_hit,
+                            1, 0, none, none, self._sync, self._generation, True)

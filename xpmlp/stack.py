@@ -8,8 +8,8 @@ it has finished, its own checkpoint), so ``eval``, ``report``, TensorBoard and `
 work unchanged.  While the group trains, its one checkpoint is ``stack-checkpoint.npz`` in
 the group directory, beside ``stack.json``, which names the members.
 
-Where all models share the shuffle seed they see the same batches: the batch is gathered
-once and every model's first layer multiplies the same 2-D input.
+Where all models share the shuffle seed they see the same batches.  On NumPy with Numba a
+group takes the compiled step (compiled.py), each model the one-model step on its slices.
 """
 import contextlib
 import json
@@ -26,7 +26,7 @@ from .backends import get_backend
 from .config import TrainConfig, TrainError
 from .model import build_mlp, build_model
 from .optim import SGD
-from .train import Stepper, evaluate, step_loop
+from .train import evaluate, make_stepper, step_loop
 
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.
 GROUP_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "dtype", "epochs", "device",
@@ -97,7 +97,7 @@ class StackTrainer:
         self.config = configs[0]
         self.backend = backend or get_backend(self.config.device)
         self.model, self.optimizer = build_stacked(self.configs, self.backend)
-        self.stepper = Stepper(self.model, self.optimizer)
+        self.stepper = make_stepper(self.model, self.optimizer)  # the compiled step where there is one
         seeds = [c.seed for c in configs]
         # Shuffles: seeded as a single run seeds them.  Equal seeds give equal permutations,
         # so one generator serves all and the batch is gathered once.

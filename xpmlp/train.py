@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import get_backend
-from .compiled import CompiledStepper, compiled_steps
+from .compiled import CompiledStepper, StackedCompiledStepper, compiled_steps
 from .config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
 from .ops import Scratch
 from .optim import SGD
@@ -102,7 +102,7 @@ def step_loop(stepper, x, y, perm, batch, losses, accs, start, stop, after_step=
         if per_call == 1:
             stepper.step(x, y, rows, losses, accs, i)
         else:
-            stepper.steps(x, y, rows, losses[..., i:end], accs[..., i:end])
+            stepper.steps(x, y, rows, losses[i:end], accs[i:end])
         if after_step is not None and any([after_step(j) for j in range(i, end)]):
             return end
     return stop
@@ -115,6 +115,8 @@ def make_stepper(model, optimizer, compiled=True, threads=None):
     kernel = compiled_steps(model) if compiled else None
     if kernel is None:
         return Stepper(model, optimizer)
+    if model.stack:
+        return StackedCompiledStepper(model, optimizer, kernel)
     return CompiledStepper(model, optimizer, kernel, step_threads(threads))
 
 
