@@ -355,6 +355,34 @@ def test_interrupted_seeds_say_how_to_resume_and_resume_identically(tmp_path, st
     assert_same_seeds(tmp_path / "cut", straight_seeds, [0, 1, 2])
 
 
+def test_resuming_one_member_of_a_group_is_refused_and_changes_nothing(tmp_path, straight_seeds):
+    """Until it finishes, a member has no checkpoint of its own (the group's holds it):
+    resumed alone it would have been cleared and retrained; it is refused with the command
+    that resumes its group."""
+    import shutil
+    from test_cli import assert_user_error, snapshot, xpmlp
+    shutil.copytree(straight_seeds, tmp_path / "seeds")
+    (tmp_path / "seeds" / "seed=1" / "checkpoint.npz").unlink()  # as while the group trains
+    before = snapshot(tmp_path / "seeds")
+    assert_user_error(xpmlp("train", "--resume", "seeds/seed=1", cwd=tmp_path),
+                      "trains in the stacked group seeds, whose checkpoint it shares; "
+                      "resume the group: xpmlp train --resume seeds")
+    assert snapshot(tmp_path / "seeds") == before
+
+
+def test_resuming_one_member_of_a_sweeps_group_is_refused(tmp_path):
+    from test_cli import assert_user_error, xpmlp
+    from xpmlp.stack import group_of
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "b").mkdir()
+    group = tmp_path / "out" / ".stacks" / "g"
+    group.mkdir(parents=True)
+    (group / "stack.json").write_text(json.dumps({"members": ["../../a"]}))
+    assert group_of(tmp_path / "out" / "a") == group and group_of(tmp_path / "out" / "b") is None
+    assert_user_error(xpmlp("train", "--resume", "out/a", cwd=tmp_path),
+                      "trains in the stacked group out/.stacks/g", "run the same `xpmlp sweep ... --stack` again")
+
+
 def test_seeds_stopped_before_their_first_checkpoint_start_again(tmp_path, straight_seeds):
     """A group killed before its first checkpoint: --resume (or the same --out) starts it
     again from scratch, saying so, whatever records it had begun."""

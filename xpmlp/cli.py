@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -201,6 +202,8 @@ def cmd_train(args):
     die_with_parent()  # a sweep's run ends with its sweep
     if args.seeds is not None or (args.resume and (Path(args.resume) / rundir.GROUP_FILE).is_file()):
         return train_seeds(args)
+    if args.resume and not (Path(args.resume) / rundir.CHECKPOINT).exists():
+        _refuse_a_group_member(Path(args.resume))
     config = config_from_args(args)
     threads = blas_threads()  # a bad $XPMLP_THREADS fails here, before any file
     progress = not args.quiet and sys.stderr.isatty()
@@ -226,6 +229,19 @@ def cmd_train(args):
     log(f"{summary['status']}: test accuracy {_pct(summary['test_acc'])}, "
         f"train time {summary['train_time_s']:.1f}s -> {out}/summary.json")
     return {"completed": 0, "diverged": 0}.get(summary["status"], 130)
+
+
+def _refuse_a_group_member(run_dir):
+    """A stacked group's member has no checkpoint of its own: resumed alone it would be
+    cleared and trained again, losing the group's progress.  Say how to resume it instead."""
+    from .stack import group_of
+    group = group_of(run_dir)
+    if group is None:
+        return
+    how = ("run the same `xpmlp sweep ... --stack` again" if group.parent.name == ".stacks"
+           else f"xpmlp train --resume {os.path.relpath(group)}")
+    raise UserError(f"--resume {run_dir}: this run trains in the stacked group {os.path.relpath(group)}, "
+                    f"whose checkpoint it shares; resume the group: {how}")
 
 
 def _resume_or_restart(run_dir, log):

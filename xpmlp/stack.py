@@ -359,6 +359,21 @@ def _relative(run_dirs, group_dir):
     return [os.path.relpath(d, group_dir) for d in run_dirs]
 
 
+def group_of(run_dir):
+    """The group directory whose stack.json names ``run_dir`` as a member, or None.  A member's
+    checkpoint is its group's, so a member resumes only through its group: a --seeds group
+    is the member's parent, a sweep's group sits in the sweep's ``.stacks/``."""
+    run_dir = Path(run_dir).resolve()
+    for group in [run_dir.parent, *sorted((run_dir.parent / ".stacks").glob("*"))]:
+        try:
+            members = json.loads((group / GROUP_FILE).read_text())["members"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if any(isinstance(d, str) and (group / d).resolve() == run_dir for d in members):
+            return group
+    return None
+
+
 def group_configs(group_dir):
     """(configs, run dirs) of the group that ``group_dir``'s stack.json describes."""
     path = Path(group_dir) / GROUP_FILE
