@@ -60,7 +60,10 @@ def run_with_timeout(command, timeout_s, log_path=None):
     (returncode, timed_out, output or None)."""
     log = open(log_path, "w") if log_path else subprocess.PIPE
     try:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        # A check started from a background job (nohup, &) inherits SIGINT ignored; the child
+        # needs it back, or the timeout's SIGINT would not stop it.
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         timed_out = False
         try:
             output, _ = proc.communicate(timeout=max(timeout_s, 1))
