@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import xpmlp
-from xpmlp.compiled import (PROBE_EVERY, PROBE_MAX, PROBE_STEPS, Chooser, CompiledStepper, StackedCompiledStepper,
+from xpmlp.compiled import (PROBE_MAX_S, PROBE_MIN_S, PROBE_STEPS, Chooser, CompiledStepper, StackedCompiledStepper,
                             compiled_steps)
 from xpmlp.optim import SGD
 from xpmlp.train import Stepper, make_stepper
@@ -142,6 +142,70 @@ def test_compiled_step_of_stacked_models_equals_their_array_path_bit_for_bit(nam
         assert moved == (k != frozen) and np.array_equal(want_model.flat.params[k], start.flat.params[k]) != moved
 
 
+def _stacked_on(threads, shuffle, frozen=None, steps_per_call=3, helper=True):
+    """(stepper, model, losses, accs) of MODELS stacked mlp2-relu-sce models after STEPS steps
+    with ``threads`` threads (not adaptive); ``helper=False``: the helper never runs."""
+    model = xpmlp.build_model("mlp2-relu-sce", backend="numpy", dtype=np.float32, seed=[1, 4, 7],
+                              init_std=[0.1, 0.05, 0.1], stack=(MODELS,), ops="fused")
+    optimizer = SGD(model, lr=[0.05, 0.1, 0.01], momentum=[0.9, 0.0, 0.5], weight_decay=[5e-4, 0.0, 1e-3])
+    if frozen is not None:
+        optimizer.freeze(frozen)
+    stepper = StackedCompiledStepper(model, optimizer, threads=threads, adaptive=False)
+    if not helper:
+        stepper._two_threads()
+        stepper._helper.jobs = queue.SimpleQueue()  # jobs handed to nobody
+    x, y, perm = _data(np.float32)
+    if shuffle == "own":
+        perm = np.stack([np.random.default_rng(k).permutation(len(perm)) for k in range(MODELS)])
+    losses, accs = np.zeros((STEPS, MODELS), dtype=np.float32), np.zeros((STEPS, MODELS), dtype=np.float32)
+    for i in range(0, STEPS, steps_per_call):
+        stepper.steps(x, y, perm[..., i * BATCH:(i + steps_per_call) * BATCH],
+                      losses[i:i + steps_per_call], accs[i:i + steps_per_call])
+    return stepper, model, losses, accs
+
+
+@pytest.mark.parametrize("shuffle,frozen,helper", [("shared", None, True), ("own", None, True),
+                                                   ("shared", 1, True), ("own", None, False)])
+def test_stacked_models_on_two_threads_train_as_on_one_bit_for_bit(shuffle, frozen, helper):
+    """Two threads take whole models, each on work arrays of its own: the same bits as one
+    thread, whoever takes which model, and the calling thread takes them all if no helper
+    comes."""
+    stepper, model, losses, accs = _stacked_on(2, shuffle, frozen, helper=helper)
+    _, want_model, want_losses, want_accs = _stacked_on(1, shuffle, frozen)
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(accs, want_accs)
+    np.testing.assert_array_equal(model.flat.params, want_model.flat.params)
+    assert (stepper._helper.tasks[0] == 0) if not helper else stepper._lanes[0] is not None
+
+
+def test_the_helper_takes_stacked_models():
+    stepper, *_ = _stacked_on(2, "shared", steps_per_call=1)
+    x, y, perm = _data(np.float32)
+    losses, accs = np.zeros((1, MODELS), dtype=np.float32), np.zeros((1, MODELS), dtype=np.float32)
+    for _ in range(500):  # on a loaded machine the helper may be late for the first calls
+        if stepper._helper.tasks[0] > 0:
+            break
+        stepper.steps(x, y, perm[:BATCH], losses, accs)
+    assert stepper._helper.tasks[0] > 0 and stepper._lanes[1] is not None
+
+
+def test_a_stacked_step_the_helper_fails_is_raised_on_the_calling_thread(monkeypatch):
+    stepper, *_ = _stacked_on(2, "shared", steps_per_call=1)
+    x, y, perm = _data(np.float32)
+    losses, accs = np.zeros((1, MODELS), dtype=np.float32), np.zeros((1, MODELS), dtype=np.float32)
+    real = stepper._step_model
+
+    def broken(lane, *args):
+        if lane == 1:
+            raise RuntimeError("the helper's step failed")
+        real(lane, *args)
+
+    monkeypatch.setattr(stepper, "_step_model", broken)
+    with pytest.raises(RuntimeError, match="the helper's step failed"):
+        for _ in range(500):  # until the helper takes a model
+            stepper.steps(x, y, perm[:BATCH], losses, accs)
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("mlp1-sigmoid-sce", {}),            # Sigmoid hidden layers: NumPy's vectorised exp wins
     ("mlp2-sigmoid-mse", {}),
@@ -266,27 +330,65 @@ def test_a_batch_too_small_to_split_runs_on_one_thread():
 
 
 def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
-    chooser, per_step = Chooser(), {1: 0.0008, 2: 0.0004}
+    """On a clock that advances by the steps' time: probes by the clock, rarer while the
+    other way loses, down to one every PROBE_MAX_S; the end of a busy spell seen within
+    PROBE_MAX_S."""
+    now = [0.0]
+    chooser, per_step = Chooser(clock=lambda: now[0]), {1: 0.0008, 2: 0.0004}
 
     def call(steps=25):
         plan = chooser.plan(steps)
         for threads, count in plan:
+            now[0] += count * per_step[threads]
             chooser.record(threads, count, count * per_step[threads])
+        return plan, now[0]
+
+    probe_one, probe_two = [(1, PROBE_STEPS), (2, 25 - PROBE_STEPS)], [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]
+    assert [call()[0], call()[0]] == [[(2, 25)], [(1, 25)]]  # each tried once, two threads first
+    calls = [call() for _ in range(int(2 / 0.01))]  # two seconds of two-thread calls (10 ms each)
+    probes = [t for p, t in calls if p == probe_one]
+    assert all(p == [(2, 25)] for p, _ in calls if p != probe_one)
+    gaps = np.diff(probes)
+    assert gaps[0] < 2 * PROBE_MIN_S + 0.02 and PROBE_MAX_S <= gaps[-1] < PROBE_MAX_S + 0.02
+    assert all(gaps[1:] >= gaps[:-1] - 0.011)  # rarer (to a call's time)
+    per_step[2] = 0.004  # the machine gets busy: a step waits for a descheduled helper
+    calls = [call() for _ in range(200)]
+    start = calls[0][1]
+    assert calls[1][0] == [(1, 25)] and calls[-1][0] == [(1, 25)]  # one slow call, then one thread
+    probes = [t for p, t in calls if p == probe_two]
+    assert probes and np.diff([start] + probes).max() < PROBE_MAX_S + 0.1
+    assert sum(p != [(1, 25)] for p, _ in calls) == len(probes) + 1  # the first call, then probes
+    busy = sum(count for p, _ in calls for threads, count in p if threads == 2)
+    assert busy <= 25 + PROBE_STEPS * (1 + (calls[-1][1] - start) / PROBE_MAX_S) + 4 * PROBE_STEPS
+    per_step[2] = 0.0004  # quiet again: the next probe sees it
+    quiet = now[0]
+    calls = [call() for _ in range(100)]
+    back = next(t for p, t in calls if p == probe_two)
+    assert back - quiet < PROBE_MAX_S + 0.03 and calls[-1][0] == [(2, 25)]
+    assert call(3)[0] in ([(2, 3)], [(1, 3)])  # a call shorter than a probe is one way
+    assert chooser.steps_run[1] + chooser.steps_run[2] == (2 + 200 + 200 + 100) * 25 + 3
+
+
+def test_one_slow_call_changes_the_way_and_the_other_is_tried_again_soon():
+    """A hiccup (a slow two-thread call on a quiet machine) hands the steps to one thread
+    only until the next probe, PROBE_MIN_S later."""
+    now = [0.0]
+    chooser, per_step = Chooser(clock=lambda: now[0]), {1: 0.0008, 2: 0.0004}
+
+    def call(slow=1.0):
+        plan = chooser.plan(25)
+        for threads, count in plan:
+            now[0] += count * per_step[threads] * slow
+            chooser.record(threads, count, count * per_step[threads] * slow)
         return plan
 
-    assert [call(), call()] == [[(2, 25)], [(1, 25)]]  # each tried once, two threads first
-    plans = [call() for _ in range(2 * PROBE_EVERY)]
-    assert [p for p in plans if p != [(2, 25)]] == [[(1, PROBE_STEPS), (2, 25 - PROBE_STEPS)]] * 2
-    per_step[2] = 0.004  # the machine gets busy: a step waits for a descheduled helper
-    plans = [call() for _ in range(8 * PROBE_MAX)]
-    assert plans[1:3] == [[(1, 25)]] * 2 and plans[-1] == [(1, 25)]
-    probes = [i for i, p in enumerate(plans) if p == [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]]
-    assert len(probes) + 1 == sum(p != [(1, 25)] for p in plans)  # the first call, then probes
-    gaps = np.diff(probes)
-    assert all(gaps[1:] >= gaps[:-1]) and gaps[-1] == PROBE_MAX  # rarer, down to one in PROBE_MAX
-    per_step[2] = 0.0004  # quiet again: the first probe sees it
-    plans = [call() for _ in range(2 * PROBE_MAX)]
-    first = plans.index([(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)])
-    assert first <= PROBE_MAX and plans[first + 1] == [(2, 25)] and plans[-1] == [(2, 25)]
-    assert call(3) in ([(2, 3)], [(1, 3)])  # a call shorter than a probe is one way
-    assert chooser.steps_run[1] + chooser.steps_run[2] == (2 + 2 * PROBE_EVERY + 10 * PROBE_MAX) * 25 + 3
+    for _ in range(300):
+        call()
+    assert chooser.interval == PROBE_MAX_S
+    call(slow=5.0)  # two threads' call, five times slower
+    hiccup = now[0]
+    assert chooser.best() == 1
+    for _ in range(100):
+        if call() == [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]:
+            break
+    assert now[0] - hiccup < PROBE_MIN_S + 0.03 and call() == [(2, 25)]

@@ -13,6 +13,7 @@ batch's rows for the forward and backward passes, each layer's weight rows for t
 gradients and the update.  The halves are cut where the products give the same bits as
 whole ones, so the training is the same, bit for bit, with one thread or two.
 """
+import itertools
 import queue
 import threading
 import time
@@ -26,10 +27,11 @@ from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1  # the kernel's loss codes (numpy_step.py)
 # Two threads win only while both get a core: once another process takes one, a step
 # waits for a descheduled helper (2-4x slower epochs, measured).  So each call times its
-# steps, the faster way so far runs, and every PROBE_EVERY-th call first tries the other
-# way for PROBE_STEPS steps, which bounds what a probe costs on a busy machine; while two
-# threads keep losing, the probes grow rarer, down to one in PROBE_MAX calls.
-PROBE_EVERY, PROBE_MAX, PROBE_STEPS = 8, 32, 4
+# steps, the faster way so far runs, and every so often (PROBE_MIN_S after the way changed,
+# up to PROBE_MAX_S apart while the other way keeps losing) a call first tries the other
+# way for PROBE_STEPS steps: a probe costs little on a busy machine, and the end of a busy
+# spell is seen within PROBE_MAX_S (a fraction of an epoch), whatever the call's length.
+PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 4
 
 
 def _loss_code(model):
@@ -58,8 +60,9 @@ def compiled_steps(model):
 
 
 class _Helper:
-    """A daemon thread that runs the compiled step's calls it is handed, taking their
-    unclaimed tasks (``tasks``: how many it took); ends when its stepper is collected."""
+    """A daemon thread that runs the calls it is handed (a kernel's, or a function's that
+    steps stacked models), each returning how many tasks it took (``tasks``: the sum);
+    ends when its stepper is collected."""
 
     def __init__(self, owner):
         self.jobs = queue.SimpleQueue()
@@ -76,34 +79,43 @@ class _Helper:
 
 class Chooser:
     """One thread or two for the next steps: the one whose latest run took less time per
-    step, each tried first; every few calls (PROBE_EVERY, or up to PROBE_MAX apart while
-    two threads keep losing) the other one is tried first on PROBE_STEPS steps, so a change
-    in the machine's load is seen within a few calls.  The latest run, not an average:
+    step, each tried first; a probe of the other one (PROBE_STEPS steps first in a call)
+    when its time comes, by the clock: PROBE_MIN_S after the way changed, twice as long
+    after each probe that lost, at most PROBE_MAX_S.  The latest run, not an average:
     after a busy spell one quick probe brings two threads back, and a lucky probe on a busy
-    machine costs one slow call."""
+    machine costs one slow call (which changes the way back, and probes again soon)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
         self.per_step = {1: None, 2: None}
         self.steps_run = {1: 0, 2: 0}  # how many steps each way took
-        self.calls, self.interval, self.next_probe = 0, PROBE_EVERY, PROBE_EVERY
+        self.clock, self.interval, self.next_probe, self.probing = clock, PROBE_MIN_S, None, None
+
+    def best(self):
+        untried = [t for t, v in self.per_step.items() if v is None]
+        return untried[-1] if untried else min(self.per_step, key=self.per_step.get)
 
     def plan(self, steps):
         """[(threads, steps), ...] for a call of ``steps`` steps."""
-        self.calls += 1
-        untried = [t for t, v in self.per_step.items() if v is None]
-        best = untried[-1] if untried else min(self.per_step, key=self.per_step.get)
-        if untried or self.calls < self.next_probe:
+        best, now = self.best(), self.clock()
+        if None in self.per_step.values() or now < self.next_probe:
             return [(best, steps)]
-        self.next_probe = self.calls + self.interval
+        self.next_probe, self.probing = now + self.interval, 3 - best  # until the probe's outcome sets it
         probe = min(steps, PROBE_STEPS)
         return [(3 - best, probe)] + ([(best, steps - probe)] if steps > probe else [])
 
     def record(self, threads, steps, seconds):
+        before, probed, self.probing = self.best(), threads == self.probing, None
         self.per_step[threads] = seconds / steps
         self.steps_run[threads] += steps
-        one = self.per_step[1]
-        if threads == 2 and one is not None:  # two threads won or lost again
-            self.interval = PROBE_EVERY if self.per_step[2] < one else min(2 * self.interval, PROBE_MAX)
+        if None in self.per_step.values():
+            return
+        if self.best() != before or self.next_probe is None:  # a new way: look again soon
+            self.interval = PROBE_MIN_S
+        elif probed:  # the other way lost again: look again later
+            self.interval = min(2 * self.interval, PROBE_MAX_S)
+        else:
+            return
+        self.next_probe = self.clock() + self.interval
 
 
 class CompiledStepper:
@@ -140,17 +152,20 @@ class CompiledStepper:
             return None
         return row_cut, np.array(features, dtype=np.int64), np.array([n // 2 for _, n in shapes], dtype=np.int64)
 
+    def _new_buffers(self, x, y, batch):
+        """A step's work arrays: the batch, every layer's output and gradient, each row's
+        loss term and hit."""
+        dtype = self.model.dtype
+        outputs = tuple(np.empty((batch, layer.out_features), dtype=dtype) for layer in self.linears)
+        grads = tuple(np.empty((batch, layer.out_features), dtype=dtype) for layer in self.linears)
+        # The batch in the model's dtype whatever x's: the products get one dtype.
+        return (np.empty((batch, x.shape[1]), dtype=dtype), np.empty((batch,), dtype=y.dtype),
+                outputs, grads, np.empty(batch), np.empty(batch, dtype=np.int64))
+
     def _buffers(self, x, y, batch):
-        """The batch, every layer's output and gradient, each row's loss term and hit, and
-        the halves' cuts (None: one part), allocated once per batch size."""
+        """_new_buffers and the halves' cuts (None: one part), allocated once per batch size."""
         if self._batch is None or self._batch[0].shape[0] != batch:
-            dtype = self.model.dtype
-            outputs = tuple(np.empty((batch, layer.out_features), dtype=dtype) for layer in self.linears)
-            grads = tuple(np.empty((batch, layer.out_features), dtype=dtype) for layer in self.linears)
-            # The batch in the model's dtype whatever x's: the products get one dtype.
-            self._batch = (np.empty((batch, x.shape[1]), dtype=dtype), np.empty((batch,), dtype=y.dtype),
-                           outputs, grads, np.empty(batch), np.empty(batch, dtype=np.int64),
-                           self._cuts(batch) if self.threads > 1 else None)
+            self._batch = self._new_buffers(x, y, batch) + (self._cuts(batch) if self.threads > 1 else None,)
         return self._batch
 
     def steps(self, x, y, idx, loss_out, acc_out):
@@ -186,12 +201,16 @@ class CompiledStepper:
         if threads == 1:
             self.kernel(*args, True)
             return
+        with self._two_threads():  # each half's products on its own thread
+            self._helper.jobs.put((self.kernel, args + (False,)))
+            self.kernel(*args, True)
+
+    def _two_threads(self):
+        """The helper thread, started on first use, and BLAS held to one thread each."""
         if self._helper is None:
             from threadpoolctl import ThreadpoolController
             self._helper, self._blas = _Helper(self), ThreadpoolController().select(user_api="blas")
-        with self._blas.limit(limits=1):  # each half's products on its own thread
-            self._helper.jobs.put((self.kernel, args + (False,)))
-            self.kernel(*args, True)
+        return self._blas.limit(limits=1)
 
     def step(self, x, y, idx, loss_out, acc_out, i):
         self.steps(x, y, idx, loss_out[i:i + 1], acc_out[i:i + 1])
@@ -200,12 +219,17 @@ class CompiledStepper:
 class StackedCompiledStepper(CompiledStepper):
     """The compiled step of K stacked models (stack.py): each model's step is the one-model
     kernel's, on one thread, on that model's slices of the stacked arrays (its rows of the
-    flat buffers), the models in turn, so each computes exactly what it computes alone; a
-    frozen model (SGD.freeze) is not stepped.  The steps of ``steps`` go one at a time,
-    every model taking step s before any takes step s + 1."""
+    flat buffers), so each computes exactly what it computes alone; a frozen model
+    (SGD.freeze) is not stepped.  A call takes its steps model by model.
 
-    def __init__(self, model, optimizer, kernel=None):
-        super().__init__(model, optimizer, kernel, threads=1)
+    With two threads the models are the tasks: the calling thread and the helper each claim
+    the next model nobody has and run all of the call's steps for it, on work arrays of its
+    own.  No product is split, so nothing needs an exact cut and the threads meet once a
+    call; one thread or two give the same bits.  The Chooser picks one or two as for one
+    model (a busy machine)."""
+
+    def __init__(self, model, optimizer, kernel=None, threads=1, adaptive=True):
+        super().__init__(model, optimizer, kernel, threads=threads, adaptive=adaptive)
         self.offsets = np.cumsum([0] + [layer.W[0].size + layer.b[0].size for layer in self.linears])
         flat, (slot,) = model.flat, optimizer.slots
         # Model m's arrays as the kernel takes one model's: views, so the kernel updates the stack.
@@ -213,23 +237,65 @@ class StackedCompiledStepper(CompiledStepper):
                          tuple(layer.grad_W[m] for layer in self.linears),
                          tuple(layer.grad_b[m, 0] for layer in self.linears),
                          flat.params[m], flat.grads[m], slot.velocity[m]) for m in range(model.stack[0])]
+        self._lanes = [None, None]  # each thread's (work arrays, sync words), per batch size
 
     def steps(self, x, y, idx, loss_out, acc_out):
         """``idx``: (n,) rows all models share, or (K, n), one row of indices a model;
         ``loss_out``, ``acc_out``: (steps, K)."""
         n = loss_out.shape[0]
         batch = idx.shape[-1] // n
-        xb, yb, outputs, grads, row_loss, row_hit, _ = self._buffers(x, y, batch)
+        models = [m for m in range(len(self._models)) if self.optimizer._active_host[m]]
+        plan = [(1, n)] if self.threads == 1 or len(models) < 2 else \
+            self.chooser.plan(n) if self.adaptive else [(2, n)]
+        done = 0
+        for threads, count in plan:
+            start = time.perf_counter()
+            self._run_models(threads, models, x, y, idx[..., done * batch:(done + count) * batch],
+                             loss_out[done:done + count], acc_out[done:done + count], batch)
+            self.chooser.record(threads, count, time.perf_counter() - start)
+            done += count
+
+    def _run_models(self, threads, models, x, y, idx, loss_out, acc_out, batch):
+        if threads == 1:
+            for m in models:
+                self._step_model(0, m, x, y, idx, loss_out, acc_out, batch)
+            return
+        claims, finished, errors, ended = itertools.count(), [0], [], threading.Condition()
+
+        def work(lane):  # next(claims) is atomic under the GIL; the kernel runs without it
+            ran = 0
+            while (j := next(claims)) < len(models):
+                try:
+                    self._step_model(lane, models[j], x, y, idx, loss_out, acc_out, batch)
+                except Exception as exc:  # noqa: BLE001 - the helper's, raised on the calling thread
+                    if lane == 0:
+                        raise
+                    errors.append(exc)
+                ran += 1
+                with ended:
+                    finished[0] += 1
+                    ended.notify()
+            return ran
+
+        with self._two_threads():
+            self._helper.jobs.put((work, (1,)))
+            work(0)
+            with ended:  # for the model the helper is stepping, if any
+                ended.wait_for(lambda: finished[0] == len(models))
+        if errors:
+            raise errors[0]
+
+    def _step_model(self, lane, m, x, y, idx, loss_out, acc_out, batch):
+        """All of the call's steps of model m, on thread ``lane``'s work arrays."""
+        if self._lanes[lane] is None or self._lanes[lane][0][0].shape[0] != batch:
+            self._lanes[lane] = (self._new_buffers(x, y, batch), np.zeros(2, dtype=np.int64), [0])
+        (xb, yb, outputs, grads, row_loss, row_hit), sync, generation = self._lanes[lane]
+        Ws, bs, grad_Ws, grad_bs, params, grads_m, velocity = self._models[m]
         opt, t, none = self.optimizer, np.dtype(self.model.dtype).type, self.offsets[:0]
-        for s in range(n):
-            for m, (Ws, bs, grad_Ws, grad_bs, params, grads_m, velocity) in enumerate(self._models):
-                if not opt._active_host[m]:
-                    continue
-                rows = (idx if idx.ndim == 1 else idx[m])[s * batch:(s + 1) * batch]
-                self._generation += 1
-                self._sync[1] = 0
-                self._sync[0] = self._generation << 32
-                self.kernel(x, y, rows, Ws, bs, grad_Ws, grad_bs, outputs, grads, xb, yb, self.loss_code,
-                            params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
-                            t(opt.weight_decay[m]), loss_out[s:s + 1, m], acc_out[s:s + 1, m], row_loss, row_hit,
-                            1, 0, none, none, self._sync, self._generation, True)
+        generation[0] += 1
+        sync[1] = 0
+        sync[0] = generation[0] << 32
+        self.kernel(x, y, idx if idx.ndim == 1 else idx[m], Ws, bs, grad_Ws, grad_bs, outputs, grads, xb, yb,
+                    self.loss_code, params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
+                    t(opt.weight_decay[m]), loss_out[:, m], acc_out[:, m], row_loss, row_hit, 1, 0, none, none,
+                    sync, generation[0], True)

@@ -116,7 +116,7 @@ def make_stepper(model, optimizer, compiled=True, threads=None):
     if kernel is None:
         return Stepper(model, optimizer)
     if model.stack:
-        return StackedCompiledStepper(model, optimizer, kernel)
+        return StackedCompiledStepper(model, optimizer, kernel, step_threads(threads))
     return CompiledStepper(model, optimizer, kernel, step_threads(threads))
 
 
