@@ -185,6 +185,14 @@ def _check_plots(result, cwd, plots_dir):
     np.testing.assert_allclose(np.array(per_class["precision"], dtype=float), precision)
 
 
+def test_a_digit_never_predicted_reads_n_a_not_nan():
+    from xpmlp.cli import _per_class_lines
+    lines = _per_class_lines({"precision": [0.5, None], "recall": [1.0, 0.0], "count": [3, 2]})
+    assert lines[2].split() == ["1", "n/a", "0.00%", "2"] and "nan" not in "\n".join(lines)
+    assert lines[-1].startswith("(n/a: a digit the model never predicted has no precision")
+    assert len(_per_class_lines({"precision": [0.5], "recall": [1.0], "count": [3]})) == 2  # no footnote
+
+
 def test_eval_plots_into_the_run_directory(runs):
     run = runs / "mlp0"
     rc, out, err = xpmlp("eval", "mlp0", "--device", "cpu", "--plots", cwd=runs)

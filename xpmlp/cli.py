@@ -357,6 +357,8 @@ def _per_class_lines(per_class):
     lines = ["digit  precision  recall  images"]
     for digit, (p, r, n) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["count"])):
         lines.append(f"{digit:>5}  {_pct(p):>9}  {_pct(r):>6}  {n:>6}")
+    if None in per_class["precision"] or None in per_class["recall"]:
+        lines.append("(n/a: a digit the model never predicted has no precision; one with no images, no recall)")
     return lines
 
 
@@ -451,7 +453,7 @@ def cmd_bench(args):
 
 
 def _pct(value):
-    return "nan" if value is None else f"{100 * value:.2f}%"
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def _log_fn(progress):

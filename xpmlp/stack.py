@@ -366,10 +366,11 @@ def group_of(run_dir):
     run_dir = Path(run_dir).resolve()
     for group in [run_dir.parent, *sorted((run_dir.parent / ".stacks").glob("*"))]:
         try:
-            members = json.loads((group / GROUP_FILE).read_text())["members"]
-        except (OSError, ValueError, KeyError, TypeError):
+            members = rundir.read_json(group / GROUP_FILE).get("members")
+        except (OSError, TrainError):  # no group there, or not one's description
             continue
-        if any(isinstance(d, str) and (group / d).resolve() == run_dir for d in members):
+        if isinstance(members, list) and any(isinstance(d, str) and (group / d).resolve() == run_dir
+                                             for d in members):
             return group
     return None
 
