@@ -263,6 +263,7 @@ def test_train_seeds_writes_a_run_per_seed_and_an_aggregate(tmp_path):
     agg = json.loads((root / "summary.json").read_text())
     accs = [r["test_acc"] for r in runs]
     assert agg["seeds"] == [0, 3] and agg["status"] == ["completed", "completed"]
+    assert agg["runs"] == ["seed=0", "seed=3"]  # relative to the summary, not to where it was run
     assert agg["test_acc"]["mean"] == pytest.approx(np.mean(accs))
     assert agg["test_acc"]["std"] == pytest.approx(np.std(accs))
     assert (agg["test_acc"]["min"], agg["test_acc"]["max"]) == (min(accs), max(accs))

@@ -303,7 +303,8 @@ def train_seeds(args):
                 summaries = [rundir.read_json(path) for path in trainer.run()]
             aggregated = aggregate(summaries)
             rundir.write_json(out / rundir.SUMMARY, {
-                "runs": [str(d) for d in run_dirs], "seeds": [c.seed for c in configs],
+                # relative to this summary, as stack.json names them: readable from anywhere
+                "runs": [os.path.relpath(d, out) for d in run_dirs], "seeds": [c.seed for c in configs],
                 "status": [s["status"] for s in summaries], **aggregated})
     except (UserError, TrainError):
         if created and not (out / rundir.GROUP_FILE).exists():
