@@ -564,6 +564,7 @@ def test_bench_stack_reports_model_epochs_and_their_ratio(monkeypatch):
     # a warm-up and three timed epochs of 10 steps, the stacked models sharing one shuffle
     assert [e for e in epochs if e[0] == (5,)] == [((5,), 1, 10)] * 4
     assert r["stack"] == 5
+    assert r["step_threads"] == r["stacked_step_threads"] == 1  # the same threads for both sides
     assert r["stacked_model_epochs_per_s"] == pytest.approx(5 / r["stacked_epoch_s"])
     assert r["single_model_epochs_per_s"] == pytest.approx(1 / r["epoch_s"])
     assert r["ratio_stack"] == pytest.approx(r["stacked_model_epochs_per_s"] / r["single_model_epochs_per_s"])

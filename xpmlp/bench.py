@@ -132,12 +132,13 @@ STACK_SETTINGS = ([(lr, MOMENTUM) for lr in (1.0, 0.1, 0.01, 0.001, 1e-4, 1e-5)]
                   + [(LR, m) for m in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)])
 
 
-def bench_stacked(backend, x, y, dtype, models, ops=None, seed=0):
-    """(run_epoch, model): an epoch of ``models`` stacked models sharing one shuffle."""
+def bench_stacked(backend, x, y, dtype, models, ops=None, seed=0, threads=None):
+    """(run_epoch, model, stepper): an epoch of ``models`` stacked models sharing one shuffle, the
+    compiled step on ``threads`` threads (None: the trainer's policy), as bench_ours."""
     settings = [STACK_SETTINGS[k % len(STACK_SETTINGS)] for k in range(models)]
     model = build_model(MODEL, backend=backend, dtype=dtype, seed=[seed] * models, stack=(models,), ops=ops)
     stepper = make_stepper(model, SGD(model, lr=[lr for lr, _ in settings], momentum=[m for _, m in settings],
-                                      weight_decay=WEIGHT_DECAY))
+                                      weight_decay=WEIGHT_DECAY), threads=threads)
     rng, xp, iters = np.random.default_rng(seed), backend.xp, N_TRAIN // BATCH
     losses = xp.zeros((iters, models), dtype=model.dtype)
     accs = xp.zeros((iters, models), dtype=model.dtype)
@@ -147,7 +148,7 @@ def bench_stacked(backend, x, y, dtype, models, ops=None, seed=0):
         step_loop(stepper, x, y, perm, BATCH, losses, accs, 0, iters)
         backend.to_numpy(losses)
 
-    return epoch, model
+    return epoch, model, stepper
 
 
 def bench_first_layer(backend, model):
@@ -372,10 +373,10 @@ def _data(backend, dtype):
 
 def _run_stack(backend, dtype, epochs, threads, models, ops):
     _, _, x, y = _data(backend, dtype)
-    stacked, model = bench_stacked(backend, x, y, dtype, models, ops)
+    stacked, model, stacked_stepper = bench_stacked(backend, x, y, dtype, models, ops, threads=threads)
     stacked()  # its warm-up first, so the memory peak below is the stacked training's
     memory_key, memory_mb = _peak_memory_mb(backend)
-    single, *_ = bench_ours(backend, x, y, dtype, ops, threads=threads)
+    single, _, stepper = bench_ours(backend, x, y, dtype, ops, threads=threads)
     batched, wide = bench_first_layer(backend, model)
     with np.errstate(all="ignore"):  # lr 1.0 and momentum 1.0 diverge, as in the report
         median = _time_interleaved({"stacked": (stacked, backend.synchronize),
@@ -392,6 +393,8 @@ def _run_stack(backend, dtype, epochs, threads, models, ops):
             "ratio_wide": median["first_layer_batched"] / median["first_layer_wide"],
             memory_key: memory_mb, **backend.describe(),
             "ops": model.ops.name, "fused_kernels": model.ops.name == "fused", "threads": threads,
+            "step_threads": getattr(stepper, "threads", None),
+            "stacked_step_threads": getattr(stacked_stepper, "threads", None),
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "versions": versions()}
 
