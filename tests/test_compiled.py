@@ -206,6 +206,34 @@ def test_a_stacked_step_the_helper_fails_is_raised_on_the_calling_thread(monkeyp
             stepper.steps(x, y, perm[:BATCH], losses, accs)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["one-model", "stacked"])
+def test_a_stepper_no_longer_used_is_collected_and_its_helper_thread_ends(stacked):
+    """The helper holds neither its stepper nor a finished call (a stacked call's function
+    holds the stepper), so a trainer's helper thread ends with it: a sweep's process trains
+    group after group."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    def helpers():
+        return sum(t.name == "xpmlp-step" for t in threading.enumerate())
+
+    gc.collect()  # earlier tests' steppers: their helpers end now, not during this test
+    time.sleep(0.2)
+    before = helpers()
+    stepper = _stacked_on(2, "shared")[0] if stacked else _two_threads("mlp1-relu-sce", np.float32)[0]
+    assert stepper._helper is not None and helpers() == before + 1
+    gone = weakref.ref(stepper)
+    del stepper
+    gc.collect()
+    assert gone() is None, "something still holds the stepper"
+    deadline = time.monotonic() + 10
+    while helpers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert helpers() == before
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("mlp1-sigmoid-sce", {}),            # Sigmoid hidden layers: NumPy's vectorised exp wins
     ("mlp2-sigmoid-mse", {}),

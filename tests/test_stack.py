@@ -521,6 +521,28 @@ def test_sweep_stack_loads_mnist_once(tmp_path, monkeypatch, capsys):
     assert out.count("stack  ") == 2 and len(calls) == 1, out
 
 
+@pytest.mark.parametrize("cores, want", [(1, 1), (None, None)])
+def test_a_group_given_one_core_steps_on_one_thread(tmp_path, monkeypatch, capsys, cores, want):
+    """A Ray task's CPUs cap a stacked group's threads, as run_env caps a run's."""
+    from helpers import real_mnist_dir
+    from xpmlp import stack
+    from xpmlp.sweep import load_grid, run_stack_group
+    asked = []
+    real = stack.make_stepper
+
+    def recording(model, optimizer, *args, threads=None, **kwargs):
+        asked.append(threads)
+        return real(model, optimizer, *args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(stack, "make_stepper", recording)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(STACK_GRID.replace("{out}", str(tmp_path / "runs")).replace("epochs = 3", "epochs = 1")
+                    .replace("lr = [0.01, 0.1, 1e6]", "lr = [0.1]").replace("seed = [0, 1]", "seed = [0]"))
+    members = [(tmp_path / "runs" / name, dict(s, data_dir=str(real_mnist_dir()))) for name, s in load_grid(grid)[0]]
+    assert run_stack_group(tmp_path / "group", members, "new", cores=cores) == "done"
+    assert asked == [want]
+
+
 def test_sweep_stack_skips_what_another_process_holds(tmp_path, capsys):
     """A held run is left out of its group, and a held group (another sweep trains it) is
     skipped whole, touching nothing; the sweep says so and exits 1."""

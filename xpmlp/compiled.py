@@ -7,13 +7,14 @@ It keeps the model's own arrays: the layers' W and b stay views into the flat pa
 buffer, their gradients into the flat gradient buffer, and the optimizer's velocity is
 the one SGD checkpoints, so evaluation, checkpoints and resume see no difference.
 
-With two threads (threads.py's policy: two where two cores are free) each step's work is
-split in halves that a helper thread and the calling one claim (numpy_step.py): the
-batch's rows for the forward and backward passes, each layer's weight rows for the
-gradients and the update.  The halves are cut where the products give the same bits as
-whole ones, so the training is the same, bit for bit, with one thread or two.
+With two threads (threads.py's policy: two where this process may run on two cores) each
+step's work is split in halves that a helper thread and the calling one claim
+(numpy_step.py): the batch's rows for the forward and backward passes, each layer's weight
+rows for the gradients and the update.  The halves are cut where the products give the
+same bits as whole ones, so the training is the same, bit for bit, with one thread or two.
+Stacked models split by model instead (StackedCompiledStepper).  A Chooser times the
+calls and goes back to one thread while that is faster (a busy machine).
 """
-import itertools
 import queue
 import threading
 import time
@@ -66,15 +67,26 @@ class _Helper:
 
     def __init__(self, owner):
         self.jobs = queue.SimpleQueue()
-        self.tasks = [0]
-        threading.Thread(target=self._serve, args=(self.jobs, self.tasks), daemon=True, name="xpmlp-step").start()
+        self.tasks, self.errors = [0], []  # errors: raised again on the calling thread (raise_error)
+        threading.Thread(target=self._serve, args=(self.jobs, self.tasks, self.errors), daemon=True,
+                         name="xpmlp-step").start()
         weakref.finalize(owner, self.jobs.put, None)
 
     @staticmethod
-    def _serve(jobs, tasks):  # no reference to the stepper: it can be collected
+    def _serve(jobs, tasks, errors):
+        # No reference to the stepper, nor to a finished job (a stacked job's function holds
+        # the stepper) while waiting for the next: the stepper can be collected.
         while (job := jobs.get()) is not None:
-            kernel, args = job
-            tasks[0] += kernel(*args)
+            try:
+                tasks[0] += job[0](*job[1])
+            except Exception as exc:  # noqa: BLE001 - the thread stays, for the next calls
+                errors.append(exc)
+            del job
+
+    def raise_error(self):
+        """Raise, on the calling thread, what a call of the helper raised."""
+        if self.errors:
+            raise self.errors.pop()
 
 
 class Chooser:
@@ -146,8 +158,9 @@ class CompiledStepper:
         shapes = [layer.W.shape for layer in self.linears]
         rows = [(fan_in, fan_out, False, False) for fan_in, fan_out in shapes]  # forward
         rows += [(fan_out, fan_in, False, True) for fan_in, fan_out in shapes[1:]]  # g @ W^T
-        row_cut = self.kernel.cut(batch, rows) if batch >= 8 else None
-        features = [self.kernel.cut(fan_in, [(batch, fan_out, True, False)]) for fan_in, fan_out in shapes]
+        with self._one_blas_thread():  # as each half will run
+            row_cut = self.kernel.cut(batch, rows) if batch >= 8 else None
+            features = [self.kernel.cut(fan_in, [(batch, fan_out, True, False)]) for fan_in, fan_out in shapes]
         if row_cut is None or None in features:
             return None
         return row_cut, np.array(features, dtype=np.int64), np.array([n // 2 for _, n in shapes], dtype=np.int64)
@@ -204,12 +217,18 @@ class CompiledStepper:
         with self._two_threads():  # each half's products on its own thread
             self._helper.jobs.put((self.kernel, args + (False,)))
             self.kernel(*args, True)
+        self._helper.raise_error()
 
     def _two_threads(self):
         """The helper thread, started on first use, and BLAS held to one thread each."""
         if self._helper is None:
+            self._helper = _Helper(self)
+        return self._one_blas_thread()
+
+    def _one_blas_thread(self):
+        if self._blas is None:
             from threadpoolctl import ThreadpoolController
-            self._helper, self._blas = _Helper(self), ThreadpoolController().select(user_api="blas")
+            self._blas = ThreadpoolController().select(user_api="blas")
         return self._blas.limit(limits=1)
 
     def step(self, x, y, idx, loss_out, acc_out, i):
@@ -238,6 +257,7 @@ class StackedCompiledStepper(CompiledStepper):
                          tuple(layer.grad_b[m, 0] for layer in self.linears),
                          flat.params[m], flat.grads[m], slot.velocity[m]) for m in range(model.stack[0])]
         self._lanes = [None, None]  # each thread's (work arrays, sync words), per batch size
+        self._timed_models = len(self._models)  # how many models the chooser's times are for
 
     def steps(self, x, y, idx, loss_out, acc_out):
         """``idx``: (n,) rows all models share, or (K, n), one row of indices a model;
@@ -245,6 +265,8 @@ class StackedCompiledStepper(CompiledStepper):
         n = loss_out.shape[0]
         batch = idx.shape[-1] // n
         models = [m for m in range(len(self._models)) if self.optimizer._active_host[m]]
+        if len(models) != self._timed_models:  # a model froze: the times so far were for more
+            self.chooser, self._timed_models = Chooser(), len(models)
         plan = [(1, n)] if self.threads == 1 or len(models) < 2 else \
             self.chooser.plan(n) if self.adaptive else [(2, n)]
         done = 0
@@ -260,30 +282,34 @@ class StackedCompiledStepper(CompiledStepper):
             for m in models:
                 self._step_model(0, m, x, y, idx, loss_out, acc_out, batch)
             return
-        claims, finished, errors, ended = itertools.count(), [0], [], threading.Condition()
+        ended = threading.Condition()
+        count = {"claimed": 0, "finished": 0, "open": True}  # under ``ended``'s lock
 
-        def work(lane):  # next(claims) is atomic under the GIL; the kernel runs without it
+        def work(lane):
             ran = 0
-            while (j := next(claims)) < len(models):
+            while True:
+                with ended:  # claim the next model nobody has
+                    if not count["open"] or count["claimed"] == len(models):
+                        return ran
+                    m = models[count["claimed"]]
+                    count["claimed"] += 1
                 try:
-                    self._step_model(lane, models[j], x, y, idx, loss_out, acc_out, batch)
-                except Exception as exc:  # noqa: BLE001 - the helper's, raised on the calling thread
-                    if lane == 0:
-                        raise
-                    errors.append(exc)
-                ran += 1
-                with ended:
-                    finished[0] += 1
-                    ended.notify()
-            return ran
+                    self._step_model(lane, m, x, y, idx, loss_out, acc_out, batch)
+                    ran += 1
+                finally:  # counted even if it failed: the calling thread waits for the count
+                    with ended:
+                        count["finished"] += 1
+                        ended.notify()
 
         with self._two_threads():
             self._helper.jobs.put((work, (1,)))
-            work(0)
-            with ended:  # for the model the helper is stepping, if any
-                ended.wait_for(lambda: finished[0] == len(models))
-        if errors:
-            raise errors[0]
+            try:
+                work(0)
+            finally:  # no more claims; the model the helper is stepping, if any, ends first
+                with ended:
+                    count["open"] = False
+                    ended.wait_for(lambda: count["finished"] == count["claimed"])
+        self._helper.raise_error()
 
     def _step_model(self, lane, m, x, y, idx, loss_out, acc_out, batch):
         """All of the call's steps of model m, on thread ``lane``'s work arrays."""

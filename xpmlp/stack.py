@@ -9,7 +9,8 @@ work unchanged.  While the group trains, its one checkpoint is ``stack-checkpoin
 the group directory, beside ``stack.json``, which names the members.
 
 Where all models share the shuffle seed they see the same batches.  On NumPy with Numba a
-group takes the compiled step (compiled.py), each model the one-model step on its slices.
+group takes the compiled step (compiled.py), each model the one-model step on its slices,
+on one thread or, whole models each, two.
 """
 import contextlib
 import json
@@ -83,10 +84,11 @@ class StackTrainer:
     """Trains K configs that share GROUP_KEYS as one stacked model into K run directories.
 
     ``group_dir`` holds the group's checkpoint and ``stack.json``.  ``log`` receives one-line
-    progress messages; ``progress`` switches the per-epoch tqdm bar (one for the group)."""
+    progress messages; ``progress`` switches the per-epoch tqdm bar (one for the group);
+    ``threads`` caps the compiled step's threads (a Ray task's CPUs)."""
 
     def __init__(self, configs, run_dirs, data, group_dir, *, resume=False, progress=True, log=print,
-                 backend=None, device_data=None):
+                 backend=None, device_data=None, threads=None):
         keys = {group_key(c) for c in configs}
         if len(keys) != 1:
             raise ValueError("configs of one stack must share " + ", ".join(GROUP_KEYS))
@@ -97,7 +99,8 @@ class StackTrainer:
         self.config = configs[0]
         self.backend = backend or get_backend(self.config.device)
         self.model, self.optimizer = build_stacked(self.configs, self.backend)
-        self.stepper = make_stepper(self.model, self.optimizer)  # the compiled step where there is one
+        # the compiled step where there is one, on ``threads`` threads (None: threads.py's policy)
+        self.stepper = make_stepper(self.model, self.optimizer, threads=threads)
         seeds = [c.seed for c in configs]
         # Shuffles: seeded as a single run seeds them.  Equal seeds give equal permutations,
         # so one generator serves all and the batch is gathered once.

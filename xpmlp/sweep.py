@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig, TrainError
-from .threads import blas_threads, limit_blas_threads
+from .threads import blas_threads, limit_blas_threads, step_threads
 
 # Settings that do not change what a run computes: kept out of directory names.
 _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
@@ -394,13 +394,14 @@ def plan_stacks(todo, max_stack, device):
     return groups, rest
 
 
-def run_stack_group(group_dir, members, state, *, device=None, data_dir=None):
+def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, cores=None):
     """Train one stacked group (a plan_stacks item) in this process, holding the group's
     directory and each member's run directory while it trains.  Returns "done" (every member
     completed or diverged), "interrupted" (Ctrl-C or SIGTERM: the group's checkpoint is
     saved) or "busy" (another process holds the group or one of its runs; nothing done).
     An executor may call it in a worker process: MNIST is read, and sent to each device,
-    once per process."""
+    once per process.  ``cores``: the cores the group may use (a Ray task's CPUs), which
+    cap its threads as run_env caps a run's; None: this process's."""
     from tqdm import tqdm
 
     from .backends import get_backend
@@ -410,6 +411,7 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None):
     die_with_parent()  # in a worker process started by a sweep: the group ends with its sweep
     overrides = dict(**({"device": device} if device else {}), **({"data_dir": data_dir} if data_dir else {}))
     configs = [TrainConfig(**dict(s, **overrides)) for _, s in members]
+    threads = None if cores is None else step_threads(min(cores, step_threads()))
     run_dirs = [d for d, _ in members]
     first = configs[0]
     if first.data_dir not in _LOADED:
@@ -424,10 +426,10 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None):
                        + ", ".join(d.name for d in run_dirs))
             trainer = StackTrainer(configs, run_dirs, _LOADED[first.data_dir], group_dir, resume=state == "resume",
                                    progress=sys.stderr.isatty(), log=tqdm.write, backend=_LOADED[first.device],
-                                   device_data=_DEVICE_DATA)
+                                   device_data=_DEVICE_DATA, threads=threads)
             if state == "new":
                 trainer.write_config()
-            with limit_blas_threads(blas_threads()):  # xpmlp's thread policy, as a single run
+            with limit_blas_threads(blas_threads() if cores is None else min(blas_threads(), cores)):
                 trainer.run()
     except rundir.RunDirBusy as exc:
         tqdm.write(f"skip   {group_dir}: {exc}")

@@ -1,9 +1,12 @@
-"""Sweeps on a Ray cluster (``xpmlp sweep --executor ray``): each unit of work, today one
-grid point, is one Ray task.  Ray is imported only when such a sweep starts (``run``), so
-``import xpmlp`` and the local executor never import it.
+"""Sweeps on a Ray cluster (``xpmlp sweep --executor ray``): each unit of work, one grid
+point or one stacked group (``--stack``), is one Ray task.  Ray is imported only when such
+a sweep starts (``run``), so ``import xpmlp`` and the local executor never import it.
 
-A task runs the same ``xpmlp train`` command as the local executor, in a subprocess of its
-Ray worker, from the state its run is in when the task starts (so a retried task resumes):
+A stacked group's task trains the group in its worker's own process (sweep.run_stack_group,
+as the local executor does in its own; shared filesystem only, its threads capped by the
+task's CPUs).  A grid point's task runs the same ``xpmlp train`` command as the local
+executor, in a subprocess of its Ray worker, from the state its run is in when the task
+starts (so a retried task resumes):
 
 - with a shared filesystem (the default), in the run directory itself, which the run's
   ``xpmlp train`` locks as its one writer;
@@ -400,7 +403,8 @@ def stack_task(group_dir, members, options, driver_end):
     if checkpoint is not None and state == "new":  # a lost attempt checkpointed it: resume, in its order
         points = {d.resolve(): (d, s) for d, s in members}
         members, state = [points[d.resolve()] for d in group_configs(group_dir)[1]], "resume"
-    return run_stack_group(group_dir, members, state, device=options["device"], data_dir=options["data_dir"])
+    return run_stack_group(group_dir, members, state, device=options["device"], data_dir=options["data_dir"],
+                           cores=options["cores"])
 
 
 def _wait_for_lock(run_dir):

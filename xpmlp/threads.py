@@ -7,8 +7,8 @@ and an epoch becomes 3-15x slower.  One thread is steady (README, Performance, m
 with `xpmlp bench --busy 1`).  ``XPMLP_THREADS`` or a command's ``--threads`` overrides it.
 
 The compiled step (xpmlp/compiled.py) does better with two cores: it splits each step
-between two threads of its own, each calling BLAS with one thread, and goes back to one
-while that is faster (a busy machine).  It takes two where this process may run on two
+(or, for stacked models, the models) between two threads of its own, each calling BLAS
+with one thread, and goes back to one while that is faster (a busy machine).  It takes two where this process may run on two
 cores, unless ``XPMLP_THREADS`` / ``--threads`` says 1.
 """
 import contextlib

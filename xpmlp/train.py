@@ -21,7 +21,7 @@ from .threads import step_threads
 BAR_READ_INTERVAL_S = 2.0
 # Steps per call of the compiled step: enough that a call's fixed costs (Numba's dispatch
 # of ~30 arguments, waking the helper thread) vanish, few enough that Ctrl-C and the
-# progress bar wait at most ~0.1 s.
+# progress bar wait at most ~0.1 s for one model (K times that for K stacked models).
 STEPS_PER_CALL = 25
 
 
