@@ -356,6 +356,38 @@ def test_interrupted_seeds_say_how_to_resume_and_resume_identically(tmp_path, st
     assert_same_seeds(tmp_path / "cut", straight_seeds, [0, 1, 2])
 
 
+def test_a_full_disk_at_a_group_checkpoint_is_one_line_and_the_group_resumes(tmp_path, straight_seeds, capsys,
+                                                                             monkeypatch):
+    """The group's 2nd checkpoint (after epoch 2) meets a full disk halfway through: one line
+    naming it, the epoch-1 checkpoint intact, and once there is room again the group
+    resumes and ends as if never stopped."""
+    import errno
+    from helpers import real_mnist_dir
+    from test_cli import FAST
+    from test_faults import assert_one_line_error, no_temp_files, xpmlp_main
+    from xpmlp.stack import group_state
+    monkeypatch.setenv("XPMLP_DATA_DIR", str(real_mnist_dir()))
+    savez, calls, out = np.savez, [0], tmp_path / "cut"
+
+    def savez_on_a_full_disk(file, **arrays):
+        if b"member_status" in arrays.get("state", np.zeros(0, np.uint8)).tobytes():  # the group's
+            calls[0] += 1
+            if calls[0] == 2:
+                file.write(b"PK\x03\x04" + b"\0" * 5000)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return savez(file, **arrays)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez", savez_on_a_full_disk)
+        assert_one_line_error(xpmlp_main(capsys, "train", *FAST, "--epochs", "4", "--seeds", "0-2", "--quiet",
+                                         "--out", out),
+                              f"{out / 'stack-checkpoint.npz'}: no space left on device", "needs about", "free")
+    assert group_state(out)["epoch"] == 1 and no_temp_files(out) == []
+    code, _, err = xpmlp_main(capsys, "train", "--resume", out, "--quiet")
+    assert code == 0, err
+    assert_same_seeds(out, straight_seeds, [0, 1, 2])
+
+
 def test_resuming_one_member_of_a_group_is_refused_and_changes_nothing(tmp_path, straight_seeds):
     """Until it finishes, a member has no checkpoint of its own (the group's holds it):
     resumed alone it would have been cleared and retrained; it is refused with the command

@@ -140,7 +140,8 @@ class StackTrainer:
                      member_status=self.member_status, members=_relative(self.run_dirs, self.group_dir),
                      num_params=len(self.model.parameters()))
         arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-        rundir.atomic_write(self.group_dir / GROUP_CHECKPOINT, lambda f: np.savez(f, **arrays))
+        rundir.atomic_write(self.group_dir / GROUP_CHECKPOINT, lambda f: np.savez(f, **arrays),
+                            size=sum(a.nbytes for a in arrays.values()))
 
     def _load(self):
         path = self.group_dir / GROUP_CHECKPOINT
@@ -190,7 +191,16 @@ class StackTrainer:
         return self.backend.asarray(perms[0] if self.shared_shuffle else np.stack(perms))
 
     def run(self):
-        """Train the group; returns the members' summary paths."""
+        """Train the group; returns the members' summary paths.  A full disk (DiskFull) ends
+        it at its last group checkpoint, from which it resumes."""
+        try:
+            return self._run()
+        finally:
+            for writer in self.writers:
+                if writer is not None:
+                    writer.close()
+
+    def _run(self):
         cfg, be = self.config, self.backend
         xp = be.xp
         dtype = self.model.dtype
@@ -269,9 +279,6 @@ class StackTrainer:
                 self.member_status[k] = "interrupted"
             self._summary(k, last[k] or _last_epoch_record(self.run_dirs[k]))
             self.member_status[k] = status
-        for writer in self.writers:
-            if writer is not None:
-                writer.close()
         return [d / "summary.json" for d in self.run_dirs]
 
     def _warm_up(self, x, y, batch):
