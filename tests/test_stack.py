@@ -160,12 +160,14 @@ def stack_trainer(cfgs, root, data, **kwargs):
 
 
 def record(run_dir):
-    """A run's record with wall-clock times left out: metrics, summary, checkpoint arrays and state."""
+    """A run's record with wall-clock times left out, and the versions of the libraries its
+    process had imported (CuPy, once a test in the same process imported it): metrics,
+    summary, config, checkpoint arrays and state."""
     run_dir = Path(run_dir)
     metrics = [{k: v for k, v in json.loads(line).items() if k != "train_time_s"}
                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = {k: v for k, v in json.loads((run_dir / "summary.json").read_text()).items() if k != "train_time_s"}
-    config = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()}
+    config = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k != "versions"}
     with np.load(run_dir / "checkpoint.npz") as npz:
         arrays = {k: npz[k] for k in npz.files if k != "state"}
         state = json.loads(npz["state"].tobytes().decode())

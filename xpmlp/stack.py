@@ -27,7 +27,7 @@ from .backends import get_backend
 from .config import TrainConfig, TrainError
 from .model import build_mlp, build_model
 from .optim import SGD
-from .train import evaluate, make_stepper, step_loop
+from .train import epoch_bar, evaluate, last_epoch_record, make_stepper, step_loop, warm_up, write_tensorboard
 
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.
 GROUP_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "dtype", "epochs", "device",
@@ -277,23 +277,13 @@ class StackTrainer:
             status = self.member_status[k]
             if interrupted and status == "running":
                 self.member_status[k] = "interrupted"
-            self._summary(k, last[k] or _last_epoch_record(self.run_dirs[k]))
+            self._summary(k, last[k] or last_epoch_record(self.run_dirs[k]))
             self.member_status[k] = status
         return [d / "summary.json" for d in self.run_dirs]
 
     def _warm_up(self, x, y, batch):
-        """One step before any epoch is timed, then the weights and momenta put back, as a
-        single run does: epoch 1's train_time_s is training, not compilation."""
-        be, model, models = self.backend, self.model, len(self.configs)
-        params = [np.array(a, copy=True) for a in model.state_arrays()]
-        velocity = [np.array(be.to_numpy(v), copy=True) for v in self.optimizer.state()]
-        loss, acc = (be.xp.zeros((1, models), dtype=model.dtype) for _ in range(2))
-        idx = np.arange(batch) if self.shared_shuffle else np.tile(np.arange(batch), (models, 1))
-        with np.errstate(all="ignore"):
-            self.stepper.step(x, y, be.asarray(idx), loss, acc, 0)
-        model.load_state_arrays(params)
-        self.optimizer.load_state([be.asarray(v, dtype=model.dtype) for v in velocity])
-        be.synchronize()
+        models = len(self.configs)
+        warm_up(self.stepper, x, y, np.arange(batch) if self.shared_shuffle else np.tile(np.arange(batch), (models, 1)))
 
     def _rng_states(self):
         return [rng.bit_generator.state for rng in self.rngs]
@@ -322,7 +312,7 @@ class StackTrainer:
                              "loss": float(losses[i, k]), "acc": float(accs[i, k])}
                             for i in range(0, iters, cfg.log_every)]
             rundir.append_metrics(self.run_dirs[k], iter_records + [record])
-            self._tensorboard(k, iter_records, record)
+            write_tensorboard(self.writers[k], iter_records, record)
             last[k] = record
         for k in diverged:  # frozen from now on: the others go on, bit for bit
             self.member_status[k] = "diverged"
@@ -332,18 +322,6 @@ class StackTrainer:
         if epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs and self._active():
             self._checkpoint(self._rng_states())
         self.log(self._line(epoch, active, losses, test, diverged))
-
-    def _tensorboard(self, k, iter_records, record):
-        writer = self.writers[k]
-        if writer is None:
-            return
-        for rec in iter_records:
-            writer.add_scalar("train/loss_iter", rec["loss"], rec["iter"])
-            writer.add_scalar("train/acc_iter", rec["acc"], rec["iter"])
-        for key in METRIC_KEYS:
-            if record[key] is not None:
-                writer.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
-        writer.flush()
 
     def _line(self, epoch, active, losses, test, diverged):
         means = np.mean(losses[:, active], axis=0)
@@ -356,12 +334,7 @@ class StackTrainer:
         return text + f"  time {self.state['train_time_s']:.1f}s"
 
     def _bar(self, epoch, iters, pos):
-        if not self.progress:
-            return None
-        from tqdm import tqdm
-        return tqdm(total=iters, initial=pos, desc=f"epoch {epoch}/{self.config.epochs} x{len(self._active())}",
-                    leave=False, unit="it", dynamic_ncols=True)
-
+        return epoch_bar(self.progress, f"epoch {epoch}/{self.config.epochs} x{len(self._active())}", iters, pos)
 
 def _relative(run_dirs, group_dir):
     """The members as stack.json names them: relative to the group directory, so that a
@@ -463,8 +436,3 @@ def aggregate(summaries):
             out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
                         "min": float(np.min(values)), "max": float(np.max(values)), "n": len(values)}
     return out
-
-
-def _last_epoch_record(run_dir):
-    epochs = rundir.epoch_records(rundir.read_records(run_dir))
-    return epochs[-1] if epochs else {}

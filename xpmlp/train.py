@@ -295,17 +295,7 @@ class Trainer:
         return self.run_dir / SUMMARY
 
     def _warm_up(self, x, y, batch):
-        """One step on the first batch before any epoch is timed, then the weights and
-        momenta put back as they were: it compiles what a step runs (CuPy's kernels and ours,
-        Numba's), so that epoch 1's train_time_s is training, not compilation."""
-        be, model = self.backend, self.model
-        params = [np.array(a, copy=True) for a in model.state_arrays()]
-        velocity = [np.array(be.to_numpy(v), copy=True) for v in self.optimizer.state()]
-        loss, acc = (be.xp.zeros((1,), dtype=model.dtype) for _ in range(2))
-        self.stepper.step(x, y, be.asarray(np.arange(batch)), loss, acc, 0)
-        model.load_state_arrays(params)
-        self.optimizer.load_state([be.asarray(v, dtype=model.dtype) for v in velocity])
-        be.synchronize()
+        warm_up(self.stepper, x, y, np.arange(batch))
 
     def _end_epoch(self, epoch, iters, losses, accs, x_test, y_test):
         cfg = self.config
@@ -328,25 +318,14 @@ class Trainer:
                          "loss": float(losses[i]), "acc": float(accs[i])}
                         for i in range(0, iters, cfg.log_every)]
         append_metrics(self.run_dir, iter_records + [record])
-        if self.writer is not None:
-            self._tensorboard(iter_records, record)
+        write_tensorboard(self.writer, iter_records, record)
         if epoch % cfg.checkpoint_every == 0 and not diverged and epoch < cfg.epochs:
             self._checkpoint(self.rng.bit_generator.state)
         self.log(self._line(record) + ("  DIVERGED (non-finite loss)" if diverged else ""))
         return dict(record, diverged=diverged)
 
-    def _tensorboard(self, iter_records, record):
-        for rec in iter_records:
-            self.writer.add_scalar("train/loss_iter", rec["loss"], rec["iter"])
-            self.writer.add_scalar("train/acc_iter", rec["acc"], rec["iter"])
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-            if record[key] is not None:
-                self.writer.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
-        self.writer.flush()
-
     def _last_epoch_record(self):
-        epochs = epoch_records(read_records(self.run_dir))
-        return epochs[-1] if epochs else {}
+        return last_epoch_record(self.run_dir)
 
     def _line(self, rec):
         def fmt(v, spec):
@@ -363,8 +342,49 @@ class Trainer:
                         refresh=False)
 
     def _bar(self, epoch, iters, pos):
-        if not self.progress:
-            return None
-        from tqdm import tqdm
-        return tqdm(total=iters, initial=pos, desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
-                    unit="it", dynamic_ncols=True)
+        return epoch_bar(self.progress, f"epoch {epoch}/{self.config.epochs}", iters, pos)
+
+
+# ---------------------------------------------------------------- shared with stack.py
+
+def warm_up(stepper, x, y, idx):
+    """One step on the rows ``idx`` (one model's (batch,), or stacked models' (K, batch))
+    before any epoch is timed, then the weights and momenta put back as they were: it
+    compiles what a step runs (CuPy's kernels and ours, Numba's), so that epoch 1's
+    train_time_s is training, not compilation."""
+    model, optimizer = stepper.model, stepper.optimizer
+    be = model.backend
+    params = [np.array(a, copy=True) for a in model.state_arrays()]
+    velocity = [np.array(be.to_numpy(v), copy=True) for v in optimizer.state()]
+    loss, acc = (be.xp.zeros((1, *model.stack), dtype=model.dtype) for _ in range(2))
+    with np.errstate(all="ignore"):  # a stacked model that diverges at once (lr 1.0) is no error here
+        stepper.step(x, y, be.asarray(idx), loss, acc, 0)
+    model.load_state_arrays(params)
+    optimizer.load_state([be.asarray(v, dtype=model.dtype) for v in velocity])
+    be.synchronize()
+
+
+def write_tensorboard(writer, iter_records, record):
+    """A run's records of an epoch as TensorBoard scalars (``writer`` None: nothing)."""
+    if writer is None:
+        return
+    for rec in iter_records:
+        writer.add_scalar("train/loss_iter", rec["loss"], rec["iter"])
+        writer.add_scalar("train/acc_iter", rec["acc"], rec["iter"])
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        if record[key] is not None:
+            writer.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
+    writer.flush()
+
+
+def last_epoch_record(run_dir):
+    epochs = epoch_records(read_records(run_dir))
+    return epochs[-1] if epochs else {}
+
+
+def epoch_bar(progress, desc, iters, pos):
+    """An epoch's tqdm bar, or None without ``progress``."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=iters, initial=pos, desc=desc, leave=False, unit="it", dynamic_ncols=True)
