@@ -35,14 +35,23 @@ device = "cpu"
 lr = {lrs}
 """
 LRS = [0.01, 0.05, 0.1]
-RUNS = {0.01: "mlp0-sce_epochs=3", 0.05: "mlp0-sce_epochs=3_lr=0.05", 0.1: "mlp0-sce_epochs=3_lr=0.1"}
+
+
+def run_names(epochs=3):
+    """Each learning rate's run directory name in a grid of ``epochs`` epochs."""
+    return {0.01: f"mlp0-sce_epochs={epochs}", 0.05: f"mlp0-sce_epochs={epochs}_lr=0.05",
+            0.1: f"mlp0-sce_epochs={epochs}_lr=0.1"}
+
+
+RUNS = run_names()
 TWO = [0.01, 0.1]  # most tests run two: one at a time on each of the instance's two CPUs
 TIME_KEYS = {"train_time_s", "partial_time_s"}  # the only things two runs of a grid point may differ in
 
 
-def write_config(directory, lrs=LRS):
+def write_config(directory, lrs=LRS, epochs=3):
     path = Path(directory) / "grid.toml"
-    path.write_text(GRID.replace("{out}", (Path(directory) / "runs").as_posix()).replace("{lrs}", str(lrs)))
+    path.write_text(GRID.replace("{out}", (Path(directory) / "runs").as_posix()).replace("{lrs}", str(lrs))
+                    .replace("epochs = 3", f"epochs = {epochs}"))
     return path
 
 
@@ -95,11 +104,11 @@ def sweep_here(config, stack=False, **ray_options):
     return code, out.getvalue()
 
 
-def assert_same_runs(got_root, want_root, lrs=LRS):
+def assert_same_runs(got_root, want_root, lrs=LRS, runs=RUNS):
     """Every run directory holds the same files with the same contents, times aside: the
     records, summary and config as JSON, the checkpoint's arrays bit for bit."""
-    assert sorted(p.name for p in got_root.iterdir() if p.name != ".stacks") == sorted(RUNS[lr] for lr in lrs)
-    for name in (RUNS[lr] for lr in lrs):
+    assert sorted(p.name for p in got_root.iterdir() if p.name != ".stacks") == sorted(runs[lr] for lr in lrs)
+    for name in (runs[lr] for lr in lrs):
         got, want = got_root / name, want_root / name
         names = sorted(p.name for p in want.iterdir() if p.name in rundir.RESULT_FILES)
         assert sorted(p.name for p in got.iterdir() if p.name in rundir.RESULT_FILES) == names, got
@@ -181,9 +190,9 @@ def _wait_for(condition, what, timeout=180):
         time.sleep(0.02)
 
 
-def _epoch_one_done(directory):
+def _epoch_one_done(directory, epochs=3):
     log = Path(directory) / "train.log"
-    return log.exists() and "epoch   1/3" in log.read_text()
+    return log.exists() and f"epoch   1/{epochs}" in log.read_text()
 
 
 @pytest.mark.parametrize("shared_fs", [True, False], ids=["shared-fs", "no-shared-fs"])
@@ -221,12 +230,19 @@ def test_a_worker_killed_mid_run_is_retried_and_its_run_resumes(cluster, local_r
     assert_same_runs(runs, local_runs, TWO)  # ...and ended as if never stopped
 
 
-def test_ctrl_c_stops_every_run_resumably_and_a_rerun_finishes_them(cluster, local_runs, tmp_path):
-    config = write_config(tmp_path)  # three runs: the third waits for a CPU, and is never started
+def test_ctrl_c_stops_every_run_resumably_and_a_rerun_finishes_them(cluster, tmp_path):
+    # Three runs of 8 epochs: the signal comes at the end of a first epoch, and the runs
+    # must still be under way when the cancel reaches them (about 0.3 s later on an idle
+    # machine; an epoch takes about as long).  The third waits for a CPU.
+    epochs, names = 8, run_names(8)
+    (tmp_path / "local").mkdir()
+    local = cli("sweep", write_config(tmp_path / "local", epochs=epochs), "--jobs", "2", cwd=tmp_path / "local")
+    config = write_config(tmp_path, epochs=epochs)
     runs = tmp_path / "runs"
     driver = cli("sweep", config, "--executor", "ray", "--address", cluster, cwd=tmp_path)
     try:
-        _wait_for(lambda: any(_epoch_one_done(runs / name) for name in RUNS.values()), "a run's first epoch")
+        _wait_for(lambda: any(_epoch_one_done(runs / name, epochs) for name in names.values()),
+                  "a run's first epoch")
         driver.send_signal(signal.SIGINT)
         code, out, err = finish(driver, timeout=120)
     finally:
@@ -234,7 +250,7 @@ def test_ctrl_c_stops_every_run_resumably_and_a_rerun_finishes_them(cluster, loc
     assert code == 130, out + err
     assert "cancelling" in out and "sweep interrupted; run the same command again to resume" in err
     assert "Traceback" not in err
-    status = {name: rundir.read_summary(runs / name).get("status") for name in RUNS.values()}
+    status = {name: rundir.read_summary(runs / name).get("status") for name in names.values()}
     assert "interrupted" in status.values(), (status, out)  # stopped mid-run, with a checkpoint
     for name, state in status.items():
         assert rundir.lock_holder(runs / name) is None
@@ -252,7 +268,9 @@ def test_ctrl_c_stops_every_run_resumably_and_a_rerun_finishes_them(cluster, loc
     assert code == 0, out
     assert f"{sum(s == 'interrupted' for s in status.values())} to resume" in out
     assert f"{unfinished} of {unfinished} runs finished" in out
-    assert_same_runs(runs, local_runs)
+    code, out, err = finish(local)
+    assert code == 0, out + err
+    assert_same_runs(runs, tmp_path / "local" / "runs", runs=names)
 
 
 # ---------------------------------------------------------------- mistakes: one line, exit 2
