@@ -22,7 +22,7 @@ import ray
 from xpmlp import rundir
 from xpmlp.config import TrainError
 from xpmlp.sweep import run_sweep
-from xpmlp.sweep_ray import RayOptions, work_dir
+from xpmlp.sweep_ray import RayOptions, group_work_dirs, work_dir
 
 GRID = """
 out = "{out}"
@@ -172,13 +172,22 @@ def test_rerun_of_a_finished_ray_sweep_does_nothing(ray_runs):
     assert _snapshot(runs) == before, "a finished run was touched"
 
 
-def test_stacked_groups_are_ray_tasks_too(cluster, local_runs, tmp_path):
-    """With --stack, a group of grid points (one program) is the unit of work: one task."""
-    code, out = sweep_here(write_config(tmp_path, TWO), stack=True)
+@pytest.mark.parametrize("shared_fs", [True, False], ids=["shared-fs", "no-shared-fs"])
+def test_stacked_groups_are_ray_tasks_too(cluster, local_runs, tmp_path, shared_fs):
+    """With --stack, a group of grid points (one program) is the unit of work: one task;
+    without a shared filesystem it trains in a copy on its worker and sends the files back."""
+    config = write_config(tmp_path, TWO)
+    code, out = sweep_here(config, stack=True, shared_fs=shared_fs)
     assert code == 0, out
     assert sum(line.startswith("start  ") for line in out.splitlines()) == 1, out
     assert out.count("(stacked in ") == 2 and "2 of 2 runs finished" in out
     assert_same_runs(tmp_path / "runs", local_runs, TWO)
+    (group,) = (tmp_path / "runs" / ".stacks").iterdir()
+    assert rundir.lock_holder(group) is None and not work_dir(group.absolute()).exists()
+    before = _snapshot(tmp_path / "runs")
+    code, out = sweep_here(config, stack=True, shared_fs=shared_fs)  # again: nothing to do
+    assert code == 0 and "2 already done" in out and "start" not in out, out
+    assert _snapshot(tmp_path / "runs") == before
 
 
 # ---------------------------------------------------------------- faults
@@ -228,6 +237,35 @@ def test_a_worker_killed_mid_run_is_retried_and_its_run_resumes(cluster, local_r
     assert "epoch   1/3" in first and "epoch   1/3" not in second, log  # ...from its checkpoint
     assert "epoch   3/3" in second and "completed" in second, log
     assert_same_runs(runs, local_runs, TWO)  # ...and ended as if never stopped
+
+
+def test_a_stacked_group_without_a_shared_filesystem_survives_its_worker(cluster, tmp_path):
+    """SIGKILL the worker that trains a group in its copy, after a group checkpoint came back:
+    Ray retries the task, which resumes from the driver's copy, and the runs end as a local
+    sweep's did.  8 epochs, so the group is still training when it is killed."""
+    epochs, names = 8, run_names(8)
+    (tmp_path / "local").mkdir()
+    local = cli("sweep", write_config(tmp_path / "local", TWO, epochs=epochs), "--jobs", "2", cwd=tmp_path / "local")
+    runs = tmp_path / "runs"
+    driver = cli("sweep", write_config(tmp_path, TWO, epochs=epochs), "--executor", "ray", "--address", cluster,
+                 "--stack", "--no-shared-fs", cwd=tmp_path)
+    try:
+        _wait_for(lambda: (runs / ".stacks").is_dir() and any(
+            (g / rundir.GROUP_CHECKPOINT).exists() for g in (runs / ".stacks").iterdir()), "a group checkpoint")
+        (group,) = (runs / ".stacks").iterdir()
+        copy = group_work_dirs(group.absolute(), [(runs / names[lr]).absolute() for lr in TWO])[0]
+        worker = rundir.lock_holder(copy)  # the task trains its copy of the group, in its own process
+        assert worker, "the group ended before it could be killed"
+        os.kill(worker, signal.SIGKILL)
+        code, out, err = finish(driver)
+    finally:
+        driver.kill()
+    assert code == 0, out + err
+    assert "attempt 2: its last worker was lost" in out and "2 of 2 runs finished" in out, out
+    assert "Traceback" not in err and not work_dir(group.absolute()).exists()
+    code, out, err = finish(local)
+    assert code == 0, out + err
+    assert_same_runs(runs, tmp_path / "local" / "runs", TWO, runs=names)
 
 
 def test_ctrl_c_stops_every_run_resumably_and_a_rerun_finishes_them(cluster, tmp_path):

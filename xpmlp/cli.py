@@ -525,8 +525,8 @@ def build_parser():
                    help="GPUs per run, fractions allowed (0.25: four runs share a GPU); each run trains with "
                         "--device cuda on the GPU Ray gives it (default: 0)")
     g.add_argument("--no-shared-fs", action="store_true", default=None,
-                   help="the workers do not see this machine's files: each run trains in a temporary directory "
-                        "on its worker and sends its files back here at every checkpoint")
+                   help="the workers do not see this machine's files: each run (or stacked group) trains in a "
+                        "temporary directory on its worker and sends its files back here at every checkpoint")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables and figures from run directories")

@@ -166,9 +166,6 @@ def run_sweep(config_paths, *, jobs=None, device=None, out=None, data_dir=None, 
                              "--gpus-per-run say how many runs fit on each machine")
         ray = ray or _ray_options()
         device = ray.device(device)
-        if stack and not ray.shared_fs:
-            raise TrainError("--stack with --no-shared-fs is not supported yet: stacked groups need the "
-                             "workers to share the run directories' filesystem")
         if not dry_run:
             ray.check()
     elif ray is not None:

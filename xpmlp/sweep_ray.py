@@ -3,8 +3,9 @@ point or one stacked group (``--stack``), is one Ray task.  Ray is imported only
 a sweep starts (``run``), so ``import xpmlp`` and the local executor never import it.
 
 A stacked group's task trains the group in its worker's own process (sweep.run_stack_group,
-as the local executor does in its own; shared filesystem only, its threads capped by the
-task's CPUs).  A grid point's task runs the same ``xpmlp train`` command as the local
+as the local executor does in its own; its threads capped by the task's CPUs), in place or,
+without a shared filesystem, in a copy of the group's and its members' directories that it
+sends back as a run's task does.  A grid point's task runs the same ``xpmlp train`` command as the local
 executor, in a subprocess of its Ray worker, from the state its run is in when the task
 starts (so a retried task resumes):
 
@@ -25,6 +26,7 @@ which checkpoints, and sends back its files; every unfinished run stays resumabl
 """
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -33,11 +35,13 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig, TrainError
+from .stack import hold_group
 from .sweep import _command, outcome, run_env, run_state, stop_on_signals
 
 MAX_RETRIES = 3  # attempts after a worker (or its machine) dies, per task
@@ -226,6 +230,15 @@ class _Sweep:
 
     def _submit_group(self, group_dir, members, state):
         group_dir.mkdir(parents=True, exist_ok=True)
+        if not self.options.shared_fs:  # this process writes them, for the task
+            hold = contextlib.ExitStack()
+            try:
+                hold.enter_context(hold_group(group_dir, [d for d, _ in members]))
+            except rundir.RunDirBusy as exc:
+                self.busy.extend(d for d, _ in members)
+                self._say(f"skip   {group_dir}: {exc}")
+                return
+            self.held[group_dir] = hold
         options = dict(self.run_options, state=state)
         members = [(str(d.absolute()), s) for d, s in members]
         self.tasks[self.stack_task.remote(str(group_dir.absolute()), members, options, self.driver_end)] = group_dir
@@ -383,7 +396,8 @@ def _get_holding_cpus(ray, ref):
 def stack_task(group_dir, members, options, driver_end):
     """Train a stacked group (sweep.plan_stacks) on this Ray worker, in this process, from
     the state its checkpoint is in now.  Returns run_stack_group's "done", "interrupted"
-    or "busy".  Needs the driver's filesystem (the group's and its runs' directories)."""
+    or "busy".  With a shared filesystem in the group's and its runs' directories; without
+    one in a copy of them on this machine, sent back at each group checkpoint and at the end."""
     import ray
 
     from .stack import group_configs, group_state
@@ -393,18 +407,77 @@ def stack_task(group_dir, members, options, driver_end):
     members = [(Path(d), s) for d, s in members]
     with contextlib.suppress(ValueError):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # for ray.cancel: see train_task
-    driver_end.started.remote(str(group_dir), ray.util.get_node_ip_address())
-    if not group_dir.is_dir():
-        raise TrainError(f"{group_dir} does not exist on {ray.util.get_node_ip_address()}: stacked "
-                         "groups need the workers to share the driver's filesystem")
-    checkpoint = group_state(group_dir)
+    machine = ray.util.get_node_ip_address()
+    driver_end.started.remote(str(group_dir), machine)
+    if options["shared_fs"]:
+        if not group_dir.is_dir():
+            raise TrainError(f"{group_dir} does not exist on {machine}: its workers do not share the "
+                             "driver's filesystem; run the sweep with --no-shared-fs")
+        work = [group_dir] + [d for d, _ in members]
+    else:  # the driver's copy, whatever an attempt left here
+        work = group_work_dirs(group_dir, [d for d, _ in members])
+        shutil.rmtree(work_dir(group_dir), ignore_errors=True)
+        for driver_path, path in zip([group_dir] + [d for d, _ in members], work):  # the group first:
+            path.mkdir(parents=True)  # its checkpoint is read before the records it covers
+            unpack(path, _get_holding_cpus(ray, driver_end.files.remote(str(driver_path))))
+    work_group, work_members = work[0], [(w, s) for w, (_, s) in zip(work[1:], members)]
+    checkpoint = group_state(work_group)
     if checkpoint is not None and checkpoint["status"] == "completed":
-        return "done"
-    if checkpoint is not None and state == "new":  # a lost attempt checkpointed it: resume, in its order
-        points = {d.resolve(): (d, s) for d, s in members}
-        members, state = [points[d.resolve()] for d in group_configs(group_dir)[1]], "resume"
-    return run_stack_group(group_dir, members, state, device=options["device"], data_dir=options["data_dir"],
-                           cores=options["cores"])
+        result = "done"
+    else:
+        if checkpoint is not None and state == "new":  # a lost attempt checkpointed it: resume, in its order
+            points = {d.resolve(): (d, s) for d, s in work_members}
+            work_members, state = [points[d.resolve()] for d in group_configs(work_group)[1]], "resume"
+        train = functools.partial(run_stack_group, work_group, work_members, state, device=options["device"],
+                                  data_dir=options["data_dir"], cores=options["cores"])
+        if options["shared_fs"]:
+            return train()
+        with _sending_back(work_group, lambda: _send_group_back(driver_end, group_dir, members, work)):
+            result = train()
+    if not options["shared_fs"]:
+        _get_holding_cpus(ray, _send_group_back(driver_end, group_dir, members, work))
+        shutil.rmtree(work_dir(group_dir), ignore_errors=True)
+    return result
+
+
+def group_work_dirs(group_dir, run_dirs):
+    """Where a worker without the driver's filesystem trains a stacked group: the group's
+    directory, then its members', in one temporary place laid out as on the driver (the
+    group's stack.json names its members relative to itself)."""
+    paths = [Path(group_dir), *map(Path, run_dirs)]
+    root = Path(os.path.commonpath([str(p) for p in paths]))
+    return [work_dir(group_dir) / p.relative_to(root) for p in paths]
+
+
+def _send_group_back(driver_end, group_dir, members, work):
+    """The group's files to the driver's end; returns a ref that is ready once they are all
+    written.  Read group first (its checkpoint), written there last: the driver's copy never
+    has a checkpoint ahead of the records it covers."""
+    group_files = pack(work[0])
+    writes = [driver_end.write.remote(str(d), pack(w)) for (d, _), w in zip(members, work[1:])]
+    writes.append(driver_end.write.remote(str(group_dir), group_files))
+    return writes[-1]  # the driver's end runs one task's calls in order
+
+
+@contextlib.contextmanager
+def _sending_back(group_dir, send_back):
+    """While inside, ``send_back()`` after each new group checkpoint (a thread polls it)."""
+    done = threading.Event()
+
+    def poll():
+        seen = _checkpoint_id(group_dir, rundir.GROUP_CHECKPOINT)
+        while not done.wait(POLL_S):
+            if _checkpoint_id(group_dir, rundir.GROUP_CHECKPOINT) != seen:
+                seen = _checkpoint_id(group_dir, rundir.GROUP_CHECKPOINT)
+                send_back()
+
+    poller = threading.Thread(target=poll, daemon=True, name="xpmlp-send-back")
+    poller.start()
+    try:
+        yield
+    finally:
+        done.set()
+        poller.join()
 
 
 def _wait_for_lock(run_dir):
@@ -437,10 +510,10 @@ def _train(command, work, env, at_checkpoint):
     return proc.returncode
 
 
-def _checkpoint_id(work):
+def _checkpoint_id(work, name=rundir.CHECKPOINT):
     """Changes with every checkpoint written (each is a new file, renamed into place)."""
     try:
-        st = os.stat(work / rundir.CHECKPOINT)
+        st = os.stat(work / name)
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
