@@ -21,6 +21,7 @@ from helpers import real_mnist_dir
 import ray
 from xpmlp import rundir
 from xpmlp.config import TrainError
+from xpmlp.stack import group_state
 from xpmlp.sweep import run_sweep
 from xpmlp.sweep_ray import RayOptions, group_work_dirs, work_dir
 
@@ -239,30 +240,46 @@ def test_a_worker_killed_mid_run_is_retried_and_its_run_resumes(cluster, local_r
     assert_same_runs(runs, local_runs, TWO)  # ...and ended as if never stopped
 
 
-def test_a_stacked_group_without_a_shared_filesystem_survives_its_worker(cluster, tmp_path):
-    """SIGKILL the worker that trains a group in its copy, after a group checkpoint came back:
-    Ray retries the task, which resumes from the driver's copy, and the runs end as a local
-    sweep's did.  8 epochs, so the group is still training when it is killed."""
+@pytest.mark.parametrize("shared_fs", [True, False], ids=["shared-fs", "no-shared-fs"])
+@pytest.mark.parametrize("stop", ["SIGKILL the worker", "Ctrl-C the driver"])
+def test_a_stacked_group_survives_a_stop(cluster, tmp_path, stop, shared_fs):
+    """Stop a group that trains in place or in its worker's copy, after a group checkpoint:
+    SIGKILL its worker (Ray retries the task, which resumes from the driver's copy), or
+    Ctrl-C the driver (the group checkpoints and sends its files back; the same command
+    again resumes it).  Either way the runs end as a local sweep's did.  8 epochs, so the
+    group is still training when it is stopped."""
     epochs, names = 8, run_names(8)
     (tmp_path / "local").mkdir()
     local = cli("sweep", write_config(tmp_path / "local", TWO, epochs=epochs), "--jobs", "2", cwd=tmp_path / "local")
-    runs = tmp_path / "runs"
-    driver = cli("sweep", write_config(tmp_path, TWO, epochs=epochs), "--executor", "ray", "--address", cluster,
-                 "--stack", "--no-shared-fs", cwd=tmp_path)
+    runs, config = tmp_path / "runs", write_config(tmp_path, TWO, epochs=epochs)
+    driver = cli("sweep", config, "--executor", "ray", "--address", cluster, "--stack",
+                 *([] if shared_fs else ["--no-shared-fs"]), cwd=tmp_path)
     try:
         _wait_for(lambda: (runs / ".stacks").is_dir() and any(
             (g / rundir.GROUP_CHECKPOINT).exists() for g in (runs / ".stacks").iterdir()), "a group checkpoint")
         (group,) = (runs / ".stacks").iterdir()
-        copy = group_work_dirs(group.absolute(), [(runs / names[lr]).absolute() for lr in TWO])[0]
-        worker = rundir.lock_holder(copy)  # the task trains its copy of the group, in its own process
-        assert worker, "the group ended before it could be killed"
-        os.kill(worker, signal.SIGKILL)
+        copy = group if shared_fs else group_work_dirs(group.absolute(), [(runs / names[lr]).absolute() for lr in TWO])[0]
+        worker = rundir.lock_holder(copy)  # the task trains the group (or its copy) in its own process
+        assert worker, "the group ended before it could be stopped"
+        if stop == "SIGKILL the worker":
+            os.kill(worker, signal.SIGKILL)
+        else:
+            driver.send_signal(signal.SIGINT)
         code, out, err = finish(driver)
     finally:
         driver.kill()
-    assert code == 0, out + err
-    assert "attempt 2: its last worker was lost" in out and "2 of 2 runs finished" in out, out
-    assert "Traceback" not in err and not work_dir(group.absolute()).exists()
+    assert "Traceback" not in err and not work_dir(group.absolute()).exists(), out + err
+    if stop == "SIGKILL the worker":
+        assert code == 0, out + err
+        assert "attempt 2: its last worker was lost" in out and "2 of 2 runs finished" in out, out
+    else:
+        assert code == 130, out + err
+        assert f"interrupted {group}" in out, out
+        state = group_state(group)
+        assert state["status"] == "interrupted" and 0 < state["epoch"] < epochs, state
+        assert all(rundir.lock_holder(d) is None for d in [group, *(runs / n for n in names.values())])
+        code, out = sweep_here(config, stack=True, shared_fs=shared_fs)
+        assert code == 0 and "2 of 2 runs finished" in out, out
     code, out, err = finish(local)
     assert code == 0, out + err
     assert_same_runs(runs, tmp_path / "local" / "runs", TWO, runs=names)

@@ -264,7 +264,7 @@ class StackedCompiledStepper(CompiledStepper):
         ``loss_out``, ``acc_out``: (steps, K)."""
         n = loss_out.shape[0]
         batch = idx.shape[-1] // n
-        models = [m for m in range(len(self._models)) if self.optimizer._active_host[m]]
+        models = self.optimizer.active_models()
         if len(models) != self._timed_models:  # a model froze: the times so far were for more
             self.chooser, self._timed_models = Chooser(), len(models)
         plan = [(1, n)] if self.threads == 1 or len(models) < 2 else \

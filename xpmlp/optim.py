@@ -85,6 +85,10 @@ class SGD:
         self._active_host[k] = False
         self.active = self.model.backend.asarray(self._active_host)
 
+    def active_models(self):
+        """The stacked models not frozen, by index (on the host)."""
+        return [k for k, on in enumerate(self._active_host) if on]
+
     def step(self):
         if self.stacked:
             return self._step_stacked()

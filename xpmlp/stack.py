@@ -85,10 +85,12 @@ class StackTrainer:
 
     ``group_dir`` holds the group's checkpoint and ``stack.json``.  ``log`` receives one-line
     progress messages; ``progress`` switches the per-epoch tqdm bar (one for the group);
-    ``threads`` caps the compiled step's threads (a Ray task's CPUs)."""
+    ``threads`` caps the compiled step's threads (a Ray task's CPUs); ``stop_flag``: an
+    object whose ``stop`` turns true to stop at the next step (default: Ctrl-C and SIGTERM,
+    a second Ctrl-C at once)."""
 
     def __init__(self, configs, run_dirs, data, group_dir, *, resume=False, progress=True, log=print,
-                 backend=None, device_data=None, threads=None):
+                 backend=None, device_data=None, threads=None, stop_flag=None):
         keys = {group_key(c) for c in configs}
         if len(keys) != 1:
             raise ValueError("configs of one stack must share " + ", ".join(GROUP_KEYS))
@@ -96,7 +98,7 @@ class StackTrainer:
         self.group_dir, self.progress, self.log = Path(group_dir), progress, log
         # ``device_data``: a dict that keeps the data sent to a device for the next group
         self.device_data = {} if device_data is None else device_data
-        self.config = configs[0]
+        self.config, self.stop_flag = configs[0], stop_flag
         self.backend = backend or get_backend(self.config.device)
         self.model, self.optimizer = build_stacked(self.configs, self.backend)
         # the compiled step where there is one, on ``threads`` threads (None: threads.py's policy)
@@ -218,7 +220,9 @@ class StackTrainer:
                 rundir.truncate_metrics(self.run_dirs[k], self.state["epoch"])
         if self.state["epoch"] < cfg.epochs:
             self._warm_up(x_train, y_train, batch)
-        with _train._StopFlag() as flag:  # looked up here, where the tests can wrap it
+        # looked up here, where the tests can wrap it; a caller's own flag (a Ray task's) instead
+        stop = _train._StopFlag() if self.stop_flag is None else contextlib.nullcontext(self.stop_flag)
+        with stop as flag:
             while self.state["epoch"] < cfg.epochs and self._active():
                 epoch = self.state["epoch"] + 1
                 epoch_rngs = [rng.bit_generator.state for rng in self.rngs]

@@ -391,14 +391,15 @@ def plan_stacks(todo, max_stack, device):
     return groups, rest
 
 
-def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, cores=None):
+def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, cores=None, stop_flag=None):
     """Train one stacked group (a plan_stacks item) in this process, holding the group's
     directory and each member's run directory while it trains.  Returns "done" (every member
     completed or diverged), "interrupted" (Ctrl-C or SIGTERM: the group's checkpoint is
     saved) or "busy" (another process holds the group or one of its runs; nothing done).
     An executor may call it in a worker process: MNIST is read, and sent to each device,
     once per process.  ``cores``: the cores the group may use (a Ray task's CPUs), which
-    cap its threads as run_env caps a run's; None: this process's."""
+    cap its threads as run_env caps a run's; None: this process's.  ``stop_flag``: see
+    StackTrainer."""
     from tqdm import tqdm
 
     from .backends import get_backend
@@ -423,7 +424,7 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
                        + ", ".join(d.name for d in run_dirs))
             trainer = StackTrainer(configs, run_dirs, _LOADED[first.data_dir], group_dir, resume=state == "resume",
                                    progress=sys.stderr.isatty(), log=tqdm.write, backend=_LOADED[first.device],
-                                   device_data=_DEVICE_DATA, threads=threads)
+                                   device_data=_DEVICE_DATA, threads=threads, stop_flag=stop_flag)
             if state == "new":
                 trainer.write_config()
             with limit_blas_threads(blas_threads() if cores is None else min(blas_threads(), cores)):

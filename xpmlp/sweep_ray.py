@@ -37,6 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 from . import rundir
@@ -260,7 +261,9 @@ class _Sweep:
         self.started.pop(run_dir, None)
         try:
             if run_dir in self.groups:
-                return self._finish_group(run_dir, ray.get(ref))
+                result, written = ray.get(ref)
+                ray.get(written)  # the group's last files, written on this machine
+                return self._finish_group(run_dir, result)
             returncode, holder, written = ray.get(ref)
             ray.get(written)  # the run's last files, written on this machine
         except ray.exceptions.TaskCancelledError:
@@ -395,9 +398,10 @@ def _get_holding_cpus(ray, ref):
 
 def stack_task(group_dir, members, options, driver_end):
     """Train a stacked group (sweep.plan_stacks) on this Ray worker, in this process, from
-    the state its checkpoint is in now.  Returns run_stack_group's "done", "interrupted"
-    or "busy".  With a shared filesystem in the group's and its runs' directories; without
-    one in a copy of them on this machine, sent back at each group checkpoint and at the end."""
+    the state its checkpoint is in now.  Returns (run_stack_group's "done", "interrupted" or
+    "busy", [the driver's write of the group's last files] or []).  With a shared filesystem
+    in the group's and its runs' directories; without one in a copy of them on this machine,
+    sent back at each group checkpoint and at the end."""
     import ray
 
     from .stack import group_configs, group_state
@@ -405,8 +409,12 @@ def stack_task(group_dir, members, options, driver_end):
 
     group_dir, state = Path(group_dir), options["state"]
     members = [(Path(d), s) for d, s in members]
+    # ray.cancel interrupts the task through SIGINT's handler: here each interrupt (should
+    # Ray send more than one) only asks the group to stop at its next step, which it does
+    # with a checkpoint, and the task winds down (its files sent back) undisturbed.
+    cancel = types.SimpleNamespace(stop=False)
     with contextlib.suppress(ValueError):
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # for ray.cancel: see train_task
+        signal.signal(signal.SIGINT, lambda signum, frame: setattr(cancel, "stop", True))
     machine = ray.util.get_node_ip_address()
     driver_end.started.remote(str(group_dir), machine)
     if options["shared_fs"]:
@@ -429,15 +437,17 @@ def stack_task(group_dir, members, options, driver_end):
             points = {d.resolve(): (d, s) for d, s in work_members}
             work_members, state = [points[d.resolve()] for d in group_configs(work_group)[1]], "resume"
         train = functools.partial(run_stack_group, work_group, work_members, state, device=options["device"],
-                                  data_dir=options["data_dir"], cores=options["cores"])
+                                  data_dir=options["data_dir"], cores=options["cores"], stop_flag=cancel)
         if options["shared_fs"]:
-            return train()
+            return train(), []
         with _sending_back(work_group, lambda: _send_group_back(driver_end, group_dir, members, work)):
             result = train()
-    if not options["shared_fs"]:
-        _get_holding_cpus(ray, _send_group_back(driver_end, group_dir, members, work))
-        shutil.rmtree(work_dir(group_dir), ignore_errors=True)
-    return result
+    if options["shared_fs"]:
+        return result, []
+    # The driver waits for the last files: a cancelled task's own ray.get would raise.
+    written = _send_group_back(driver_end, group_dir, members, work)
+    shutil.rmtree(work_dir(group_dir), ignore_errors=True)
+    return result, [written]
 
 
 def group_work_dirs(group_dir, run_dirs):
@@ -504,7 +514,10 @@ def _train(command, work, env, at_checkpoint):
                     at_checkpoint()
         except KeyboardInterrupt:  # ray.cancel: checkpoint and stop
             # SIGTERM, which the run takes as Ctrl-C: Ray's processes block SIGINT, and so
-            # does every process they start
+            # does every process they start.  Any further interrupt is ignored while the run
+            # checkpoints.
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             proc.send_signal(signal.SIGTERM)
             proc.wait()
     return proc.returncode
