@@ -60,6 +60,16 @@ def compiled_steps(model):
     return kernel(model.dtype)
 
 
+def _new_call(sync, generation):
+    """Count a new kernel call in ``generation`` (a one-item list) and reset its ``sync``
+    words (numpy_step.py): this call's generation, task 0 next, none done.  Returns the
+    generation."""
+    generation[0] += 1
+    sync[1] = 0
+    sync[0] = generation[0] << 32
+    return generation[0]
+
+
 class _Helper:
     """A daemon thread that runs the calls it is handed (a kernel's, or a function's that
     steps stacked models), each returning how many tasks it took (``tasks``: the sum);
@@ -149,7 +159,7 @@ class CompiledStepper:
         self.chooser = Chooser()
         self._batch = None
         self._sync = np.zeros(2, dtype=np.int64)  # numpy_step.py's CLAIM and DONE words
-        self._generation = 0
+        self._generation = [0]  # the kernel calls so far (_new_call)
         self._helper = self._blas = None
 
     def _cuts(self, batch):
@@ -185,15 +195,23 @@ class CompiledStepper:
         """``len(loss_out)`` steps, on consecutive batches of the rows ``idx`` of (x, y);
         each step's loss and accuracy written into ``loss_out``, ``acc_out``."""
         n = loss_out.shape[0]
-        batch = idx.shape[0] // n
-        buffers = self._buffers(x, y, batch)
-        if buffers[-1] is None:
-            return self._run(1, x, y, idx, loss_out, acc_out, buffers)
+        buffers = self._buffers(x, y, idx.shape[0] // n)
+        self._chosen(buffers[-1] is not None, idx, loss_out, acc_out,
+                     lambda threads, *part: self._run(threads, x, y, *part, buffers))
+
+    def _chosen(self, split, idx, loss_out, acc_out, run):
+        """``run(threads, idx, loss_out, acc_out)`` over parts of the call's steps: on one
+        thread unless the work can ``split``, else as the chooser plans (each part timed
+        for it), or on two always if not ``adaptive``."""
+        n = loss_out.shape[0]
+        batch = idx.shape[-1] // n
+        if not split:
+            return run(1, idx, loss_out, acc_out)
         done = 0
         for threads, count in self.chooser.plan(n) if self.adaptive else [(2, n)]:
             start = time.perf_counter()
-            self._run(threads, x, y, idx[done * batch:(done + count) * batch], loss_out[done:done + count],
-                      acc_out[done:done + count], buffers)
+            run(threads, idx[..., done * batch:(done + count) * batch], loss_out[done:done + count],
+                acc_out[done:done + count])
             self.chooser.record(threads, count, time.perf_counter() - start)
             done += count
 
@@ -203,14 +221,12 @@ class CompiledStepper:
         flat, opt, t = self.model.flat, self.optimizer, np.dtype(self.model.dtype).type
         (slot,) = opt.slots  # the flat buffers' one slot
         row_cut, feature_cuts, column_cuts = cuts if threads > 1 else (0, self.offsets[:0], self.offsets[:0])
-        self._generation += 1
-        self._sync[1] = 0
-        self._sync[0] = self._generation << 32  # a new call, task 0 next
+        generation = _new_call(self._sync, self._generation)
         args = (x, y, idx, tuple(layer.W for layer in self.linears), tuple(layer.b for layer in self.linears),
                 tuple(layer.grad_W for layer in self.linears), tuple(layer.grad_b for layer in self.linears),
                 outputs, grads, xb, yb, self.loss_code, flat.params, flat.grads, slot.velocity,
                 self.offsets, t(opt.lr), t(opt.momentum), t(opt.weight_decay), loss_out, acc_out,
-                row_loss, row_hit, threads, row_cut, feature_cuts, column_cuts, self._sync, self._generation)
+                row_loss, row_hit, threads, row_cut, feature_cuts, column_cuts, self._sync, generation)
         if threads == 1:
             self.kernel(*args, True)
             return
@@ -262,20 +278,12 @@ class StackedCompiledStepper(CompiledStepper):
     def steps(self, x, y, idx, loss_out, acc_out):
         """``idx``: (n,) rows all models share, or (K, n), one row of indices a model;
         ``loss_out``, ``acc_out``: (steps, K)."""
-        n = loss_out.shape[0]
-        batch = idx.shape[-1] // n
+        batch = idx.shape[-1] // loss_out.shape[0]
         models = self.optimizer.active_models()
         if len(models) != self._timed_models:  # a model froze: the times so far were for more
             self.chooser, self._timed_models = Chooser(), len(models)
-        plan = [(1, n)] if self.threads == 1 or len(models) < 2 else \
-            self.chooser.plan(n) if self.adaptive else [(2, n)]
-        done = 0
-        for threads, count in plan:
-            start = time.perf_counter()
-            self._run_models(threads, models, x, y, idx[..., done * batch:(done + count) * batch],
-                             loss_out[done:done + count], acc_out[done:done + count], batch)
-            self.chooser.record(threads, count, time.perf_counter() - start)
-            done += count
+        self._chosen(self.threads > 1 and len(models) > 1, idx, loss_out, acc_out,
+                     lambda threads, *part: self._run_models(threads, models, x, y, *part, batch))
 
     def _run_models(self, threads, models, x, y, idx, loss_out, acc_out, batch):
         if threads == 1:
@@ -318,10 +326,7 @@ class StackedCompiledStepper(CompiledStepper):
         (xb, yb, outputs, grads, row_loss, row_hit), sync, generation = self._lanes[lane]
         Ws, bs, grad_Ws, grad_bs, params, grads_m, velocity = self._models[m]
         opt, t, none = self.optimizer, np.dtype(self.model.dtype).type, self.offsets[:0]
-        generation[0] += 1
-        sync[1] = 0
-        sync[0] = generation[0] << 32
         self.kernel(x, y, idx if idx.ndim == 1 else idx[m], Ws, bs, grad_Ws, grad_bs, outputs, grads, xb, yb,
                     self.loss_code, params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
                     t(opt.weight_decay[m]), loss_out[:, m], acc_out[:, m], row_loss, row_hit, 1, 0, none, none,
-                    sync, generation[0], True)
+                    sync, _new_call(sync, generation), True)
