@@ -24,7 +24,7 @@ from helpers import real_mnist_dir
 from test_train import assert_same_trajectory, no_temp_files, trajectory
 
 import xpmlp.data
-from xpmlp import cli, rundir, train
+from xpmlp import cli, loop, rundir, train
 from xpmlp.data import Mnist
 from xpmlp.rundir import hold_run_dir, lock_holder
 
@@ -98,8 +98,8 @@ def _on_step(n):
     """Kill this process at its n-th optimizer step (the warm-up step counts), whichever
     stepper the trainer runs: the compiled one (Numba; one step a call here) or the ops' one."""
     calls = [0]
-    train.STEPS_PER_CALL = 1
-    for cls, name in ((train.Stepper, "step"), (train.CompiledStepper, "steps")):
+    loop.STEPS_PER_CALL = 1
+    for cls, name in ((loop.Stepper, "step"), (loop.CompiledStepper, "steps")):
         def step(self, *args, _original=getattr(cls, name)):
             calls[0] += 1
             if calls[0] == n:
@@ -613,10 +613,10 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
     args = ["train", *FAST, "--epochs", "2", "--quiet", "--out", "run"]
     script = f"""
 import os, signal, sys
-from xpmlp import cli, train
+from xpmlp import cli, loop, train
 calls = [0]
-train.STEPS_PER_CALL = 1
-for cls, name in ((train.Stepper, "step"), (train.CompiledStepper, "steps")):  # whichever the trainer runs
+loop.STEPS_PER_CALL = 1
+for cls, name in ((loop.Stepper, "step"), (loop.CompiledStepper, "steps")):  # whichever the trainer runs
     def step_then_ctrl_c(self, *args, _step=getattr(cls, name)):
         _step(self, *args)
         calls[0] += 1

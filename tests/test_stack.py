@@ -338,6 +338,7 @@ def test_interrupted_seeds_say_how_to_resume_and_resume_identically(tmp_path, st
     import sys
     import time
     from test_cli import FAST, env, xpmlp
+    from xpmlp.rundir import resume_command  # the command that works where it is printed
     proc = subprocess.Popen([sys.executable, "-m", "xpmlp", "train", *FAST, "--epochs", "4", "--seeds", "0-2",
                              "--quiet", "--out", "cut"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -350,7 +351,7 @@ def test_interrupted_seeds_say_how_to_resume_and_resume_identically(tmp_path, st
         assert proc.returncode == -9
     else:
         assert proc.returncode == 130, err
-        assert err.strip().splitlines()[-1] == "xpmlp: interrupted; continue the group with: xpmlp train --resume cut"
+        assert err.strip().splitlines()[-1] == f"xpmlp: interrupted; continue the group with: {resume_command('cut')}"
         statuses = json.loads((tmp_path / "cut" / "summary.json").read_text())["status"]
         assert statuses == ["interrupted"] * 3
     rc, _, err = xpmlp("train", "--resume", "cut", "--quiet", cwd=tmp_path)
@@ -559,16 +560,16 @@ def test_sweep_stack_loads_mnist_once(tmp_path, monkeypatch, capsys):
 def test_a_group_given_one_core_steps_on_one_thread(tmp_path, monkeypatch, capsys, cores, want):
     """A Ray task's CPUs cap a stacked group's threads, as run_env caps a run's."""
     from helpers import real_mnist_dir
-    from xpmlp import stack
+    from xpmlp import loop
     from xpmlp.sweep import load_grid, run_stack_group
     asked = []
-    real = stack.make_stepper
+    real = loop.make_stepper
 
     def recording(model, optimizer, *args, threads=None, **kwargs):
         asked.append(threads)
         return real(model, optimizer, *args, threads=threads, **kwargs)
 
-    monkeypatch.setattr(stack, "make_stepper", recording)
+    monkeypatch.setattr(loop, "make_stepper", recording)
     grid = tmp_path / "grid.toml"
     grid.write_text(STACK_GRID.replace("{out}", str(tmp_path / "runs")).replace("epochs = 3", "epochs = 1")
                     .replace("lr = [0.01, 0.1, 1e6]", "lr = [0.1]").replace("seed = [0, 1]", "seed = [0]"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import real_mnist_dir
 
-from xpmlp import get_backend, rundir, train
+from xpmlp import get_backend, loop, rundir, train
 from xpmlp.config import TrainConfig, TrainError
 from xpmlp.data import Mnist, load_mnist
 from xpmlp.rundir import load_checkpoint, save_checkpoint, write_json
@@ -184,18 +184,18 @@ def test_resume_drops_metrics_past_the_checkpoint(tmp_path, synthetic):
 
 def interrupt_after(monkeypatch, t, steps, per_call=1):
     """Ctrl-C arrives after ``steps`` optimizer steps: a real SIGINT to this process, handled
-    by the Trainer's own _StopFlag (in the main thread; elsewhere the flag is set directly).
-    The compiled stepper takes ``per_call`` steps a call (train.STEPS_PER_CALL), and Ctrl-C
+    by the Trainer's own StopFlag (in the main thread; elsewhere the flag is set directly).
+    The compiled stepper takes ``per_call`` steps a call (loop.STEPS_PER_CALL), and Ctrl-C
     waits for the call under way to end."""
     flags = []
-    monkeypatch.setattr(train, "STEPS_PER_CALL", per_call)
+    monkeypatch.setattr(loop, "STEPS_PER_CALL", per_call)
 
-    class RecordingFlag(train._StopFlag):
+    class RecordingFlag(loop.StopFlag):
         def __enter__(self):
             flags.append(self)
             return super().__enter__()
 
-    monkeypatch.setattr(train, "_StopFlag", RecordingFlag)
+    monkeypatch.setattr(loop, "StopFlag", RecordingFlag)
     # The stepper's step, not the optimizer's: the compiled step runs SGD inside its kernel.
     name = "steps" if hasattr(t.stepper, "steps") else "step"  # what the step loop calls
     step, count = getattr(t.stepper, name), [0]
@@ -271,11 +271,11 @@ def test_stop_flag_handles_signals():
     before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be installed in the main thread")
-    with train._StopFlag() as flag:
+    with loop.StopFlag() as flag:
         assert signal.getsignal(signal.SIGTERM) == flag._handler  # else SIGTERM would kill pytest
         signal.raise_signal(signal.SIGTERM)
         assert flag.stop
-    with train._StopFlag() as flag:
+    with loop.StopFlag() as flag:
         signal.raise_signal(signal.SIGINT)
         assert flag.stop
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C means now
@@ -339,7 +339,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, synthetic, mon
     monkeypatch.setattr(np, "savez", disk_full)
     t.model.load_state_arrays([p + 1 for p in t.model.state_arrays()])  # what would have been saved
     with pytest.raises(rundir.DiskFull, match="checkpoint.npz: no space left on device"):
-        save_checkpoint(run, t.model, t.optimizer, dict(state_before, epoch=99), {})
+        save_checkpoint(run / "checkpoint.npz", t.model.state_arrays(), t.optimizer.state(), dict(state_before, epoch=99))
     monkeypatch.undo()
 
     assert (run / "checkpoint.npz").read_bytes() == before
@@ -427,7 +427,7 @@ def test_the_warm_up_step_leaves_weights_and_momenta_as_they_were(tmp_path, synt
     t.optimizer.slots[0].velocity[...] = 0.5  # a momentum the step would change (one flat slot)
     before = ([a.copy() for a in t.model.state_arrays()], [v.copy() for v in t.optimizer.state()])
     x, y = t.backend.asarray(synthetic.train_x), t.backend.asarray(synthetic.train_y)
-    t._warm_up(x, y, BATCH)
+    t._warm_up((x, y))
     for want, got in zip(before, (t.model.state_arrays(), t.optimizer.state())):
         for a, b in zip(want, got):
             np.testing.assert_array_equal(a, b)
@@ -437,7 +437,7 @@ def test_epoch_time_excludes_the_warm_up(tmp_path, synthetic, monkeypatch):
     """On a GPU the first step compiles kernels: that happens before the clock starts.  A
     fake clock that only the warm-up advances shows it (no real time is measured)."""
     clock = [0.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
     warm_up = Trainer._warm_up
 
     def slow_warm_up(self, *args):
@@ -453,8 +453,10 @@ def test_epoch_time_excludes_the_warm_up(tmp_path, synthetic, monkeypatch):
 @pytest.mark.parametrize("interval, reads", [(3600.0, 0), (0.0, ITERS)])
 def test_progress_bar_reads_the_device_at_most_once_per_interval(tmp_path, synthetic, monkeypatch, interval, reads):
     """Each read of a step's loss waits for the GPU, so the bar reads at most once per
-    BAR_READ_INTERVAL_S, not every few steps."""
-    monkeypatch.setattr(train, "BAR_READ_INTERVAL_S", interval)
+    BAR_READ_INTERVAL_S, not every few steps (on the CPU, where a read is free, once per
+    BAR_READ_INTERVAL_CPU_S, so that a short epoch shows its loss too)."""
+    monkeypatch.setattr(loop, "BAR_READ_INTERVAL_S", 1e9)  # the CPU's own interval applies here
+    monkeypatch.setattr(loop, "BAR_READ_INTERVAL_CPU_S", interval)
     shown = []
     monkeypatch.setattr(Trainer, "_show_metrics", lambda self, bar, losses, accs, i: shown.append(i))
     run_dir = tmp_path / "run"

@@ -146,6 +146,14 @@ def config_from_args(args):
     if rundir.read_summary(run_dir).get("status") == "diverged":
         raise UserError(f"--resume {run_dir}: the run diverged (non-finite loss); its weights are not worth continuing")
     config, saved = rundir.load_config(run_dir)
+    if "epochs" in given:  # a user meaning "two more" must not silently get a shorter run
+        state = rundir.checkpoint_state(run_dir / rundir.CHECKPOINT) or {}
+        done, pos = state.get("epoch", 0), state.get("pos", 0)
+        if given["epochs"] < done + (1 if pos else 0):
+            so_far = f"{done} epochs" + (f" and {pos} iterations" if pos else "")
+            raise UserError(f"--resume {run_dir}: --epochs {given['epochs']} is fewer than the run has done "
+                            f"({so_far}); --epochs is the total, not how many more: give --epochs "
+                            f"{done + 1} or more to extend it")
     if config.hidden is None and config.model not in MODELS:
         raise UserError(f"--resume {run_dir}: unknown model {config.model!r} in config.json")
     for key, value in given.items():
@@ -195,8 +203,9 @@ def _run_dir(text):
 def cmd_train(args):
     from .backends import get_backend
     from .data import load_mnist
-    from .sweep import die_with_parent
-    from .threads import blas_threads, limit_blas_threads
+    from .launch import train
+    from .processes import die_with_parent
+    from .threads import blas_threads
     from .train import Trainer
 
     die_with_parent()  # a sweep's run ends with its sweep
@@ -213,15 +222,11 @@ def cmd_train(args):
     data = load_mnist(config.data_dir, progress=progress)
     out, created = _prepare_out(args, config)
     try:
-        with rundir.hold_run_dir(out):  # one writer per run directory, until this process ends
-            for line in notices:
-                print(line, file=sys.stderr)
-            resume = _resume_or_restart(out, log)
-            trainer = Trainer(config, out, data, resume=resume, progress=progress, log=log, backend=backend)
-            trainer.write_config()
-            log(f"training {config.name} on {trainer.backend.device} ({config.dtype}) into {out}")
-            with limit_blas_threads(threads):  # xpmlp/threads.py: one BLAS thread unless $XPMLP_THREADS says otherwise
-                summary = rundir.read_json(trainer.run())
+        train(lambda resume: Trainer(config, out, data, resume=resume, progress=progress, log=log,
+                                     backend=backend),
+              [out], out / rundir.CHECKPOINT, threads=threads, log=log, notices=notices,
+              announce=lambda t: f"training {config.name} on {backend.device} ({config.dtype}) into {out}")
+        summary = rundir.read_json(out / rundir.SUMMARY)
     except (UserError, TrainError):
         if created and not any((out / name).exists() for name in rundir.RESULT_FILES):
             shutil.rmtree(out, ignore_errors=True)  # nothing that looks like a run: leave no directory
@@ -244,24 +249,14 @@ def _refuse_a_group_member(run_dir):
                     f"whose checkpoint it shares; resume the group: {how}")
 
 
-def _resume_or_restart(run_dir, log):
-    """True to resume from the checkpoint; a run stopped before its first checkpoint (or
-    anything else without one) is cleared and started again, saying so."""
-    if (run_dir / rundir.CHECKPOINT).exists():
-        return True
-    if any((run_dir / name).exists() for name in rundir.RESULT_FILES):
-        log(f"{run_dir}: no checkpoint yet (stopped before its first one); starting it again from scratch")
-        rundir.clear_run_dir(run_dir)
-    return False
-
-
 def train_seeds(args):
     """``train --seeds LIST``: one stacked group, a run directory per seed under --out and an
     aggregate summary.json; ``train --resume OUT`` of such a directory continues the group."""
     from .backends import get_backend
     from .data import load_mnist
-    from .stack import StackTrainer, aggregate, group_configs, hold_group, resume_or_restart
-    from .threads import blas_threads, limit_blas_threads
+    from .launch import train
+    from .stack import StackTrainer, aggregate, group_configs
+    from .threads import blas_threads
 
     created = False
     if args.resume:
@@ -288,24 +283,20 @@ def train_seeds(args):
     if not args.resume:
         out, created = _prepare_out(args, configs[0])
         run_dirs = [out / f"seed={c.seed}" for c in configs]
+    seeds = ", ".join(str(c.seed) for c in configs)
     try:
-        with hold_group(out, run_dirs):  # one writer of the group and of each seed's run directory
-            for line in notices:
-                print(line, file=sys.stderr)
-            resume = resume_or_restart(out, run_dirs, log)
-            trainer = StackTrainer(configs, run_dirs, data, out, resume=resume, progress=progress, log=log,
-                                   backend=backend)
-            if not resume:
-                trainer.write_config()
-            log(f"training {configs[0].name} with seeds {', '.join(str(c.seed) for c in configs)} as one stacked "
-                f"program on {backend.device} ({configs[0].dtype}) into {out}")
-            with limit_blas_threads(threads):
-                summaries = [rundir.read_json(path) for path in trainer.run()]
-            aggregated = aggregate(summaries)
-            rundir.write_json(out / rundir.SUMMARY, {
-                # relative to this summary, as stack.json names them: readable from anywhere
-                "runs": [os.path.relpath(d, out) for d in run_dirs], "seeds": [c.seed for c in configs],
-                "status": [s["status"] for s in summaries], **aggregated})
+        trainer = train(lambda resume: StackTrainer(configs, run_dirs, data, out, resume=resume, progress=progress,
+                                                    log=log, backend=backend),
+                        [out, *run_dirs], out / rundir.GROUP_CHECKPOINT, threads=threads, log=log, notices=notices,
+                        kind="group checkpoint",
+                        announce=lambda t: f"training {configs[0].name} with seeds {seeds} as one stacked program "
+                                           f"on {backend.device} ({configs[0].dtype}) into {out}")
+        summaries = [rundir.read_json(d / rundir.SUMMARY) for d in run_dirs]
+        aggregated = aggregate(summaries)
+        rundir.write_json(out / rundir.SUMMARY, {
+            # relative to this summary, as stack.json names them: readable from anywhere
+            "runs": [os.path.relpath(d, out) for d in run_dirs], "seeds": [c.seed for c in configs],
+            "status": [s["status"] for s in summaries], **aggregated})
     except (UserError, TrainError):
         if created and not (out / rundir.GROUP_FILE).exists():
             shutil.rmtree(out, ignore_errors=True)  # nothing that looks like a result: leave no directory
@@ -315,7 +306,7 @@ def train_seeds(args):
         + (f"; test accuracy mean {_pct(accs['mean'])}, std {100 * accs['std']:.2f} points" if accs else "")
         + f" -> {out}/summary.json")
     if trainer.state["status"] == "interrupted":
-        print(f"xpmlp: interrupted; continue the group with: xpmlp train --resume {out}", file=sys.stderr)
+        _say(f"xpmlp: interrupted; continue the group with: {rundir.resume_command(out)}")
     return 0 if all(s["status"] in ("completed", "diverged") for s in summaries) else 130
 
 
@@ -458,10 +449,46 @@ def _pct(value):
 
 
 def _log_fn(progress):
+    """Where a run's lines go: above the progress bar, or stdout.  A reader that went away
+    (``| head``, or a ``| tee`` ended by the same Ctrl-C) must not stop the run."""
     if progress:
         from tqdm import tqdm
-        return tqdm.write
-    return lambda line: print(line, flush=True)
+        write = tqdm.write
+    else:
+        def write(line):
+            print(line, flush=True)
+
+    def log(line):
+        try:
+            write(line)
+        except BrokenPipeError:
+            _drop_closed_pipes()
+
+    return log
+
+
+def _say(line):
+    """A line on stderr, for the user rather than the record."""
+    try:
+        print(line, file=sys.stderr)
+    except BrokenPipeError:
+        _drop_closed_pipes()
+
+
+def _drop_closed_pipes():
+    """Point stdout and stderr at the null device once their reader has gone, so that no later
+    line, and no flush at exit, raises BrokenPipeError."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+        try:
+            os.dup2(null, stream.fileno())
+        except (OSError, ValueError):  # not a real file (a test's capture)
+            pass
+    os.close(null)
 
 
 def build_parser():
@@ -577,6 +604,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("xpmlp: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # the reader of our output went away: nothing more to say
+        _drop_closed_pipes()
+        return 1
     if code == 130 and threading.current_thread() is threading.main_thread():
         # The user asked us to stop and we are on our way out: a further Ctrl-C would land in
         # the interpreter's shutdown (thread joins, Numba's and tqdm's finalizers) as an

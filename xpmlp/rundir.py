@@ -36,6 +36,7 @@ CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.
 RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
 # A stacked group's directory (stack.py): its members, and its one checkpoint while it trains.
 GROUP_FILE, GROUP_CHECKPOINT = "stack.json", "stack-checkpoint.npz"
+STARTED_FILES = RESULT_FILES + (GROUP_FILE, GROUP_CHECKPOINT)  # what a start leaves, before its checkpoint
 EPOCHS_COPY = "epochs.jsonl"
 LOCK = ".lock"
 TEMP_SUFFIX = ".tmp"  # of atomic writes in progress; a killed writer's are removed by the next
@@ -230,19 +231,24 @@ def truncate_metrics(run_dir, epoch):
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run_dir, model, optimizer, state, partial):
-    """Weights, momentum, RNG state and loop position in one .npz, written atomically."""
-    arrays = {f"param_{i}": a for i, a in enumerate(model.state_arrays())}
-    arrays.update({f"partial_{k}": v for k, v in partial.items()})
-    arrays.update({f"velocity_{i}": model.backend.to_numpy(v) for i, v in enumerate(optimizer.state())})
+def save_checkpoint(path, params, velocity, state, partial=None):
+    """Weights, momenta (host arrays), the loop's ``state`` (a JSON dict: position, RNG
+    states) and ``partial`` (the records of an epoch stopped midway) in one .npz, written
+    atomically: the one format of a run's checkpoint.npz and a group's stack-checkpoint.npz."""
+    arrays = {f"param_{i}": np.asarray(a) for i, a in enumerate(params)}
+    arrays.update({f"velocity_{i}": np.asarray(v) for i, v in enumerate(velocity)})
+    arrays.update({f"partial_{k}": np.asarray(v) for k, v in (partial or {}).items()})
+    state = dict(state, num_params=len(params))
     arrays["state"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
-    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: np.savez(f, **arrays),
-                 size=sum(np.asarray(a).nbytes for a in arrays.values()))
+    atomic_write(path, lambda f: np.savez(f, **arrays), size=sum(a.nbytes for a in arrays.values()))
 
 
-def load_checkpoint(run_dir):
-    """(params, velocity, state, partial) of the run's checkpoint, as host arrays."""
-    path = Path(run_dir) / CHECKPOINT
+def load_checkpoint(path):
+    """(params, velocity, state, partial) of a checkpoint (a run directory: its checkpoint.npz),
+    as host arrays; a missing or damaged file is a TrainError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
     try:
         with np.load(path) as npz:
             state = json.loads(npz["state"].tobytes().decode())
@@ -250,10 +256,22 @@ def load_checkpoint(run_dir):
             velocity = [npz[f"velocity_{i}"] for i in range(state["num_params"])]
             partial = {k[len("partial_"):]: npz[k] for k in npz.files if k.startswith("partial_")}
     except FileNotFoundError:
-        raise TrainError(f"{run_dir}: no checkpoint to resume from ({CHECKPOINT} missing)") from None
+        raise TrainError(f"{path.parent}: no checkpoint to resume from ({path.name} missing)") from None
     except Exception as exc:  # truncated or foreign file
         raise TrainError(f"{path}: unreadable checkpoint ({exc})") from None
     return params, velocity, state, partial
+
+
+def checkpoint_state(path):
+    """The loop state of a checkpoint (``status``, ``epoch``, ``pos``...) without its arrays;
+    None when there is no file; a damaged one is a TrainError, as load_checkpoint says."""
+    if not Path(path).exists():
+        return None
+    try:
+        with np.load(path) as npz:
+            return json.loads(npz["state"].tobytes().decode())
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
+        raise TrainError(f"{path}: unreadable checkpoint ({exc})") from None
 
 
 def load_model(run_dir, backend, config=None):
@@ -264,19 +282,34 @@ def load_model(run_dir, backend, config=None):
         raise TrainError(f"{run_dir}: holds no run (needs {CONFIG} and {CHECKPOINT})")
     config = config or load_config(run_dir)[0]
     model = config.build(backend)
-    params, _, state, _ = load_checkpoint(run_dir)
-    check_shapes(run_dir, params, model)
+    params, _, state, _ = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    check_shapes(Path(run_dir) / CHECKPOINT, params, model)
     model.load_state_arrays(params)
     return model, state
 
 
-def check_shapes(run_dir, params, model):
+def check_shapes(path, params, model, described_by=CONFIG):
     """A checkpoint of another model (copied over, or config.json edited) is refused by name."""
     want = [tuple(getattr(layer, name).shape) for layer, name in model.parameters()]
     got = [tuple(p.shape) for p in params]
     if got != want:
-        raise TrainError(f"{Path(run_dir) / CHECKPOINT}: holds parameters of shapes {got}, "
-                         f"but {CONFIG} describes a model of shapes {want}")
+        raise TrainError(f"{path}: holds parameters of shapes {got}, "
+                         f"but {described_by} describes a model of shapes {want}")
+
+
+def resume_command(run_dir):
+    """The command that resumes ``run_dir``, as it can be typed where this process runs:
+    ``xpmlp`` when that is this installation's script on the PATH, else the script's full
+    path (after ``make``: the venv's, not activated), else ``python -m xpmlp``."""
+    script = Path(sys.executable).with_name("xpmlp.exe" if os.name == "nt" else "xpmlp")
+    found = shutil.which("xpmlp")
+    if found and Path(found).resolve() == script.resolve():
+        cli = "xpmlp"
+    elif script.exists():
+        cli = str(script)
+    else:
+        cli = f"{sys.executable} -m xpmlp"
+    return f"{cli} train --resume {run_dir}"
 
 
 # ---------------------------------------------------------------- one writer per run directory
@@ -369,10 +402,11 @@ def lock_holder(run_dir):
 
 
 def clear_run_dir(run_dir):
-    """Remove what a run that never reached a checkpoint left (config, metrics, summary,
-    TensorBoard events), so that it can start again; the lock and a sweep's train.log stay."""
+    """Remove what a run (or group) that never reached a checkpoint left (config, metrics,
+    summary, a group's files, TensorBoard events), so that it can start again; the lock and a
+    sweep's train.log stay."""
     assert str(Path(run_dir).resolve()) in _held, "clear a run directory only while holding it"
-    for name in RESULT_FILES:
+    for name in STARTED_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
     for events in Path(run_dir).glob("events.out.tfevents.*"):
         events.unlink()

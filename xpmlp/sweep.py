@@ -26,8 +26,6 @@ An executor runs the units of work (single runs, and stacked groups): the local 
 ``jobs`` ``xpmlp train`` processes at a time, or Ray (``executor="ray"``, sweep_ray.py),
 one task per unit on a local Ray instance or a cluster.
 """
-import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import itertools
@@ -41,13 +39,13 @@ from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig, TrainError
-from .threads import blas_threads, limit_blas_threads, step_threads
+from .processes import die_with_parent, run_env, stop_on_signals
+from .threads import blas_threads, step_threads
 
 # Settings that do not change what a run computes: kept out of directory names.
 _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
                 "tensorboard", "hidden", "activation", "loss"}
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-PARENT_ENV = "XPMLP_SWEEP_PARENT"  # set for a sweep's runs: the driver's pid
 
 
 def load_grid(path):
@@ -292,34 +290,8 @@ def _run_local(todo, jobs, *, busy, device, data_dir):
     return finished, failed, bool(stop)
 
 
-def run_env(cores):
-    """The environment of a sweep's ``xpmlp train`` processes, each of which has ``cores``
-    cores: BLAS threads by xpmlp's policy within them, and this process as the parent whose
-    death ends them (die_with_parent)."""
-    threads = str(min(blas_threads(), cores))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    if cores == 1 or "XPMLP_THREADS" in os.environ:  # else the compiled step may take two
-        env["XPMLP_THREADS"] = threads
-    env[PARENT_ENV] = str(os.getpid())  # each run stops when this process dies: die_with_parent()
-    return env
 
 
-@contextlib.contextmanager
-def stop_on_signals(stop_runs):
-    """Inside, Ctrl-C and SIGTERM call ``stop_runs()`` and are recorded in the list yielded
-    (true once the sweep should start nothing new) instead of ending this process."""
-    stop = []
-
-    def on_signal(signum, frame):
-        stop.append(signum)
-        stop_runs()
-
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
 
 
 def outcome(run_dir, returncode):
@@ -339,18 +311,6 @@ def outcome(run_dir, returncode):
     return "failed", f"FAILED {run_dir} (exit {returncode}; see {run_dir / 'train.log'})"
 
 
-def die_with_parent():
-    """In a sweep's run: ask Linux to send us SIGTERM when the sweep that started us dies,
-    however it dies (kill -9 included), so no run is left orphaned; SIGTERM ends the run
-    like Ctrl-C, at a checkpoint.  (Elsewhere than Linux, runs outlive a killed sweep.)"""
-    parent = os.environ.pop(PARENT_ENV, None)
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(parent):  # it died before we asked
-        print("xpmlp: the sweep that started this run has ended; not starting it", file=sys.stderr)
-        sys.exit(130)
 
 
 def plan_stacks(todo, max_stack, device):
@@ -404,7 +364,8 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
 
     from .backends import get_backend
     from .data import load_mnist
-    from .stack import StackTrainer, clear_group, hold_group
+    from .launch import train
+    from .stack import StackTrainer
 
     die_with_parent()  # in a worker process started by a sweep: the group ends with its sweep
     overrides = dict(**({"device": device} if device else {}), **({"data_dir": data_dir} if data_dir else {}))
@@ -416,19 +377,15 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
         _LOADED[first.data_dir] = load_mnist(first.data_dir, progress=sys.stderr.isatty())
     if first.device not in _LOADED:
         _LOADED[first.device] = get_backend(first.device, notice=tqdm.write)
+    say = f"stack  {group_dir} ({state}): {len(run_dirs)} runs as one program: " + ", ".join(d.name for d in run_dirs)
     try:
-        with hold_group(group_dir, run_dirs):
-            if state == "new":  # whatever a start that never reached its first checkpoint left
-                clear_group(group_dir, run_dirs)
-            tqdm.write(f"stack  {group_dir} ({state}): {len(run_dirs)} runs as one program: "
-                       + ", ".join(d.name for d in run_dirs))
-            trainer = StackTrainer(configs, run_dirs, _LOADED[first.data_dir], group_dir, resume=state == "resume",
-                                   progress=sys.stderr.isatty(), log=tqdm.write, backend=_LOADED[first.device],
-                                   device_data=_DEVICE_DATA, threads=threads, stop_flag=stop_flag)
-            if state == "new":
-                trainer.write_config()
-            with limit_blas_threads(blas_threads() if cores is None else min(blas_threads(), cores)):
-                trainer.run()
+        trainer = train(lambda resume: StackTrainer(configs, run_dirs, _LOADED[first.data_dir], group_dir,
+                                                    resume=resume, progress=sys.stderr.isatty(), log=tqdm.write,
+                                                    backend=_LOADED[first.device], device_data=_DEVICE_DATA,
+                                                    threads=threads, stop_flag=stop_flag),
+                        [group_dir, *run_dirs], group_dir / rundir.GROUP_CHECKPOINT, resume=state == "resume",
+                        threads=blas_threads() if cores is None else min(blas_threads(), cores),
+                        log=tqdm.write, announce=lambda t: say)
     except rundir.RunDirBusy as exc:
         tqdm.write(f"skip   {group_dir}: {exc}")
         return "busy"

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig, TrainError
-from .stack import hold_group
+from .launch import hold_all
 from .sweep import _command, outcome, run_env, run_state, stop_on_signals
 
 MAX_RETRIES = 3  # attempts after a worker (or its machine) dies, per task
@@ -234,7 +234,7 @@ class _Sweep:
         if not self.options.shared_fs:  # this process writes them, for the task
             hold = contextlib.ExitStack()
             try:
-                hold.enter_context(hold_group(group_dir, [d for d, _ in members]))
+                hold.enter_context(hold_all([group_dir, *(d for d, _ in members)]))
             except rundir.RunDirBusy as exc:
                 self.busy.extend(d for d, _ in members)
                 self._say(f"skip   {group_dir}: {exc}")
