@@ -11,12 +11,12 @@ class Backend:
 
     ``xp`` is the namespace the layers compute with.  ``asarray`` (host to
     device) and ``to_numpy`` (device to host) are the only places data crosses
-    between host and device.  ``fast`` says whether the namespace supports the
-    NumPy-style extras (``out=``, in-place views) the fast training path uses.
+    between host and device.  ``has_out_buffers`` says whether the namespace has
+    the NumPy-style extras (``out=``, in-place views) that the buffered and fused ops use.
     """
 
     name = "base"
-    fast = False
+    has_out_buffers = False
     # The fused kernels where the backend has them (numpy_kernels.py, cupy_kernels.py): plain
     # callables that xpmlp's fused ops (xpmlp/ops.py) call where a kernel can run.
     kernels = None

@@ -53,7 +53,7 @@ def device_count(cupy):
 
 class CupyBackend(Backend):
     name = "cupy"
-    fast = True
+    has_out_buffers = True
 
     def __init__(self, device_id=0):
         cupy = import_cupy()

@@ -6,7 +6,7 @@ from .base import Backend
 
 class NumpyBackend(Backend):
     name = "numpy"
-    fast = True
+    has_out_buffers = True
 
     def __init__(self):
         super().__init__(np, "cpu")
@@ -20,13 +20,18 @@ class NumpyBackend(Backend):
             self._kernels = load()
         return self._kernels
 
+    def mlp_steps(self, dtype):
+        """The compiled training step (numpy_step.py) for ``dtype``; None without Numba, or
+        where NumPy's gemm is not found."""
+        if self.kernels is None:
+            return None
+        from .numpy_step import mlp_steps
+        return mlp_steps(dtype)
+
     def take_rows(self, a, indices, out=None):
         # mode="clip" skips the buffered bounds check that mode="raise" does with out=;
         # the indices are a permutation, always in range.
         return np.take(a, indices, axis=0, out=out, mode="clip")
-
-    def to_numpy(self, a):
-        return np.asarray(a)
 
     def describe(self):
         found = {"backend": self.name, "device": "cpu", "numpy": np.__version__}

@@ -114,15 +114,13 @@ def euclidean_row(output, labels, grad_out, one, n_t, r):
 def euclidean(output, labels, grad_out, one, n_t):
     # Mean 1/2 ||x - t||^2 over rows, its gradient (x - t)/N, and the accuracy.  A label
     # outside [0, k) matches no column: no target, as with one_hot.
-    n, k = output.shape
+    n = output.shape[0]
     total = 0.0
     hits = 0
     for r in range(n):
-        hits += row_argmax(output[r]) == labels[r]
-        for c in range(k):
-            diff = output[r, c] - one if c == labels[r] else output[r, c]
-            total += diff * diff
-            grad_out[r, c] = diff / n_t
+        term, hit = euclidean_row(output, labels, grad_out, one, n_t, r)
+        total += term
+        hits += hit
     return total / (2 * n), hits / n
 
 
@@ -136,14 +134,20 @@ def bias_add(y, b):
 
 
 @jit
+def column_sums(g, out, lo, hi):
+    # out[c] = sum of g[:, c] for c in [lo, hi), rows added in order as NumPy does (Eq. 5's
+    # bias gradient; the compiled step sums half of the columns on each thread).
+    for c in range(lo, hi):
+        out[c] = 0
+    for r in range(g.shape[0]):
+        for c in range(lo, hi):
+            out[c] += g[r, c]
+
+
+@jit
 def bias_grad(grad_y, grad_b):
-    # dL/db = sum over rows of dL/dy (Eq. 5), rows added in order as NumPy does.
-    n, k = grad_y.shape
-    for c in range(k):
-        grad_b[c] = 0
-    for r in range(n):
-        for c in range(k):
-            grad_b[c] += grad_y[r, c]
+    # dL/db = sum over rows of dL/dy (Eq. 5).
+    column_sums(grad_y, grad_b, 0, grad_y.shape[1])
 
 
 @jit
@@ -170,11 +174,6 @@ def sigmoid_backward(y, grad_y, grad_x, one):
         grad_x[i] = grad_y[i] * y[i] * (one - y[i])
 
 
-def _build():
-    return (sgd_step, sgd_step_stacked, softmax_xent, euclidean, bias_add, bias_grad, relu_forward, relu_backward,
-            sigmoid_backward)
-
-
 class NumbaKernels:
     """The fused kernels, as plain callables (scalars in the arrays' dtype).  The elementwise
     ones write into their output argument: ``bias_add(y, b)`` into y, ``bias_grad(grad_y,
@@ -183,9 +182,9 @@ class NumbaKernels:
     (ReLU, sigmoid) take C-contiguous arrays: xpmlp's ops check, and run array code otherwise."""
 
     def __init__(self):
-        self._steps = {}  # the compiled training step per dtype, built on first use
-        (self._sgd, self._sgd_stacked, self._xent, self._euclidean, self.bias_add, self.bias_grad,
-         self.relu_forward, self.relu_backward, self._sigmoid_backward) = _build()
+        self._sgd, self._sgd_stacked, self._xent, self._euclidean = sgd_step, sgd_step_stacked, softmax_xent, euclidean
+        self.bias_add, self.bias_grad, self.relu_forward, self.relu_backward = bias_add, bias_grad, relu_forward, relu_backward
+        self._sigmoid_backward = sigmoid_backward
 
     def sgd_step(self, p, g, v, lr, momentum, weight_decay):
         t = p.dtype.type
@@ -218,16 +217,6 @@ class NumbaKernels:
 
     def sigmoid_backward(self, y, grad_y, grad_x):
         self._sigmoid_backward(y, grad_y, grad_x, y.dtype.type(1))  # a float32 one keeps float32
-
-    def mlp_steps(self, dtype):
-        """The compiled training step of ReLU MLPs for ``dtype`` (numpy_step.py's MLPSteps,
-        bound to NumPy's gemm); None where that gemm is not found."""
-        dtype = np.dtype(dtype)
-        if dtype not in self._steps:
-            from .numpy_step import MLPSteps, numpy_gemm
-            gemm = numpy_gemm(dtype)
-            self._steps[dtype] = None if gemm is None else MLPSteps(gemm, dtype)
-        return self._steps[dtype]
 
 
 def load():

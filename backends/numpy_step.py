@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from .numpy_kernels import euclidean_row, jit, numba, sgd_step, sigmoid_backward, softmax_xent_row
+from .numpy_kernels import column_sums, euclidean_row, jit, numba, sgd_step, sigmoid_backward, softmax_xent_row
 
 if numba is not None:
     from llvmlite import ir
@@ -193,16 +193,6 @@ def relu_mask(g, h):
 
 
 @jit
-def column_sums(g, out, lo, hi):
-    # out[c] = sum of g[:, c] for c in [lo, hi), rows added in order (Eq. 5's bias gradient).
-    for c in range(lo, hi):
-        out[c] = 0
-    for r in range(g.shape[0]):
-        for c in range(lo, hi):
-            out[c] += g[r, c]
-
-
-@jit
 def _half(j, parts, cut, size):
     # [lo, hi) of half j of range(size) cut at ``cut``; the whole range for one part.
     if parts == 1:
@@ -335,7 +325,10 @@ def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole):
 
 class MLPSteps:
     """``steps`` bound to NumPy's gemm for one dtype: call it with steps' other arguments;
-    ``cut(size, products)`` is exact_cut for that gemm."""
+    ``cut(size, products)`` is exact_cut for that gemm.  LOSS_CODES: the ``loss_code`` of
+    each network it compiles, by name."""
+
+    LOSS_CODES = {"softmax_xent": SOFTMAX_XENT, "sigmoid_euclidean": SIGMOID_EUCLIDEAN}
 
     def __init__(self, gemm, dtype):
         self.gemm, self.dtype = gemm, np.dtype(dtype)
@@ -345,3 +338,16 @@ class MLPSteps:
 
     def cut(self, size, products):
         return exact_cut(self.gemm, self.dtype, size, products)
+
+
+_STEPS = {}  # dtype -> MLPSteps, or None where NumPy's gemm is not found
+
+
+def mlp_steps(dtype):
+    """The compiled training step of ReLU MLPs for ``dtype``, bound to NumPy's gemm and
+    built once; None where that gemm is not found (or Numba is missing)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _STEPS:
+        gemm = numpy_gemm(dtype) if numba is not None else None
+        _STEPS[dtype] = None if gemm is None else MLPSteps(gemm, dtype)
+    return _STEPS[dtype]

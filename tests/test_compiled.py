@@ -237,7 +237,7 @@ def test_a_stepper_no_longer_used_is_collected_and_its_helper_thread_ends(stacke
 @pytest.mark.parametrize("name,kwargs", [
     ("mlp1-sigmoid-sce", {}),            # Sigmoid hidden layers: NumPy's vectorised exp wins
     ("mlp2-sigmoid-mse", {}),
-    ("mlp2-relu-sce", {"fast": False}),  # the plain path stays plain
+    ("mlp2-relu-sce", {"ops": "plain"}),  # the plain path stays plain
     ("mlp2-relu-sce", {"ops": "buffered"}),  # the buffered ops: the array code, no kernels
     ("mlp2-relu-sce", {"stack": (2, 3)}),  # models stacked over two axes
 ])

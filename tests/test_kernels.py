@@ -58,7 +58,7 @@ def test_fused_loss_matches_the_array_loss_and_accuracy(backend, kernel, loss_cl
     logits = (rng.normal(size=(rows, 10)) * scale).astype(dtype)
     labels = rng.integers(0, 10, rows)
     labels[:20] = np.argmax(logits[:20], axis=1)  # some hits for certain, the rest by chance
-    plain = loss_class(xpmlp.get_backend("numpy"), dtype, fast=False)
+    plain = loss_class(xpmlp.get_backend("numpy"), dtype, ops="plain")
     want_loss = plain.forward(logits, labels)
     want_grad = plain.backward()
     grad = backend.xp.empty(logits.shape, dtype=dtype)
@@ -110,7 +110,7 @@ def test_fused_loss_gives_a_label_out_of_range_no_target_and_writes_nothing_outs
     rng = np.random.default_rng(6)
     logits = (rng.normal(size=(5, 10)) * scale).astype(np.float32)
     labels = np.array([3, -1, 10, 1 << 40, 10])  # the last row's label points past the buffer
-    plain = loss_class(xpmlp.get_backend("numpy"), np.float32, fast=False)
+    plain = loss_class(xpmlp.get_backend("numpy"), np.float32, ops="plain")
     want_loss, want_grad = plain.forward(logits, labels), plain.backward()
     buffer = backend.asarray(np.full((7, 10), 7.0, dtype=np.float32))  # rows 5 and 6: sentinels
     grad = buffer[:5]
@@ -147,7 +147,7 @@ def test_fast_sigmoid_layer_matches_the_plain_one(backend, dtype, rtol):
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(40, 30)) * 5).astype(dtype)
     x[0, :4] = [-1000, -100, 100, 1000]  # e^-x would overflow here; e^-|x| does not
-    plain = Sigmoid(xpmlp.get_backend("numpy"), dtype, fast=False)
+    plain = Sigmoid(xpmlp.get_backend("numpy"), dtype, ops="plain")
     want_y = plain.forward(x)
     grad_y = rng.normal(size=x.shape).astype(dtype)
     want_grad_x = plain.backward(grad_y)
@@ -202,7 +202,7 @@ def test_ops_are_picked_by_name_and_say_what_they_are():
     assert type(ops_for(numpy_backend, "plain")) is PlainOps
     assert type(ops_for(numpy_backend, "buffered")) is BufferedOps
     assert type(ops_for(numpy_backend, None)) is type(ops_for(numpy_backend, "fused")) is NumbaOps
-    assert xpmlp.build_model("mlp1-relu-sce", backend=numpy_backend, fast=False).ops.name == "plain"
+    assert xpmlp.build_model("mlp1-relu-sce", backend=numpy_backend, ops="plain").ops.name == "plain"
     assert CudaOps.name == NumbaOps.name == "fused"
     strict = backend_or_reason("array-api-strict")
     if not isinstance(strict, str):

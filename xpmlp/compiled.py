@@ -25,7 +25,6 @@ import numpy as np
 from .layers import Linear, ReLU, Sigmoid
 from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 
-SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1  # the kernel's loss codes (numpy_step.py)
 # Two threads win only while both get a core: once another process takes one, a step
 # waits for a descheduled helper (2-4x slower epochs, measured).  So each call times its
 # steps, the faster way so far runs, and every so often (PROBE_MIN_S after the way changed,
@@ -35,29 +34,31 @@ SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1  # the kernel's loss codes (numpy_step.py
 PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 4
 
 
-def _loss_code(model):
-    """The kernel's code for the model's layers and loss, or None where it compiles no such
-    network: Linear (ReLU Linear)* then softmax cross-entropy, or then Sigmoid + Euclidean."""
+def _loss_name(model):
+    """The name (a key of the kernel's LOSS_CODES) of the model's layers and loss, or None
+    where the kernel compiles no such network: Linear (ReLU Linear)* then softmax
+    cross-entropy, or then Sigmoid + Euclidean."""
     layers = model.layers
     if isinstance(model.loss, SoftmaxCrossEntropyLoss):
-        code = SOFTMAX_XENT
+        name = "softmax_xent"
     elif isinstance(model.loss, EuclideanLoss) and layers and isinstance(layers[-1], Sigmoid):
-        code, layers = SIGMOID_EUCLIDEAN, layers[:-1]
+        name, layers = "sigmoid_euclidean", layers[:-1]
     else:
         return None
     linear = all(isinstance(layer, Linear) for layer in layers[0::2])
     relu = all(isinstance(layer, ReLU) for layer in layers[1::2])
-    return code if layers and len(layers) % 2 == 1 and linear and relu else None
+    return name if layers and len(layers) % 2 == 1 and linear and relu else None
 
 
 def compiled_steps(model):
     """The compiled step for this model, or None: only a model on fused ops whose kernels
     compile steps (NumPy + Numba), of a network they compile; one model, or models stacked
     over one leading axis (StackedCompiledStepper)."""
-    kernel = getattr(getattr(model.ops, "kernels", None), "mlp_steps", None)
-    if kernel is None or model.flat is None or _loss_code(model) is None or len(model.stack) > 1:
+    build = getattr(model.backend, "mlp_steps", None)
+    fused = getattr(model.ops, "kernels", None) is not None
+    if build is None or not fused or model.flat is None or _loss_name(model) is None or len(model.stack) > 1:
         return None
-    return kernel(model.dtype)
+    return build(model.dtype)
 
 
 def _new_call(sync, generation):
@@ -151,7 +152,7 @@ class CompiledStepper:
         self.kernel = kernel or compiled_steps(model)
         if self.kernel is None:
             raise ValueError(f"no compiled step for {model!r} on {model.backend!r}")
-        self.loss_code = _loss_code(model)
+        self.loss_code = self.kernel.LOSS_CODES[_loss_name(model)]
         self.linears = [layer for layer in model.layers if isinstance(layer, Linear)]
         sizes = [layer.W.size + layer.b.size for layer in self.linears]
         self.offsets = np.cumsum([0] + sizes)

@@ -11,19 +11,15 @@ from .ops import Scratch, ops_for
 class Layer:
     """Base: a layer without parameters.  ``params`` names the trainable attributes.
 
-    ``ops``: an ops object, or 'plain' / 'buffered' / 'fused'; by default the fastest the
-    backend has when ``fast``, else the plain reference."""
+    ``ops``: an ops object, or 'plain' (the default: the reference) / 'buffered' / 'fused';
+    None: the fastest the backend has."""
 
     params = ()
 
-    def __init__(self, backend, dtype, fast=False, *, ops=None):
+    def __init__(self, backend, dtype, *, ops="plain"):
         self.backend, self.xp, self.dtype = backend, backend.xp, dtype
-        self.ops = ops_for(backend, ops, fast=fast)
+        self.ops = ops_for(backend, ops)
         self.scratch = Scratch(self.xp, dtype)  # this layer's reused outputs (buffered ops)
-
-    @property
-    def fast(self):
-        return self.ops.in_place
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -36,8 +32,8 @@ class Linear(Layer):
     params = ("W", "b")
 
     def __init__(self, in_features, out_features, backend, dtype, *, init_std=0.01, rng,
-                 stack=(), fast=False, ops=None):
-        super().__init__(backend, dtype, fast, ops=ops)
+                 stack=(), ops="plain"):
+        super().__init__(backend, dtype, ops=ops)
         self.in_features, self.out_features = in_features, out_features
         stack = tuple(stack)
         # Drawn on the host so every backend starts from identical weights.

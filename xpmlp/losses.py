@@ -6,7 +6,7 @@ Each loss is one computation in its ops (ops.py) that gives the loss, the accura
 gradient together, as the fused kernels do; ``forward`` and ``forward_with_accuracy`` both
 wrap it.
 """
-from .ops import Scratch, accuracy, one_hot, ops_for  # noqa: F401 (accuracy, one_hot: the losses' helpers)
+from .ops import Scratch, accuracy, ops_for  # noqa: F401 (accuracy: re-exported by model.py)
 
 
 class Loss:
@@ -15,9 +15,9 @@ class Loss:
     op = None
     grad = None  # dL/doutput of the last forward
 
-    def __init__(self, backend, dtype, fast=False, *, ops=None):
+    def __init__(self, backend, dtype, *, ops="plain"):
         self.backend, self.xp, self.dtype = backend, backend.xp, dtype
-        self.ops = ops_for(backend, ops, fast=fast)
+        self.ops = ops_for(backend, ops)
         self.scratch = Scratch(self.xp, dtype)
         self._compute = getattr(self.ops, self.op)
 

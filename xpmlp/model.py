@@ -126,13 +126,12 @@ class Sequential:
 
 
 def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", init_std=0.01,
-              seed=0, stack=(), fast=None, ops=None, in_features=784, num_classes=10):
+              seed=0, stack=(), ops=None, in_features=784, num_classes=10):
     """An MLP with the given hidden sizes.  Euclidean-loss networks end in a Sigmoid
     (report Section 2); softmax cross-entropy networks end in the last Linear.
 
     ``ops``: 'plain' (the Array API reference), 'buffered' (out= buffers, NumPy and CuPy)
-    or 'fused' (the backend's kernels); by default the fastest the backend has, or
-    'plain' with ``fast=False``.
+    or 'fused' (the backend's kernels); by default the fastest the backend has.
 
     ``stack=(K,)`` builds K models over a leading axis.  With a scalar ``seed`` one
     generator draws all their weights; with K seeds (and a scalar or K values of
@@ -146,7 +145,7 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
         raise ValueError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
     if np.dtype(dtype).name not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    ops = ops_for(backend, ops, fast=fast is not False)
+    ops = ops_for(backend, ops)
     xp_dtype = backend.dtype(dtype)
     if np.ndim(seed):
         if len(stack) != 1 or len(seed) != stack[0]:
@@ -167,11 +166,11 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
     return Sequential(layers, LOSSES[loss](backend, xp_dtype, ops=ops), backend, xp_dtype, ops, stack=stack)
 
 
-def build_model(name, *, backend="numpy", dtype="float32", init_std=0.01, seed=0, stack=(), fast=None,
+def build_model(name, *, backend="numpy", dtype="float32", init_std=0.01, seed=0, stack=(),
                 ops=None):
     """One of the report's ten networks by name (see ``MODELS``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     hidden, activation, loss = MODELS[name]
     return build_mlp(hidden, activation, loss, backend=backend, dtype=dtype, init_std=init_std,
-                     seed=seed, stack=stack, fast=fast, ops=ops)
+                     seed=seed, stack=stack, ops=ops)

@@ -391,18 +391,17 @@ FUSED = {"numpy": NumbaOps, "cupy": CudaOps}
 KINDS = ("plain", "buffered", "fused")
 
 
-def ops_for(backend, kind=None, *, fast=True):
+def ops_for(backend, kind=None):
     """The ops of ``kind`` ('plain', 'buffered' or 'fused') on ``backend``; None gives the
-    fastest the backend has, or 'plain' when not ``fast``.  An ops object given as ``kind``
-    is returned as it is."""
+    fastest the backend has.  An ops object given as ``kind`` is returned as it is."""
     if isinstance(kind, PlainOps):
         return kind
     has_kernels = backend.name in FUSED and backend.kernels is not None
     if kind is None:
-        kind = "plain" if not fast else "fused" if has_kernels else "buffered" if backend.fast else "plain"
+        kind = "fused" if has_kernels else "buffered" if backend.has_out_buffers else "plain"
     if kind not in KINDS:
         raise ValueError(f"unknown ops {kind!r}; choose one of: {', '.join(KINDS)}")
-    if kind != "plain" and not backend.fast:
+    if kind != "plain" and not backend.has_out_buffers:
         raise ValueError(f"{backend.name} has only the plain ops (no out= buffers)")
     if kind == "fused" and not has_kernels:
         raise ValueError(f"{backend.name} has no fused kernels here (NumPy's need Numba: pip install 'xpmlp[fast]')")

@@ -403,8 +403,7 @@ _DEVICE_DATA = {}  # (backend, dtype) -> MNIST on that device: sent once per pro
 def _cost(item):
     """A rough relative cost of a run, for ordering only."""
     config = TrainConfig(**item[1])
-    depth = len(config.hidden) if config.hidden is not None else int(config.name[3])
-    return config.epochs * (1 + depth + 100 / config.batch_size)
+    return config.epochs * (len(config.widths) - 1 + 100 / config.batch_size)
 
 
 def _epochs_logged(log_path):
