@@ -372,7 +372,9 @@ def cmd_predict(args):
 
     run_dir = _run_dir(args.run_dir)
     show_dir = None if args.show is None else _writable_dir(args.show, "--show")
-    read = [read_digit(path) for path in args.images]  # every file checked before any output
+    # Every file is checked before any output, one at a time: only its 28x28 digit is kept
+    # (and for --show a small copy of the image), not the decoded image.
+    read = [_kept(*read_digit(path), show_dir is not None) for path in args.images]
     notices = []
     model = load_model(run_dir, args.device, notice=notices.append)
     x = model.backend.asarray(to_inputs(np.stack([digit for _, digit in read])), dtype=model.dtype)
@@ -402,6 +404,16 @@ def cmd_predict(args):
     return 0
 
 
+def _kept(gray, digit, show):
+    """What predict keeps of a file read: the digit, and for --show the image at most
+    SHOW_SIDE pixels on its longer side (every k-th pixel: it is a picture's thumbnail)."""
+    step = -(-max(gray.shape) // SHOW_SIDE)
+    return (gray[::step, ::step].copy() if show else None), digit
+
+
+SHOW_SIDE = 512
+
+
 def cmd_data(args):
     from .data import load_verified, mnist_files
 
@@ -428,7 +440,7 @@ def cmd_sweep(args):
 
 
 def cmd_report(args):
-    from .report import export_records, make_report
+    from .report import export_records, load_reference, make_report
     run_dirs = list(args.run_dirs)
     for root in args.runs_under or []:
         run_dirs += sorted(str(p.parent) for p in Path(root).glob(f"**/{rundir.CONFIG}"))
@@ -437,6 +449,8 @@ def cmd_report(args):
     if not Path(args.published).is_file():
         raise UserError(f"report: no reference tables at {args.published} "
                         "(the report's are experiments/published.toml in the source tree)")
+    load_reference(args.published)  # a damaged one is refused before anything is written
+    _writable_dir(args.out, "--out")
     if args.copy_runs:   # the tables and figures are then drawn from the records alone, so
         # `make report` rebuilds them from what is kept, byte for byte (the tables)
         run_dirs = export_records(run_dirs, args.out)
