@@ -327,7 +327,7 @@ def cmd_eval(args):
     run_dir = _run_dir(args.run_dir)
     plots_dir = None if args.plots is None else _writable_dir(args.plots or run_dir, "--plots")
     config, _ = rundir.load_config(run_dir)
-    data = load_mnist(args.data_dir or config.data_dir, progress=sys.stderr.isatty())
+    data = load_mnist(args.data_dir or _run_data_dir(config), progress=sys.stderr.isatty())
     notices = []  # shown with the result, so that an error stays one line
     backend = get_backend(args.device or config.device, notice=notices.append)
     model, state = rundir.load_model(run_dir, backend, config)
@@ -352,6 +352,21 @@ def cmd_eval(args):
     print(json.dumps(result) if args.json else
           "\n".join([f"{run_dir}: {where}  test loss {loss:.4f}  test accuracy {_pct(acc)}", *lines]))
     return 0
+
+
+def _run_data_dir(config):
+    """The data_dir of a run's config.json, for eval, if nothing here says where MNIST is
+    ($XPMLP_DATA_DIR wins) and it holds MNIST already: a run may come from another machine,
+    and its path is never created or downloaded into (None: the usual places)."""
+    from .data import DataError, mnist_files
+
+    if os.environ.get("XPMLP_DATA_DIR") or not config.data_dir:
+        return None
+    try:
+        mnist_files(config.data_dir, download=False, progress=False)
+    except DataError:
+        return None
+    return config.data_dir
 
 
 def _per_class_lines(per_class):

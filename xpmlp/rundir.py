@@ -240,10 +240,42 @@ def save_checkpoint(run_dir, model, optimizer, state, partial):
                  size=sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
+def check_checkpoint_sizes(run_dir):
+    """Refuse a checkpoint.npz holding arrays larger than the run's config.json allows, from
+    the zip's directory and each array's .npy header alone, before any data is inflated (a
+    3 MiB file can inflate to gigabytes of zeros).  Limits, at 8 bytes an element: each
+    param_i / velocity_i its layer's parameter, the partial_* per-step records an epoch of
+    MNIST at batch 1, anything else (state) 1 MiB."""
+    import zipfile
+
+    widths = load_config(run_dir)[0].widths
+    sizes = [n for a, b in zip(widths, widths[1:]) for n in (a * b, b)]  # W, b of each Linear
+    limits = {f"{kind}_{i}": 8 * n for i, n in enumerate(sizes) for kind in ("param", "velocity")}
+    path = Path(run_dir) / CHECKPOINT
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            most = limits.get(name, 8 * 60000 if name.startswith("partial_") else 2**20)
+            if info.file_size > most + 2**16:  # room for the .npy header
+                raise TrainError(f"{name} inflates to {info.file_size} bytes; the model of {CONFIG} "
+                                 f"allows at most {most}")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise TrainError(f"{name}: .npy format {version} is not one np.savez writes")
+                shape, _, dtype = read_header(f)
+            if dtype.hasobject or math.prod(shape) * dtype.itemsize > most:
+                raise TrainError(f"{name} declares shape {shape} of {dtype}; the model of {CONFIG} "
+                                 f"allows at most {most} bytes")
+
+
 def load_checkpoint(run_dir):
     """(params, velocity, state, partial) of the run's checkpoint, as host arrays."""
     path = Path(run_dir) / CHECKPOINT
     try:
+        check_checkpoint_sizes(run_dir)
         with np.load(path) as npz:
             state = json.loads(npz["state"].tobytes().decode())
             params = [npz[f"param_{i}"] for i in range(state["num_params"])]
