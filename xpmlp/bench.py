@@ -65,18 +65,34 @@ SETTLE_S = 0.5
 CHECK_STEPS, CHECK_RTOL = 20, 1e-4
 
 
+# A spinning load process that ends when its stdin, a pipe whose write end only the bench
+# holds, reaches EOF: when the bench ends, however it ends (SIGKILL included), on any OS.
+_SPIN = """
+import os, signal, sys, threading
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the bench's to handle (it kills us)
+def watch():
+    sys.stdin.buffer.read()
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+while True:
+    pass
+"""
+
+
 @contextlib.contextmanager
 def busy_processes(count):
     """``count`` CPU-bound processes (a Python spin loop each) while the block runs: the
-    machine of a user who is doing something else.  Ended on the way out, whatever happens."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    machine of a user who is doing something else.  Ended on the way out, whatever happens,
+    and with this process if it is killed.  Yields their pids."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.PIPE) for _ in range(count)]
     try:
-        yield
+        yield [proc.pid for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
         for proc in procs:
             proc.wait()
+            proc.stdin.close()
 
 
 def _time_interleaved(contenders, epochs, warmed=(), busy=0):

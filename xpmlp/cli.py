@@ -318,7 +318,7 @@ def cmd_eval(args):
     run_dir = _run_dir(args.run_dir)
     plots_dir = None if args.plots is None else _writable_dir(args.plots or run_dir, "--plots")
     config, _ = rundir.load_config(run_dir)
-    data = load_mnist(args.data_dir or config.data_dir, progress=sys.stderr.isatty())
+    data = load_mnist(args.data_dir or _run_data_dir(config), progress=sys.stderr.isatty())
     notices = []  # shown with the result, so that an error stays one line
     backend = get_backend(args.device or config.device, notice=notices.append)
     model, state = rundir.load_model(run_dir, backend, config)
@@ -345,6 +345,21 @@ def cmd_eval(args):
     return 0
 
 
+def _run_data_dir(config):
+    """The data_dir of a run's config.json, for eval, if nothing here says where MNIST is
+    ($XPMLP_DATA_DIR wins) and it holds MNIST already: a run may come from another machine,
+    and its path is never created or downloaded into (None: the usual places)."""
+    from .data import DataError, mnist_files
+
+    if os.environ.get("XPMLP_DATA_DIR") or not config.data_dir:
+        return None
+    try:
+        mnist_files(config.data_dir, download=False, progress=False)
+    except DataError:
+        return None
+    return config.data_dir
+
+
 def _per_class_lines(per_class):
     lines = ["digit  precision  recall  images"]
     for digit, (p, r, n) in enumerate(zip(per_class["precision"], per_class["recall"], per_class["count"])):
@@ -363,7 +378,9 @@ def cmd_predict(args):
 
     run_dir = _run_dir(args.run_dir)
     show_dir = None if args.show is None else _writable_dir(args.show, "--show")
-    read = [read_digit(path) for path in args.images]  # every file checked before any output
+    # Every file is checked before any output, one at a time: only its 28x28 digit is kept
+    # (and for --show a small copy of the image), not the decoded image.
+    read = [_kept(*read_digit(path), show_dir is not None) for path in args.images]
     notices = []
     model = load_model(run_dir, args.device, notice=notices.append)
     x = model.backend.asarray(to_inputs(np.stack([digit for _, digit in read])), dtype=model.dtype)
@@ -393,6 +410,16 @@ def cmd_predict(args):
     return 0
 
 
+def _kept(gray, digit, show):
+    """What predict keeps of a file read: the digit, and for --show the image at most
+    SHOW_SIDE pixels on its longer side (every k-th pixel: it is a picture's thumbnail)."""
+    step = -(-max(gray.shape) // SHOW_SIDE)
+    return (gray[::step, ::step].copy() if show else None), digit
+
+
+SHOW_SIDE = 512
+
+
 def cmd_data(args):
     from .data import load_verified, mnist_files
 
@@ -419,7 +446,7 @@ def cmd_sweep(args):
 
 
 def cmd_report(args):
-    from .report import export_records, make_report
+    from .report import export_records, load_reference, make_report
     run_dirs = list(args.run_dirs)
     for root in args.runs_under or []:
         run_dirs += sorted(str(p.parent) for p in Path(root).glob(f"**/{rundir.CONFIG}"))
@@ -428,6 +455,8 @@ def cmd_report(args):
     if not Path(args.published).is_file():
         raise UserError(f"report: no reference tables at {args.published} "
                         "(the report's are experiments/published.toml in the source tree)")
+    load_reference(args.published)  # a damaged one is refused before anything is written
+    _writable_dir(args.out, "--out")
     if args.copy_runs:   # the tables and figures are then drawn from the records alone, so
         # `make report` rebuilds them from what is kept, byte for byte (the tables)
         run_dirs = export_records(run_dirs, args.out)

@@ -1,7 +1,6 @@
 """MNIST loader: find the four IDX files locally or download them from public mirrors, and verify them."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import math
@@ -31,6 +30,9 @@ SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+# Their uncompressed sizes (header included): a .gz is never inflated past them.
+SIZES = {"train-images-idx3-ubyte": 16 + 60000 * 784, "train-labels-idx1-ubyte": 8 + 60000,
+         "t10k-images-idx3-ubyte": 16 + 10000 * 784, "t10k-labels-idx1-ubyte": 8 + 10000}
 # yann.lecun.com is left out: it now often answers 403 or serves nothing.
 MIRRORS = [
     "https://ossci-datasets.s3.amazonaws.com/mnist/",    # the one torchvision uses
@@ -60,14 +62,50 @@ def find_data_dir(data_dir=None) -> list[Path]:
     return [default_cache_dir()]
 
 
-def _uncompressed(data: bytes, where) -> bytes:
+def _uncompressed(data: bytes, where, expected=None) -> bytes:
     # Sniff gzip by its magic, not the name: browsers often unpack a .gz but keep the name.
     if data[:2] != b"\x1f\x8b":
         return data
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:
+        return _gunzip(data, where, expected)
+    except zlib.error as e:
         raise DataError(f"{where} is not a valid gzip file ({e}); delete it and download it again") from None
+
+
+def _idx_size(head: bytes):
+    """The bytes of the IDX file whose first bytes are ``head``, as its header says; None
+    when ``head`` is no IDX header (_parse_idx then says what is wrong)."""
+    dims = _MAGIC.get(int.from_bytes(head[:4], "big")) if len(head) >= 4 else None
+    if dims is None or len(head) < 4 + 4 * dims:
+        return None
+    return 4 + 4 * dims + math.prod(int.from_bytes(head[i:i + 4], "big") for i in range(4, 4 + 4 * dims, 4))
+
+
+def _gunzip(data: bytes, where, expected=None) -> bytes:
+    """The gzip members of ``data`` decompressed, a chunk at a time, refused as soon as they
+    hold more than the IDX header at their start says, or than ``expected`` bytes (an MNIST
+    file's known size): a small file that inflates to gigabytes is never inflated."""
+    out, cap, rest = bytearray(), expected, data
+    while rest:
+        member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        tail = rest
+        while not member.eof:
+            room = (16 if cap is None else cap + 1) - len(out)
+            chunk = member.decompress(tail, room)
+            tail = member.unconsumed_tail
+            out += chunk
+            if cap is None and (len(out) >= 16 or not tail):
+                size = _idx_size(out)
+                if size is None:  # not IDX, or its header cut short: said by _parse_idx
+                    return bytes(out)
+                cap = size if expected is None else min(size, expected)
+            if len(out) > cap:
+                raise DataError(f"{where} is longer than its header says (trailing bytes): it inflates to more "
+                                f"than {cap} bytes; delete it and download it again")
+            if not chunk and not tail:  # input used up, stream not ended
+                raise DataError(f"{where} is not a valid gzip file (cut short); delete it and download it again")
+        rest = member.unused_data
+    return bytes(out)
 
 
 def _parse_idx(data: bytes, where) -> np.ndarray:
@@ -87,9 +125,9 @@ def _parse_idx(data: bytes, where) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, expected=None) -> bytes:
     try:
-        return _uncompressed(path.read_bytes(), path)
+        return _uncompressed(path.read_bytes(), path, expected)
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -97,11 +135,11 @@ def _read(path: Path) -> bytes:
 def read_idx(path) -> np.ndarray:
     """A gzipped or raw IDX file as a read-only uint8 array of the shape its header gives."""
     path = Path(path)
-    return _parse_idx(_read(path), path)
+    return _parse_idx(_read(path, SIZES.get(path.name.removesuffix(".gz"))), path)
 
 
 def _load_verified(path: Path, name: str) -> np.ndarray:
-    data = _read(path)
+    data = _read(path, SIZES[name])
     array = _parse_idx(data, path)  # first, as its messages say more than a bad hash does
     if hashlib.sha256(data).hexdigest() != SHA256[name]:
         raise DataError(f"{path} fails its SHA-256 check (corrupt, or not the official {name}); "
@@ -145,8 +183,8 @@ def _fetch(url: str, name: str, progress: bool) -> bytes:
     if total is not None and len(body) != total:
         raise _MirrorFailed(f"connection lost after {len(body)} of {total} bytes")
     try:
-        ok = hashlib.sha256(gzip.decompress(body)).hexdigest() == SHA256[name]
-    except (OSError, EOFError, zlib.error):
+        ok = hashlib.sha256(_gunzip(body, url, SIZES[name])).hexdigest() == SHA256[name]
+    except (DataError, zlib.error):
         ok = False
     if not ok:
         raise _MirrorFailed(f"{name}.gz is corrupt (SHA-256 mismatch)")

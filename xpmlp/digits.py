@@ -5,6 +5,7 @@ ratio (anti-aliased), then placed in a 28x28 field so that their centre of mass 
 its centre.  ``mnist_digit`` does the same to a PNG or JPEG of any size, so a network
 trained on MNIST reads a digit someone wrote.
 """
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,13 @@ FIELD = 28  # the image the network reads
 # Where MNIST puts the centre of mass, in pixel indices: every test digit's lies within
 # half a pixel of (14, 14), the result of rounding its translation to whole pixels.
 CENTRE = 14.0
+# A PNG is decoded whole before it can be reduced: larger ones are refused (a 69-byte PNG
+# can claim 60000x60000).  Pillow's own, higher, limit would print a warning, then raise.
+MAX_PIXELS = 64_000_000
+FORMATS = ("PNG", "JPEG")  # nothing else is opened (EPS would run Ghostscript)
+# Larger images are decoded (JPEG) or box-averaged (PNG) to about this on their longer
+# side: the digit ends up 20 pixels tall, so nothing it needs is lost.
+WORK_SIDE = 2048
 
 
 class ImageError(Exception):
@@ -29,27 +37,56 @@ def read_gray(path) -> np.ndarray:
     if path.is_file() and path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty (0 bytes)")
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)  # a phone photo's orientation
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)
-            if img.mode.startswith("I"):  # a 16-bit greyscale PNG: Pillow's convert("L") would clip it
-                gray = np.asarray(img, dtype=np.float32) / 257
-            else:
-                gray = np.asarray(img.convert("L"), dtype=np.float32)
+        with warnings.catch_warnings():  # over Pillow's limit: one line, not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=FORMATS) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(_too_large(path, img.size))
+                img = ImageOps.exif_transpose(_reduced(img))  # a phone photo's orientation
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA")
+                    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                    img = Image.alpha_composite(background, img)
+                if img.mode.startswith("I"):  # a 16-bit greyscale PNG: Pillow's convert("L") would clip it
+                    gray = np.asarray(img, dtype=np.float32) / 257
+                else:
+                    gray = np.asarray(img.convert("L"), dtype=np.float32)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read (PNG or JPEG expected)") from None
+        raise ImageError(f"{path}: not an image predict reads (PNG or JPEG only)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(_too_large(path)) from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or damaged image data
         raise ImageError(f"{path}: unreadable image ({exc})") from None
     if gray.size == 0:
         raise ImageError(f"{path}: the image is empty (0 pixels)")
     return gray
+
+
+def _too_large(path, size=None):
+    pixels = f"{size[0]}x{size[1]} pixels" if size else "more pixels than Pillow's safety limit"
+    return (f"{path}: image too large ({pixels}; at most {MAX_PIXELS // 10**6} megapixels): "
+            "scale it down first")
+
+
+def _reduced(img):
+    """``img`` decoded at most about WORK_SIDE pixels on its longer side: a JPEG at 1/2, 1/4
+    or 1/8 of its size by its decoder (draft), a PNG decoded whole, then box-averaged."""
+    factor = -(-max(img.size) // WORK_SIDE)
+    if factor > 1:
+        img.draft(None, (img.width // factor, img.height // factor))  # does nothing but on a JPEG
+    img.load()
+    factor = -(-max(img.size) // WORK_SIDE)
+    if factor == 1:
+        return img
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")
+    elif img.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):  # palette, 1-bit: reduce takes neither
+        img = img.convert("RGBA")
+    return img.reduce(factor)
 
 
 def mnist_digit(gray) -> np.ndarray:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import rundir
+from .config import TrainError
 
 METRICS = ("train_time_s", "train_loss", "train_acc", "test_loss", "test_acc")
 COLUMNS = {"train_time_s": "Train Time (s)", "train_loss": "Train Loss",
@@ -68,25 +69,100 @@ def _num(v) -> float:
 
 
 def load_reference(path) -> dict:
-    """The reference tables (e.g. a report's published numbers) from a TOML file."""
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    """The reference tables (e.g. a report's published numbers) from a TOML file, checked
+    for the shape this module reads: anything else is a TrainError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            reference = tomllib.load(f)
+    except UnicodeDecodeError:
+        raise TrainError(f"{path}: not a text file (TOML is UTF-8)") from None
+    except OSError as exc:
+        raise TrainError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainError(f"{path}: not valid TOML ({exc})") from None
+    problem = _reference_problem(reference)
+    if problem:
+        raise TrainError(f"{path}: {problem}")
+    return reference
+
+
+def _reference_problem(reference) -> str | None:
+    """What makes ``reference`` unlike the format at the top of this module, or None."""
+    if not isinstance(reference.get("defaults", {}), dict):
+        return "[defaults] must be a table of run settings"
+    tables = reference.get("tables")
+    if not isinstance(tables, dict) or not tables or not all(isinstance(t, dict) for t in tables.values()):
+        return "needs [tables.NAME] tables, each with [[tables.NAME.rows]]"
+    if not isinstance(reference.get("title", ""), str):
+        return "title must be a string"
+    for name, table in tables.items():
+        rows = table.get("rows")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("label"), str)
+                                                 for r in rows):
+            return f"tables.{name}: rows must be a list of tables, each with a label string"
+        for row in rows:
+            bad = [k for k in METRICS if k in row and not _is_number(row[k])]
+            if bad:
+                return f"tables.{name}, row {row['label']!r}: {bad[0]} must be a number"
+        if "plot" not in table:
+            continue
+        names = {"runs": ("figure", "figure_title", "run_figure", "run_figure_title"),
+                 "epochs": ("figure", "figure_title")}.get(table["plot"])
+        if names is None:
+            return f"tables.{name}: plot must be 'runs' or 'epochs', not {table['plot']!r}"
+        for key in names:
+            if not isinstance(table.get(key), str):
+                return f"tables.{name}: plot = {table['plot']!r} needs {key} (a string)"
+            try:
+                texts = [table[key].format(**row) for row in rows]
+            except (KeyError, IndexError, ValueError, AttributeError) as exc:
+                return f"tables.{name}: {key} {table[key]!r} does not format with a row ({exc!r})"
+            # a figure is written into --out, never elsewhere
+            if key in ("figure", "run_figure") and any(
+                    Path(t).name != t or t in ("", ".", "..") for t in texts):
+                return f"tables.{name}: {key} must be a file name without a directory, not {table[key]!r}"
+    return None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def load_run(run_dir) -> Run:
     import numpy as np
 
     d = Path(run_dir)
-    config, summary = rundir.read_json(d / rundir.CONFIG), rundir.read_summary(d)
-    recs = rundir.read_records(d)
+    try:  # a file that is a directory, or unreadable: one line naming it
+        config, summary = rundir.read_json(d / rundir.CONFIG), rundir.read_summary(d)
+        recs = rundir.read_records(d)
+        curve = _read_curve(d / "curve.npy") if (d / "curve.npy").exists() else None
+    except OSError as exc:
+        raise TrainError(f"{exc.filename or d}: cannot read it ({exc.strerror or exc})") from None
     epochs = rundir.epoch_records(recs)
     iters = [r for r in recs if r.get("kind") == "iter"]
     window = int(config.get("log_every", 1))
-    if not iters and (d / "curve.npy").exists():
-        curve = np.load(d / "curve.npy")     # rows: last iteration of the window, loss, acc
+    if not iters and curve is not None:
         iters = [{"iter": int(i), "loss": float(l), "acc": float(a)} for i, l, a in curve]
         window = int(curve[1, 0] - curve[0, 0]) if len(curve) > 1 else 1
     return Run(d, config, summary, epochs, iters, window)
+
+
+def _read_curve(path):
+    """curve.npy of a record: (n, 3) numbers, rows of (last iteration of the window, loss, acc).
+    Memory-mapped first, so that a header claiming more than the file holds, or objects,
+    is refused before anything is read."""
+    import numpy as np
+
+    try:
+        curve = np.load(path, mmap_mode="r")
+        ok = isinstance(curve, np.ndarray) and curve.dtype.kind in "iuf" and curve.ndim == 2 \
+            and curve.shape[1] == 3
+        curve = np.array(curve) if ok else None
+    except (ValueError, EOFError) as exc:  # not an .npy, cut short, or object arrays
+        raise TrainError(f"{path}: not a curve record ({exc})") from None
+    if curve is None:
+        raise TrainError(f"{path}: not a curve record (expected an (n, 3) array of numbers)")
+    return curve
 
 
 def load_runs(run_dirs) -> list[Run]:
@@ -95,7 +171,7 @@ def load_runs(run_dirs) -> list[Run]:
 
 def row_config(reference: dict, row: dict) -> dict:
     """The run config of a table row: the defaults updated with the row's config keys."""
-    cfg = dict(reference["defaults"])
+    cfg = dict(reference.get("defaults", {}))
     cfg.update({k: v for k, v in row.items()
                 if k != "label" and k not in METRICS and not k.startswith("_")})
     return cfg
@@ -232,7 +308,7 @@ def _seed_section(title: str, keys, seeded) -> list[str]:
              "| Row | Seeds | " + " | ".join(COLUMNS[k] for k in keys) + " |",
              "|---|---|" + "---:|" * len(keys)]
     for row, rs in rows:
-        cells = [_seed_cell(k, [r.metric(k) for r in rs], _num(row[k])) for k in keys]
+        cells = [_seed_cell(k, [r.metric(k) for r in rs], _num(row.get(k))) for k in keys]
         lines.append(f"| {row['label']} | {', '.join(str(r.seed) for r in rs)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -260,7 +336,7 @@ def write_tables(seeded: dict, out_dir, runs, title="Runs vs. the reference tabl
                   + " | Test Acc., last 10 epochs (%) | Run |",
                   "|---|" + "---:|" * (len(keys) + 1) + "---|"]
         for row, r in pairs:
-            cells = [_cell(k, None if r is None else r.metric(k), _num(row[k])) for k in keys]
+            cells = [_cell(k, None if r is None else r.metric(k), _num(row.get(k))) for k in keys]
             run = "— (not run)" if r is None else f"`{r.path.name}` ({r.status})"
             lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {_tail(r)} | {run} |")
         lines += [""] + _notes(pairs) + [""] + _seed_section(table_title, keys, seeded[name])

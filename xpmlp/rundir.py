@@ -243,13 +243,44 @@ def save_checkpoint(path, params, velocity, state, partial=None):
     atomic_write(path, lambda f: np.savez(f, **arrays), size=sum(a.nbytes for a in arrays.values()))
 
 
-def load_checkpoint(path):
+def check_checkpoint_sizes(path, model):
+    """Refuse a checkpoint holding arrays larger than ``model``'s, from the zip's directory and
+    each array's .npy header alone, before any data is inflated (a 3 MiB file can inflate to
+    gigabytes of zeros).  Limits, at 8 bytes an element: param_i / velocity_i its parameter,
+    the partial_* per-step records 2^24 steps a model, anything else (state) 1 MiB."""
+    import zipfile
+
+    sizes = [getattr(layer, name).size for layer, name in model.parameters()]
+    limits = {f"{kind}_{i}": 8 * n for i, n in enumerate(sizes) for kind in ("param", "velocity")}
+    per_step = 8 * 2**24 * math.prod(model.stack)
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            most = limits.get(name, per_step if name.startswith("partial_") else 2**20)
+            if info.file_size > most + 2**16:  # room for the .npy header
+                raise TrainError(f"{name} inflates to {info.file_size} bytes; the model allows at most {most}")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise TrainError(f"{name}: .npy format {version} is not one np.savez writes")
+                shape, _, dtype = read_header(f)
+            if dtype.hasobject or math.prod(shape) * dtype.itemsize > most:
+                raise TrainError(f"{name} declares shape {shape} of {dtype}; the model allows at most {most} bytes")
+
+
+def load_checkpoint(path, model=None, described_by=CONFIG):
     """(params, velocity, state, partial) of a checkpoint (a run directory: its checkpoint.npz),
-    as host arrays; a missing or damaged file is a TrainError naming it."""
+    as host arrays; a missing or damaged file is a TrainError naming it.  With ``model``
+    (described by ``described_by``), a checkpoint of other shapes or sizes is refused, the
+    sizes before any array is inflated."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
     try:
+        if model is not None:
+            check_checkpoint_sizes(path, model)
         with np.load(path) as npz:
             state = json.loads(npz["state"].tobytes().decode())
             params = [npz[f"param_{i}"] for i in range(state["num_params"])]
@@ -257,8 +288,12 @@ def load_checkpoint(path):
             partial = {k[len("partial_"):]: npz[k] for k in npz.files if k.startswith("partial_")}
     except FileNotFoundError:
         raise TrainError(f"{path.parent}: no checkpoint to resume from ({path.name} missing)") from None
+    except TrainError as exc:
+        raise TrainError(f"{path}: {exc}") from None
     except Exception as exc:  # truncated or foreign file
         raise TrainError(f"{path}: unreadable checkpoint ({exc})") from None
+    if model is not None:
+        check_shapes(path, params, model, described_by)
     return params, velocity, state, partial
 
 
@@ -282,8 +317,7 @@ def load_model(run_dir, backend, config=None):
         raise TrainError(f"{run_dir}: holds no run (needs {CONFIG} and {CHECKPOINT})")
     config = config or load_config(run_dir)[0]
     model = config.build(backend)
-    params, _, state, _ = load_checkpoint(Path(run_dir) / CHECKPOINT)
-    check_shapes(Path(run_dir) / CHECKPOINT, params, model)
+    params, _, state, _ = load_checkpoint(Path(run_dir) / CHECKPOINT, model)
     model.load_state_arrays(params)
     return model, state
 

@@ -107,8 +107,7 @@ class StackTrainer(EpochLoop):
             rundir.write_config(run_dir, cfg, self.backend)
 
     def _load(self):
-        params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path)
-        rundir.check_shapes(self.checkpoint_path, params, self.model, described_by=GROUP_FILE)
+        params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path, self.model, GROUP_FILE)
         self.model.load_state_arrays(params)
         self.optimizer.load_state([self.backend.asarray(v, dtype=self.model.dtype) for v in velocity])
         for rng, rng_state in zip(self.rngs, state.pop("rngs")):

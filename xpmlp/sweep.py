@@ -120,7 +120,7 @@ def run_state(run_dir, epochs=None):
         return "busy"
     if not (run_dir / rundir.CHECKPOINT).exists():
         return "new"  # whatever else is there (a start killed early) is cleared by the run itself
-    s = rundir.read_summary(run_dir)
+    s = _read_summary(run_dir)
     if s:
         if epochs is None:
             epochs = rundir.load_config(run_dir)[0].epochs
@@ -182,6 +182,9 @@ def run_sweep(config_paths, *, jobs=None, device=None, out=None, data_dir=None, 
                 settings = dict(settings, **given)
                 _check_point("sweep", settings)
             runs.setdefault(Path(out or root) / name, settings)
+    if not dry_run:  # every output root, before any run starts (a dry run writes nothing)
+        for root in dict.fromkeys(d.parent for d in runs):
+            _writable_root(root)
     todo = [(d, s, run_state(d, s.get("epochs", TrainConfig.epochs))) for d, s in runs.items()]
     busy = [d for d, _, st in todo if st == "busy"]
     print(f"sweep: {len(runs)} runs, {sum(st == 'done' for *_, st in todo)} already done, "
@@ -432,6 +435,26 @@ def _taken(run_dir):
 
 def _status(run_dir):
     try:
-        return rundir.read_summary(run_dir).get("status")
+        return _read_summary(run_dir).get("status")
     except TrainError:  # a summary.json that is not a JSON object
         return None
+
+
+def _read_summary(run_dir):
+    """rundir.read_summary, with a summary.json that cannot be read (a directory, no
+    permission) a TrainError naming it."""
+    try:
+        return rundir.read_summary(run_dir)
+    except OSError as exc:
+        raise TrainError(f"{Path(run_dir) / rundir.SUMMARY}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _writable_root(root):
+    """``root``, created if need be, once a file could be written there; else a TrainError."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainError(f"sweep: cannot write runs under {root} ({exc.strerror or exc})") from None

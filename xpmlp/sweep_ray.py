@@ -26,6 +26,7 @@ which checkpoints, and sends back its files; every unfinished run stays resumabl
 """
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import logging
@@ -33,6 +34,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -353,9 +355,15 @@ def train_task(run_dir, settings, options, driver_end):
         if not run_dir.is_dir():
             raise TrainError(f"{run_dir} does not exist on {machine}: its workers do not share the "
                              "driver's filesystem; run the sweep with --no-shared-fs")
-        work = run_dir
-    else:
-        work = work_dir(run_dir)
+        return _train_task(run_dir, run_dir, settings, options, driver_end)
+    with claimed(work_dir(run_dir)) as work:
+        return _train_task(run_dir, work, settings, options, driver_end)
+
+
+def _train_task(run_dir, work, settings, options, driver_end):
+    """train_task's work, in ``work``: the run directory, or this machine's copy of it."""
+    import ray
+
     holder = _wait_for_lock(work)  # a killed attempt's run, checkpointing on its way out
     if holder is not None:
         return None, holder, []
@@ -381,11 +389,62 @@ def train_task(run_dir, settings, options, driver_end):
     return returncode, None, [written]
 
 
+def work_root():
+    """This user's folder for the copies that workers without the driver's filesystem
+    train: <tmp>/xpmlp-ray-<uid>, created with mode 0700, and used only if it is a real
+    directory (not a link) that this user owns and nobody else may enter.  On a shared
+    machine another user could otherwise have put it, or a link to somewhere, there first."""
+    root = Path(tempfile.gettempdir()) / f"xpmlp-ray-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise TrainError(f"{root} is not a private directory of this user (owner uid {st.st_uid}, mode "
+                         f"{stat.filemode(st.st_mode)}); remove it, or set TMPDIR to another place")
+    return root
+
+
 def work_dir(run_dir):
     """Where a worker without the driver's filesystem trains the run at ``run_dir`` (an
     absolute path on the driver): one place per run, so a retry clears what a lost
     attempt on the same machine left."""
-    return Path(tempfile.gettempdir()) / "xpmlp-ray" / hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]
+    return work_root() / hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def claimed(work):
+    """Hold ``work`` (a work_dir) while inside: an flock on ``work``.lock, which the kernel
+    drops when this process ends however it ends.  First, remove the copies nobody holds:
+    a killed sweep's (see remove_stale)."""
+    remove_stale(work.parent)
+    lock = Path(f"{work}.lock")
+    while True:
+        f = open(lock, "a")
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # waits for a remove_stale under way
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # remove_stale unlinked the file we locked: lock the new one
+    try:
+        yield work
+    finally:
+        if not work.exists():  # the task removed its copy: its lock file goes too
+            lock.unlink(missing_ok=True)
+        f.close()
+
+
+def remove_stale(root):
+    """Remove the copies under ``root`` that no live task holds and no ``xpmlp train`` still
+    writes: those of a sweep killed with its workers (its tasks never reached their clean-up)."""
+    for work in [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]:
+        lock = Path(f"{work}.lock")
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live task's
+            if rundir.lock_holder(work) is None:  # a killed task's run may still checkpoint
+                shutil.rmtree(work, ignore_errors=True)
+                lock.unlink(missing_ok=True)
 
 
 def _get_holding_cpus(ray, ref):
@@ -417,37 +476,39 @@ def stack_task(group_dir, members, options, driver_end):
         signal.signal(signal.SIGINT, lambda signum, frame: setattr(cancel, "stop", True))
     machine = ray.util.get_node_ip_address()
     driver_end.started.remote(str(group_dir), machine)
-    if options["shared_fs"]:
-        if not group_dir.is_dir():
-            raise TrainError(f"{group_dir} does not exist on {machine}: its workers do not share the "
-                             "driver's filesystem; run the sweep with --no-shared-fs")
-        work = [group_dir] + [d for d, _ in members]
-    else:  # the driver's copy, whatever an attempt left here
-        work = group_work_dirs(group_dir, [d for d, _ in members])
-        shutil.rmtree(work_dir(group_dir), ignore_errors=True)
-        for driver_path, path in zip([group_dir] + [d for d, _ in members], work):  # the group first:
-            path.mkdir(parents=True)  # its checkpoint is read before the records it covers
-            unpack(path, _get_holding_cpus(ray, driver_end.files.remote(str(driver_path))))
-    work_group, work_members = work[0], [(w, s) for w, (_, s) in zip(work[1:], members)]
-    checkpoint = group_state(work_group)
-    if checkpoint is not None and checkpoint["status"] == "completed":
-        result = "done"
-    else:
-        if checkpoint is not None and state == "new":  # a lost attempt checkpointed it: resume, in its order
-            points = {d.resolve(): (d, s) for d, s in work_members}
-            work_members, state = [points[d.resolve()] for d in group_configs(work_group)[1]], "resume"
-        train = functools.partial(run_stack_group, work_group, work_members, state, device=options["device"],
-                                  data_dir=options["data_dir"], cores=options["cores"], stop_flag=cancel)
+    with contextlib.ExitStack() as hold:
         if options["shared_fs"]:
-            return train(), []
-        with _sending_back(work_group, lambda: _send_group_back(driver_end, group_dir, members, work)):
-            result = train()
-    if options["shared_fs"]:
-        return result, []
-    # The driver waits for the last files: a cancelled task's own ray.get would raise.
-    written = _send_group_back(driver_end, group_dir, members, work)
-    shutil.rmtree(work_dir(group_dir), ignore_errors=True)
-    return result, [written]
+            if not group_dir.is_dir():
+                raise TrainError(f"{group_dir} does not exist on {machine}: its workers do not share the "
+                                 "driver's filesystem; run the sweep with --no-shared-fs")
+            work = [group_dir] + [d for d, _ in members]
+        else:  # the driver's copy, whatever an attempt left here
+            work = group_work_dirs(group_dir, [d for d, _ in members])
+            hold.enter_context(claimed(work_dir(group_dir)))  # this machine's copy is ours meanwhile
+            shutil.rmtree(work_dir(group_dir), ignore_errors=True)
+            for driver_path, path in zip([group_dir] + [d for d, _ in members], work):  # the group first:
+                path.mkdir(parents=True)  # its checkpoint is read before the records it covers
+                unpack(path, _get_holding_cpus(ray, driver_end.files.remote(str(driver_path))))
+        work_group, work_members = work[0], [(w, s) for w, (_, s) in zip(work[1:], members)]
+        checkpoint = group_state(work_group)
+        if checkpoint is not None and checkpoint["status"] == "completed":
+            result = "done"
+        else:
+            if checkpoint is not None and state == "new":  # a lost attempt checkpointed it: resume, in its order
+                points = {d.resolve(): (d, s) for d, s in work_members}
+                work_members, state = [points[d.resolve()] for d in group_configs(work_group)[1]], "resume"
+            train = functools.partial(run_stack_group, work_group, work_members, state, device=options["device"],
+                                      data_dir=options["data_dir"], cores=options["cores"], stop_flag=cancel)
+            if options["shared_fs"]:
+                return train(), []
+            with _sending_back(work_group, lambda: _send_group_back(driver_end, group_dir, members, work)):
+                result = train()
+        if options["shared_fs"]:
+            return result, []
+        # The driver waits for the last files: a cancelled task's own ray.get would raise.
+        written = _send_group_back(driver_end, group_dir, members, work)
+        shutil.rmtree(work_dir(group_dir), ignore_errors=True)
+        return result, [written]
 
 
 def group_work_dirs(group_dir, run_dirs):

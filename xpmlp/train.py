@@ -27,8 +27,7 @@ class Trainer(EpochLoop):
         self.run_dir = Path(run_dir)
         self.checkpoint_path = self.run_dir / rundir.CHECKPOINT
         if resume:
-            params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path)
-            rundir.check_shapes(self.checkpoint_path, params, model)
+            params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path, model)
             model.load_state_arrays(params)
             optimizer.load_state([backend.asarray(v, dtype=model.dtype) for v in velocity])
             self.rngs[0].bit_generator.state = state.pop("rng")
