@@ -414,7 +414,7 @@ def tmpdir_here(tmp_path, monkeypatch):
 
 
 def test_ray_work_folder_is_private_to_the_user(tmpdir_here):
-    from xpmlp.sweep_ray import work_dir
+    from xpmlp.sweep.ray_executor import work_dir
     work = work_dir(Path("/somewhere/runs/r"))
     root = work.parent
     assert root.parent == tmpdir_here and root.is_dir() and not root.is_symlink()
@@ -423,7 +423,7 @@ def test_ray_work_folder_is_private_to_the_user(tmpdir_here):
 
 @pytest.mark.parametrize("squat", ["symlink", "open-mode", "other-owner"])
 def test_ray_work_folder_made_by_someone_else_is_refused(tmpdir_here, tmp_path, squat):
-    from xpmlp import sweep_ray
+    from xpmlp.sweep import ray_executor as sweep_ray
     root = tmpdir_here / f"xpmlp-ray-{os.getuid()}"
     if squat == "symlink":
         (tmp_path / "target").mkdir(mode=0o700)
@@ -440,7 +440,8 @@ def test_ray_work_folder_made_by_someone_else_is_refused(tmpdir_here, tmp_path, 
 
 
 def test_a_killed_sweeps_copies_are_removed_by_the_next_task(tmpdir_here, tmp_path):
-    from xpmlp import rundir, sweep_ray
+    from xpmlp import rundir
+    from xpmlp.sweep import ray_executor as sweep_ray
     stale, busy_task, busy_run, mine = (sweep_ray.work_dir(Path(f"/driver/runs/{n}"))
                                         for n in ("stale", "task", "run", "mine"))
     for work in (stale, busy_task, busy_run, mine):

@@ -9,7 +9,7 @@ import pytest
 from helpers import real_mnist_dir
 
 from xpmlp.config import TrainConfig, TrainError
-from xpmlp.sweep import load_grid, run_name, run_state, run_sweep
+from xpmlp.sweep import LocalExecutor, load_grid, run_name, run_state, run_sweep
 
 GRID = """
 out = "{out}"
@@ -41,8 +41,8 @@ def write_config(directory, text=GRID, name="grid.toml", out="runs"):
     return path
 
 
-def sweep(config, capsys, **kwargs):
-    kwargs.setdefault("jobs", 2)
+def sweep(config, capsys, jobs=2, **kwargs):
+    kwargs.setdefault("executor", LocalExecutor(jobs))
     kwargs.setdefault("data_dir", str(real_mnist_dir()))
     code = run_sweep([str(config)], **kwargs)
     out = capsys.readouterr().out

@@ -22,7 +22,7 @@ from xpmlp import rundir
 from xpmlp.config import TrainError
 from xpmlp.stack import group_state
 from xpmlp.sweep import run_sweep
-from xpmlp.sweep_ray import RayOptions, group_work_dirs, work_dir
+from xpmlp.sweep.ray_executor import RayExecutor, group_work_dirs, work_dir
 
 # Where Ray is not installed (a [test]-only install, the GPU image) the module is skipped
 # with this reason, not an error at collection.
@@ -103,7 +103,7 @@ def sweep_here(config, stack=False, **ray_options):
     """run_sweep through Ray in this process, on the module's instance: (exit status, stdout)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = run_sweep([str(config)], executor="ray", ray=RayOptions(**ray_options),
+        code = run_sweep([str(config)], executor=RayExecutor(**ray_options),
                          data_dir=str(real_mnist_dir()), stack=stack)
     return code, out.getvalue()
 
@@ -367,14 +367,16 @@ def test_without_ray_installed_says_how_to_install_it(tmp_path):
     _one_line_error(proc, tmp_path, "pip install 'xpmlp[ray]'")
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(executor="ray", jobs=2), "--jobs is for the local executor"),
-    (dict(ray=RayOptions(address="auto")), "need --executor ray"),
-    (dict(executor="ray", ray=RayOptions(gpus_per_run=0.5), device="cpu"), "not --device cpu"),
+@pytest.mark.parametrize("flags, needle", [
+    (["--executor", "ray", "--jobs", "2"], "--jobs is for the local executor"),
+    (["--address", "auto"], "need --executor ray"),
+    (["--executor", "ray", "--gpus-per-run", "0.5", "--device", "cpu"], "not --device cpu"),
 ])
-def test_settings_that_do_not_fit_the_executor(tmp_path, kwargs, needle):
-    with pytest.raises(TrainError, match=needle):
-        run_sweep([str(write_config(tmp_path))], **kwargs)
+def test_settings_that_do_not_fit_the_executor(tmp_path, capsys, flags, needle):
+    from xpmlp.cli import main
+    assert main(["sweep", str(write_config(tmp_path)), *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
 
 
@@ -385,19 +387,19 @@ def test_settings_that_do_not_fit_the_executor(tmp_path, kwargs, needle):
 ])
 def test_bad_resources(kwargs, needle):
     with pytest.raises(TrainError, match=needle):
-        RayOptions(**kwargs)
+        RayExecutor(**kwargs)
 
 
 def test_gpus_per_run_means_cuda_and_cpus_per_run_the_cores():
-    assert RayOptions(gpus_per_run=0.25).device(None) == "cuda"
-    assert RayOptions(gpus_per_run=1).device("cuda") == "cuda"
-    assert RayOptions().device("cpu") == "cpu" and RayOptions().device(None) is None
-    assert RayOptions(cpus_per_run=0.5).cores() == 1
-    assert RayOptions(cpus_per_run=2.5).cores() == 2
+    assert RayExecutor(gpus_per_run=0.25).device(None) == "cuda"
+    assert RayExecutor(gpus_per_run=1).device("cuda") == "cuda"
+    assert RayExecutor().device("cpu") == "cpu" and RayExecutor().device(None) is None
+    assert RayExecutor(cpus_per_run=0.5).cores() == 1
+    assert RayExecutor(cpus_per_run=2.5).cores() == 2
 
 
 def test_the_library_and_the_local_sweep_never_import_ray(tmp_path):
     code = ("import sys, xpmlp, xpmlp.cli, xpmlp.sweep\n"
-            f"xpmlp.sweep.run_sweep([{str(write_config(tmp_path))!r}], dry_run=True, executor='ray')\n"
+            f"xpmlp.sweep.run_sweep([{str(write_config(tmp_path))!r}], dry_run=True, executor=xpmlp.sweep.RayExecutor())\n"
             "assert 'ray' not in sys.modules, 'ray was imported'\n")
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60, capture_output=True)

@@ -433,16 +433,21 @@ def cmd_data(args):
 
 
 def cmd_sweep(args):
-    from .sweep import run_sweep
-    ray = None
-    ray_flags = dict(address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
-                     shared_fs=False if args.no_shared_fs else None)
-    if any(v is not None for v in ray_flags.values()):
-        from .sweep_ray import RayOptions  # does not import Ray
-        ray = RayOptions(**{k: v for k, v in ray_flags.items() if v is not None})
-    return run_sweep(args.configs, jobs=args.jobs, device=args.device, out=args.out,
-                     data_dir=args.data_dir, epochs=args.epochs, dry_run=args.dry_run, stack=args.stack,
-                     max_stack=args.max_stack, executor=args.executor, ray=ray)
+    from .sweep import LocalExecutor, RayExecutor, run_sweep  # neither imports Ray
+    ray_flags = {k: v for k, v in dict(address=args.address, cpus_per_run=args.cpus_per_run,
+                                       gpus_per_run=args.gpus_per_run,
+                                       shared_fs=False if args.no_shared_fs else None).items() if v is not None}
+    if args.executor == "ray":
+        if args.jobs is not None:
+            raise UserError("--jobs is for the local executor; with --executor ray, --cpus-per-run and "
+                            "--gpus-per-run say how many runs fit on each machine")
+        executor = RayExecutor(**ray_flags)
+    elif ray_flags:
+        raise UserError("--address, --cpus-per-run, --gpus-per-run and --no-shared-fs need --executor ray")
+    else:
+        executor = LocalExecutor(1 if args.jobs is None else args.jobs)
+    return run_sweep(args.configs, executor=executor, device=args.device, out=args.out, data_dir=args.data_dir,
+                     epochs=args.epochs, dry_run=args.dry_run, stack=args.stack, max_stack=args.max_stack)
 
 
 def cmd_report(args):

@@ -129,8 +129,6 @@ def _is_number(v) -> bool:
 
 
 def load_run(run_dir) -> Run:
-    import numpy as np
-
     d = Path(run_dir)
     try:  # a file that is a directory, or unreadable: one line naming it
         config, summary = rundir.read_json(d / rundir.CONFIG), rundir.read_summary(d)

@@ -176,7 +176,7 @@ def append_metrics(run_dir, records):
     (A process killed inside the write can still leave one: read_records drops it.)"""
     path = Path(run_dir) / METRICS
     data = "".join(json.dumps(_clean(rec)) + "\n" for rec in records).encode()
-    with open(path, "ab") as f:
+    with _open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab") as f:
         start = f.seek(0, os.SEEK_END)
         try:
             view = memoryview(data)
@@ -187,6 +187,18 @@ def append_metrics(run_dir, records):
             if _disk_full(exc):
                 raise DiskFull(path, len(data)) from None
             raise
+
+
+def _open_own(path, flags, mode):
+    """Open a run's file without following a symbolic link: a run directory received from
+    someone else must not make us write wherever its links point."""
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        if Path(path).is_symlink():
+            raise TrainError(f"{path} is a symbolic link; a run's files must be its own (remove the link)") from None
+        raise
+    return os.fdopen(fd, mode)
 
 
 def read_records(run_dir, warn=None):

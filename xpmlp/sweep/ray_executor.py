@@ -2,7 +2,7 @@
 point or one stacked group (``--stack``), is one Ray task.  Ray is imported only when such
 a sweep starts (``run``), so ``import xpmlp`` and the local executor never import it.
 
-A stacked group's task trains the group in its worker's own process (sweep.run_stack_group,
+A stacked group's task trains the group in its worker's own process (units.run_stack_group,
 as the local executor does in its own; its threads capped by the task's CPUs), in place or,
 without a shared filesystem, in a copy of the group's and its members' directories that it
 sends back as a run's task does.  A grid point's task runs the same ``xpmlp train`` command as the local
@@ -26,7 +26,6 @@ which checkpoints, and sends back its files; every unfinished run stays resumabl
 """
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import logging
@@ -42,10 +41,13 @@ import time
 import types
 from pathlib import Path
 
-from . import rundir
-from .config import TrainConfig, TrainError
-from .launch import hold_all
-from .sweep import _command, outcome, run_env, run_state, stop_on_signals
+from .. import rundir
+from ..config import TrainConfig, TrainError
+from ..launch import hold_all
+from ..processes import run_env, stop_on_signals
+from . import plan
+from .plan import run_state
+from .units import outcome
 
 MAX_RETRIES = 3  # attempts after a worker (or its machine) dies, per task
 CONNECT_TIMEOUT_S = 5  # a HOST:PORT that does not answer within this is no cluster
@@ -55,7 +57,7 @@ POLL_S = 0.2
 
 
 @dataclasses.dataclass
-class RayOptions:
+class RayExecutor:
     """The command line's Ray settings: ``address`` None starts a local Ray instance; "auto"
     or HOST:PORT joins a running cluster."""
     address: str | None = None
@@ -98,17 +100,18 @@ class RayOptions:
 
 # ---------------------------------------------------------------- the driver
 
-def run(todo, options, *, busy, device, data_dir):
-    """Run the units of work of ``todo`` (run dir, settings, state) as Ray tasks; runs found
-    in use by another process are added to ``busy``.  Returns (runs finished, run dirs that
-    failed, whether the sweep was stopped by a signal), as the local executor does."""
-    ray = _import_ray()
-    started_ray = _connect(ray, options.address)
-    try:
-        return _Sweep(ray, todo, options, busy, device, data_dir).run()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    def run(self, groups, todo, *, busy, device, data_dir):
+        """Run the units of work, ``groups`` (plan_stacks' items) then ``todo`` ((run dir,
+        settings, state) items), as Ray tasks; runs found in use by another process are added
+        to ``busy``.  Returns (runs finished, run dirs that failed, whether the sweep was
+        stopped by a signal), as the local executor does."""
+        ray = _import_ray()
+        started_ray = _connect(ray, self.address)
+        try:
+            return _Sweep(ray, groups + todo, self, busy, device, data_dir).run()
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
 def _import_ray():
@@ -301,6 +304,9 @@ class _Sweep:
         elif result == "busy":
             self.busy.extend(members)
             self._say(f"skip   {group_dir}: in use by another process")
+        elif result == "failed":
+            self.failed.extend(members)
+            self._say(f"FAILED {group_dir} (its task's log says why)")
         else:
             self._say(f"interrupted {group_dir} (rerun the sweep to resume its {len(members)} runs)")
 
@@ -380,7 +386,7 @@ def _train_task(run_dir, work, settings, options, driver_end):
         return driver_end.write.remote(str(run_dir), pack(work))
 
     env = run_env(options["cores"])  # this worker is the parent whose death stops the run
-    command = _command(work, settings, state, options["device"], options["data_dir"])
+    command = plan.command(work, settings, state, options["device"], options["data_dir"])
     returncode = _train(command, work, env, None if options["shared_fs"] else send_back)
     if options["shared_fs"]:
         return returncode, None, []
@@ -416,6 +422,8 @@ def claimed(work):
     """Hold ``work`` (a work_dir) while inside: an flock on ``work``.lock, which the kernel
     drops when this process ends however it ends.  First, remove the copies nobody holds:
     a killed sweep's (see remove_stale)."""
+    import fcntl  # Ray's workers run on Linux and macOS; the module itself imports anywhere
+
     remove_stale(work.parent)
     lock = Path(f"{work}.lock")
     while True:
@@ -435,6 +443,8 @@ def claimed(work):
 def remove_stale(root):
     """Remove the copies under ``root`` that no live task holds and no ``xpmlp train`` still
     writes: those of a sweep killed with its workers (its tasks never reached their clean-up)."""
+    import fcntl
+
     for work in [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]:
         lock = Path(f"{work}.lock")
         with open(lock, "a") as f:
@@ -456,7 +466,7 @@ def _get_holding_cpus(ray, ref):
 
 
 def stack_task(group_dir, members, options, driver_end):
-    """Train a stacked group (sweep.plan_stacks) on this Ray worker, in this process, from
+    """Train a stacked group (plan.plan_stacks) on this Ray worker, in this process, from
     the state its checkpoint is in now.  Returns (run_stack_group's "done", "interrupted" or
     "busy", [the driver's write of the group's last files] or []).  With a shared filesystem
     in the group's and its runs' directories; without one in a copy of them on this machine,
@@ -464,7 +474,7 @@ def stack_task(group_dir, members, options, driver_end):
     import ray
 
     from .stack import group_configs, group_state
-    from .sweep import run_stack_group
+    from .units import run_stack_group
 
     group_dir, state = Path(group_dir), options["state"]
     members = [(Path(d), s) for d, s in members]
