@@ -473,7 +473,7 @@ def stack_task(group_dir, members, options, driver_end):
     sent back at each group checkpoint and at the end."""
     import ray
 
-    from .stack import group_configs, group_state
+    from ..stack import group_configs, group_state
     from .units import run_stack_group
 
     group_dir, state = Path(group_dir), options["state"]
