@@ -1,0 +1,167 @@
+"""Windows and macOS, simulated on Linux (no other OS is at hand).
+
+Windows: ``fcntl`` and ``resource`` cannot be imported, ``os.fchmod`` and the affinity calls
+are absent, and ``msvcrt.locking`` (byte-range locks, exclusive, dropped with the process)
+stands in for flock; the stand-in keeps its contract on POSIX record locks.  The code
+under test runs in a subprocess that starts with SIMULATED_WINDOWS, so nothing of this
+process's Linux leaks in.  macOS: ``sys.platform`` is "darwin", no affinity calls.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import pytest
+from helpers import real_mnist_dir
+
+from xpmlp import bench
+
+SIMULATED_WINDOWS = textwrap.dedent("""
+    import fcntl as _fcntl, os, sys, types
+    # The standard library's own msvcrt probes first: they take it for Windows itself.
+    import getpass, multiprocessing.spawn, subprocess
+
+    def _locking(fd, mode, nbytes):  # msvcrt.locking: nbytes from the file position
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        if mode == 0:  # LK_UNLCK
+            return _fcntl.lockf(fd, _fcntl.LOCK_UN, nbytes, start)
+        try:
+            _fcntl.lockf(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB, nbytes, start)
+        except OSError:
+            raise PermissionError(13, "Permission denied") from None  # what LK_NBLCK raises
+
+    sys.modules["msvcrt"] = types.SimpleNamespace(locking=_locking, LK_UNLCK=0, LK_NBLCK=2)
+    for _name in ("fcntl", "resource"):
+        sys.modules[_name] = None  # import raises ImportError
+    for _name in ("fchmod", "sched_getaffinity", "sched_setaffinity"):
+        if hasattr(os, _name):
+            delattr(os, _name)
+""")
+
+
+def windows_python(code, *, wait=True, **kwargs):
+    """``code`` in a new Python that starts as a simulated Windows one."""
+    env = dict(os.environ, XPMLP_DATA_DIR=str(real_mnist_dir()))
+    args = [sys.executable, "-c", SIMULATED_WINDOWS + textwrap.dedent(code)]
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def windows_xpmlp(*args, **kwargs):
+    return windows_python(f"import xpmlp.cli; sys.exit(xpmlp.cli.main({[str(a) for a in args]!r}))", **kwargs)
+
+
+TRAIN = ["train", "--model", "mlp0-sce", "--batch-size", "600", "--epochs", "1", "--device", "cpu", "--quiet"]
+
+
+def test_the_simulation_is_windows_like():
+    result = windows_python("""
+        for name in ("fcntl", "resource"):
+            try:
+                __import__(name)
+            except ImportError:
+                print("no", name)
+        print(hasattr(os, "fchmod"), hasattr(os, "sched_getaffinity"))
+    """)
+    assert result.stdout.split("\n")[:3] == ["no fcntl", "no resource", "False False"], result.stdout + result.stderr
+
+
+def test_every_command_imports_on_windows():
+    result = windows_python("""
+        import xpmlp.cli, xpmlp.bench, xpmlp.sweep, xpmlp.rundir, xpmlp.stack, xpmlp.train
+        assert xpmlp.rundir.fcntl is None
+        sys.exit(xpmlp.cli.main(["--help"]))
+    """)
+    assert result.returncode == 0 and "train" in result.stdout, result.stdout + result.stderr
+
+
+def test_windows_trains_and_holds_its_lock_with_msvcrt(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = windows_python(f"""
+        import time
+        from xpmlp.rundir import hold_run_dir
+        with hold_run_dir({str(run)!r}):
+            print("held", flush=True)
+            time.sleep(300)
+    """, wait=False)
+    try:
+        assert holder.stdout.readline() == "held\n", holder.stderr.read()
+        refused = windows_xpmlp(*TRAIN, "--out", run)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+        assert f"in use by another process (pid {holder.pid})" in lines[0]
+        os.kill(holder.pid, signal.SIGKILL)  # the lock dies with its process
+        holder.wait(10)
+    finally:
+        holder.kill()
+        holder.communicate()
+    trained = windows_xpmlp(*TRAIN, "--out", run)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "summary.json", "checkpoint.npz", "metrics.jsonl"):
+        # written without os.fchmod, they get a plain open()'s mode, as metrics.jsonl does
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_windows_lock_holder_sees_a_live_holder_and_not_a_dead_one(tmp_path):
+    result = windows_python(f"""
+        import multiprocessing, time
+        from xpmlp.rundir import hold_run_dir, lock_holder
+
+        def hold(path, ready):
+            with hold_run_dir(path):
+                ready.set()
+                time.sleep(300)
+
+        if __name__ == "__main__":
+            ready = multiprocessing.get_context("fork").Event()
+            child = multiprocessing.get_context("fork").Process(target=hold, args=({str(tmp_path)!r}, ready))
+            child.start()
+            ready.wait(30)
+            seen = lock_holder({str(tmp_path)!r})
+            child.kill()
+            child.join()
+            print(seen == child.pid, lock_holder({str(tmp_path)!r}))
+    """)
+    assert result.stdout.split() == ["True", "None"], result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- bench
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setattr(bench, "N_TRAIN", 1000)
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+
+
+@pytest.mark.parametrize("platform, unit", [("linux", 2**10), ("darwin", 1)])
+def test_peak_rss_is_in_mib_whatever_the_unit_of_ru_maxrss(monkeypatch, platform, unit):
+    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=300 * 2**20 // unit))
+    monkeypatch.setitem(sys.modules, "resource", fake)
+    monkeypatch.setattr(sys, "platform", platform)
+    assert bench._peak_memory_mb(types.SimpleNamespace(name="numpy")) == ("peak_rss_mb", 300)
+
+
+def test_without_resource_the_peak_rss_is_not_known(monkeypatch):
+    monkeypatch.setitem(sys.modules, "resource", None)
+    assert bench._peak_memory_mb(types.SimpleNamespace(name="numpy")) == ("peak_rss_mb", None)
+    assert bench._mb(None) == "n/a"
+
+
+def test_pin_where_the_os_cannot_pin_runs_one_thread_each_and_says_so(small, monkeypatch):
+    # macOS and Windows have no os.sched_getaffinity / sched_setaffinity
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.delattr(os, "sched_setaffinity")
+    r = bench.run(device="cpu", epochs=1, torch_peer=False, jax_peer=False, pin=True)
+    assert r["pinned_core"] is None and r["threads"] == 1 and r["peer_threads"] == 1
+    assert "one thread each, not pinned" in bench.format_table(r)
+    assert r["peak_rss_mb"] > 0
