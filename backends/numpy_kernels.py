@@ -184,6 +184,7 @@ class NumbaKernels:
 
     def __init__(self):
         self._steps = {}  # the compiled training step per dtype, built on first use
+        self.no_steps = {}  # dtype -> why it has none (None: it has one)
         (self._sgd, self._sgd_stacked, self._xent, self._euclidean, self.bias_add, self.bias_grad,
          self.relu_forward, self.relu_backward, self._sigmoid_backward) = _build()
 
@@ -221,11 +222,11 @@ class NumbaKernels:
 
     def mlp_steps(self, dtype):
         """The compiled training step of ReLU MLPs for ``dtype`` (numpy_step.py's MLPSteps,
-        bound to NumPy's gemm); None where that gemm is not found."""
+        bound to the gemm find_gemm finds); None where there is none (``no_steps`` says why)."""
         dtype = np.dtype(dtype)
         if dtype not in self._steps:
-            from .numpy_step import MLPSteps, numpy_gemm
-            gemm = numpy_gemm(dtype)
+            from .numpy_step import MLPSteps, find_gemm
+            gemm, self.no_steps[dtype] = find_gemm(dtype)
             self._steps[dtype] = None if gemm is None else MLPSteps(gemm, dtype)
         return self._steps[dtype]
 

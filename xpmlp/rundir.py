@@ -136,11 +136,15 @@ def versions():
     return found
 
 
-def write_config(run_dir, config, backend):
-    """config.json: the settings, the device that ran them and the library versions."""
+def write_config(run_dir, config, backend, stepper=None):
+    """config.json: the settings, the device that ran them, the library versions and, given
+    the run's ``stepper``, its step (compiled.step_record)."""
+    from .compiled import step_record
+
     saved = dataclasses.asdict(config)
     saved.update(model=config.name, device_used=backend.describe(), versions=versions(),
-                 machine=platform.machine(), platform=platform.platform())
+                 machine=platform.machine(), platform=platform.platform(),
+                 **(step_record(stepper) if stepper is not None else {}))
     write_json(Path(run_dir) / CONFIG, saved)
 
 

@@ -132,7 +132,7 @@ class StackTrainer:
                            "per_model": {k: [getattr(c, k) for c in self.configs] for k in PER_MODEL_KEYS}})
         for cfg, run_dir in zip(self.configs, self.run_dirs):
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_config(run_dir, cfg, self.backend)
+            rundir.write_config(run_dir, cfg, self.backend, self.stepper)
 
     def _checkpoint(self, rng_states, pos=0, partial_time_s=0.0, partial=None):
         arrays = {f"param_{i}": self.backend.to_numpy(a) for i, a in enumerate(self.model.state_arrays())}

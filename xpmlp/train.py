@@ -160,7 +160,7 @@ class Trainer:
     def write_config(self):
         if self._resumed:  # the records first: a bad one stops the resume before any file changes
             truncate_metrics(self.run_dir, self.state["epoch"])
-        write_config(self.run_dir, self.config, self.backend)
+        write_config(self.run_dir, self.config, self.backend, self.stepper)
 
     def _checkpoint(self, rng_state, pos=0, partial_time_s=0.0, partial=None):
         """``rng_state`` is the shuffle RNG before the permutation of the epoch in progress;
