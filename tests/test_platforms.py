@@ -165,3 +165,34 @@ def test_pin_where_the_os_cannot_pin_runs_one_thread_each_and_says_so(small, mon
     assert r["pinned_core"] is None and r["threads"] == 1 and r["peer_threads"] == 1
     assert "one thread each, not pinned" in bench.format_table(r)
     assert r["peak_rss_mb"] > 0
+
+
+# ---------------------------------------------------------------- installing
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("os_name, bin_dir", [("Windows_NT", "Scripts"), ("", "bin")])
+def test_make_calls_the_venvs_programs_where_the_os_puts_them(tmp_path, os_name, bin_dir):
+    """`make -n` prints the commands a fresh clone would run (-B: as if nothing were built)."""
+    venv = tmp_path / "venv"
+    result = subprocess.run(["make", "-n", "-B", "-C", str(REPO), f"VENV={venv}", f"OS={os_name}", "test", "train"],
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, OS=os_name))
+    assert result.returncode == 0, result.stderr
+    for program in ("python -m pip install", "xpmlp data", "python -m pytest", "xpmlp train"):
+        assert f"{venv}/{bin_dir}/{program}" in result.stdout, program
+    other = "bin" if bin_dir == "Scripts" else "Scripts"
+    assert f"{venv}/{other}/" not in result.stdout
+
+
+@pytest.mark.parametrize("platform, cupy", [("linux", True), ("win32", True), ("darwin", False)])
+def test_cuda_extras_install_cupy_only_where_its_wheels_exist(platform, cupy):
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("cuda12", "cuda13"):
+        (requirement,) = (Requirement(r) for r in extras[extra])
+        assert requirement.name.startswith("cupy-cuda")
+        assert requirement.marker.evaluate({"sys_platform": platform}) is cupy, (extra, platform)
