@@ -113,20 +113,23 @@ def _gemm_in(path, letter, numpys):
 
 def numpys_blas():
     """Paths of the BLAS NumPy uses, as far as this process can tell: the BLAS libraries
-    loaded now (threadpoolctl, so thread limits apply to them), those under NumPy's folder
-    first (its wheels bundle one; conda's or a distribution's NumPy links one elsewhere);
-    then Accelerate where NumPy was built on it (threadpoolctl does not list it)."""
+    loaded now (threadpoolctl, so thread limits apply to them), those NumPy's wheel bundles
+    first (conda's or a distribution's NumPy links one elsewhere); Accelerate before all
+    where NumPy was built on it (threadpoolctl does not list it)."""
     from threadpoolctl import threadpool_info
 
-    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    # Where NumPy's wheels keep the BLAS they bundle: numpy.libs beside numpy (Linux,
+    # Windows), numpy/.dylibs (macOS).  Not all of site-packages: other wheels bundle theirs.
+    package = os.path.dirname(np.__file__)
+    own = tuple(os.path.normcase(folder + os.sep) for folder in (package, package + ".libs"))
     loaded = [lib["filepath"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    paths = sorted(loaded, key=lambda path: not path.startswith(numpy_dir))
+    paths = sorted(loaded, key=lambda path: not os.path.normcase(path).startswith(own))
     try:
         built_on = np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]
     except (AttributeError, KeyError, TypeError):
         built_on = ""
     accelerate = ctypes.util.find_library("Accelerate") if "accelerate" in str(built_on).lower() else None
-    return paths + ([accelerate] if accelerate else [])
+    return ([accelerate] if accelerate else []) + paths
 
 
 def reachable_blas():
@@ -146,8 +149,8 @@ def find_gemm(dtype):
     can load (numpys False); or (None, why) where there is none."""
     letter = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}[np.dtype(dtype)]
     numpys = numpys_blas()
-    for own, paths in ((True, numpys), (False, reachable_blas())):
-        for path in paths:
+    for own, paths in ((True, lambda: numpys), (False, reachable_blas)):
+        for path in paths():  # reachable_blas only if needed: importing a wheel loads its library
             gemm = _gemm_in(path, letter, own)
             if gemm is not None:
                 return gemm, None

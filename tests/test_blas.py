@@ -73,6 +73,25 @@ def test_gemm_names_and_integer_widths_of_each_blas(monkeypatch, path, names, co
     assert (gemm and gemm.symbol, gemm and gemm.ilp64) == (symbol, ilp64)
 
 
+def test_numpys_own_blas_comes_before_other_loaded_ones(monkeypatch):
+    import threadpoolctl
+
+    package = numpy_step.os.path.dirname(np.__file__)
+    site = numpy_step.os.path.dirname(package)
+    others = [f"{site}/scipy_openblas32/lib/libscipy_openblas.so", f"{site}/torch/lib/libmkl.so"]  # not NumPy's
+    own = f"{package}.libs/libscipy_openblas64_.so"
+    monkeypatch.setattr(threadpoolctl, "threadpool_info",
+                        lambda: [{"user_api": "blas", "filepath": p} for p in others + [own]] + [
+                            {"user_api": "openmp", "filepath": "/lib/libgomp.so"}])
+    assert numpy_step.numpys_blas() == [own] + others
+    # NumPy built on Accelerate (its macOS wheels): that first, though threadpoolctl lists it not
+    monkeypatch.setitem(np.__config__.CONFIG["Build Dependencies"]["blas"], "name", "accelerate")
+    monkeypatch.setattr(numpy_step.ctypes.util, "find_library",
+                        lambda name: "/System/Library/Frameworks/Accelerate.framework/Accelerate" if name == "Accelerate"
+                        else None)
+    assert numpy_step.numpys_blas() == ["/System/Library/Frameworks/Accelerate.framework/Accelerate", own] + others
+
+
 def epoch_one(tmp_path, name, data):
     """(summary, config.json) of one epoch of mlp1-relu-sce on the real MNIST."""
     run = tmp_path / name
