@@ -196,3 +196,59 @@ def test_cuda_extras_install_cupy_only_where_its_wheels_exist(platform, cupy):
         (requirement,) = (Requirement(r) for r in extras[extra])
         assert requirement.name.startswith("cupy-cuda")
         assert requirement.marker.evaluate({"sys_platform": platform}) is cupy, (extra, platform)
+
+
+# ---------------------------------------------------------------- a sweep's runs
+
+@pytest.mark.parametrize("platform, sent", [("linux", [signal.SIGINT]), ("darwin", [signal.SIGINT]), ("win32", [])])
+def test_a_sweep_interrupts_its_runs_with_sigint_except_on_windows(monkeypatch, platform, sent):
+    """Windows' send_signal has no SIGINT (it raises); the console's Ctrl-C reaches the runs there."""
+    from xpmlp import sweep
+
+    class Run:
+        def send_signal(self, sig):
+            if sys.platform == "win32":
+                raise ValueError(f"Unsupported signal: {sig}")
+            signals.append(sig)
+
+    signals = []
+    monkeypatch.setattr(sys, "platform", platform)
+    sweep.interrupt(Run())
+    assert signals == sent
+
+
+def test_without_the_parent_death_signal_a_run_ends_with_its_killed_sweep(tmp_path):
+    """macOS and Windows have no PR_SET_PDEATHSIG: the run (here with it switched off) watches
+    the stdin pipe its sweep holds, and on the sweep's kill -9 checkpoints and stops."""
+    from test_faults import alive, wait_for
+
+    run = tmp_path / "run"
+    run_code = ("import sys, xpmlp.sweep; xpmlp.sweep._PDEATHSIG = False\n"
+                "from xpmlp.cli import main; sys.exit(main(sys.argv[1:]))")
+    train = ["train", "--model", "mlp2-relu-sce", "--epochs", "40", "--device", "cpu", "--quiet", "--out", str(run)]
+    sweep_code = textwrap.dedent(f"""
+        import sys, time
+        from xpmlp import sweep
+        proc = sweep.start_run([sys.executable, "-c", {run_code!r}, *{train!r}], open({str(tmp_path / 'log')!r}, "a"),
+                               sweep.run_env(1))
+        print(proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    env = dict(os.environ, XPMLP_DATA_DIR=str(real_mnist_dir()))
+    driver = subprocess.Popen([sys.executable, "-c", sweep_code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(driver.stdout.readline())
+        wait_for(lambda: (run / "metrics.jsonl").exists() or not alive(child), 120, "the run to train")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(10)
+    finally:
+        driver.kill()
+        driver.communicate()
+    try:
+        wait_for(lambda: not alive(child), 60, "the run to end with its sweep")
+    finally:
+        if alive(child):  # the test failed: leave no orphan behind
+            os.kill(child, signal.SIGKILL)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] < 40, summary
+    assert (run / "checkpoint.npz").exists()

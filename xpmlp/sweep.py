@@ -35,6 +35,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -48,6 +49,10 @@ _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every",
                 "tensorboard", "hidden", "activation", "loss"}
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 PARENT_ENV = "XPMLP_SWEEP_PARENT"  # set for a sweep's runs: the driver's pid
+PIPE_ENV = "XPMLP_SWEEP_STDIN"  # set where a run's stdin is a pipe from the driver, held open while it lives
+# Linux ends a run at its sweep's death by a signal (PR_SET_PDEATHSIG); elsewhere the run
+# watches the pipe (die_with_parent).
+_PDEATHSIG = sys.platform.startswith("linux")
 
 
 def load_grid(path):
@@ -253,7 +258,7 @@ def _run_local(todo, jobs, *, busy, device, data_dir):
 
     def stop_runs():  # Ctrl-C or kill: let each run checkpoint, start nothing new
         for proc in running:
-            proc.send_signal(signal.SIGINT)
+            interrupt(proc)
 
     with stop_on_signals(stop_runs) as stop, bar:
         while (pending and not stop) or running:
@@ -268,9 +273,7 @@ def _run_local(todo, jobs, *, busy, device, data_dir):
                 # cleared by the run itself, once it holds the directory's lock.
                 run_dir.mkdir(parents=True, exist_ok=True)
                 log = open(run_dir / "train.log", "a")
-                proc = subprocess.Popen(_command(run_dir, settings, state, device, data_dir),
-                                        stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # signals reach runs only through us
+                proc = start_run(_command(run_dir, settings, state, device, data_dir), log, env)
                 running[proc] = (run_dir, log, 0)
                 tqdm.write(f"start  {run_dir} ({state})")
             time.sleep(1.0)
@@ -281,6 +284,7 @@ def _run_local(todo, jobs, *, busy, device, data_dir):
                 if proc.poll() is None:
                     continue
                 log.close()
+                proc.stdin.close()
                 del running[proc]
                 kind, line = outcome(run_dir, proc.returncode)
                 if kind == "finished":
@@ -290,6 +294,22 @@ def _run_local(todo, jobs, *, busy, device, data_dir):
                     (failed if kind == "failed" else busy).append(run_dir)
                 tqdm.write(line)
     return finished, failed, bool(stop)
+
+
+def start_run(command, log, env):
+    """A sweep's run: ``command`` writing to ``log``, in a session of its own on POSIX (signals
+    reach it only through us: ``interrupt``), its stdin a pipe this process holds open while
+    it lives (die_with_parent)."""
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(env, **{PIPE_ENV: "1"}), start_new_session=True)
+
+
+def interrupt(proc):
+    """Ask a sweep's run to checkpoint and stop, as Ctrl-C does: SIGINT.  Windows has no
+    SIGINT to send (send_signal raises), but there the run shares our console (a new session
+    means nothing on Windows), so the console's Ctrl-C has reached it already."""
+    if sys.platform != "win32":
+        proc.send_signal(signal.SIGINT)
 
 
 def run_env(cores):
@@ -340,17 +360,30 @@ def outcome(run_dir, returncode):
 
 
 def die_with_parent():
-    """In a sweep's run: ask Linux to send us SIGTERM when the sweep that started us dies,
-    however it dies (kill -9 included), so no run is left orphaned; SIGTERM ends the run
-    like Ctrl-C, at a checkpoint.  (Elsewhere than Linux, runs outlive a killed sweep.)"""
+    """In a sweep's run: get SIGTERM when the sweep that started us dies, however it dies
+    (kill -9 included), so no run is left orphaned; SIGTERM ends the run like Ctrl-C, at a
+    checkpoint.  Linux sends it (PR_SET_PDEATHSIG); elsewhere (macOS, Windows) a thread
+    waits on the pipe the sweep gave us as stdin (start_run), which reads to its end when
+    the OS closes the sweep's side, at its death."""
     parent = os.environ.pop(PARENT_ENV, None)
-    if parent is None or not sys.platform.startswith("linux"):
+    piped = os.environ.pop(PIPE_ENV, None)
+    if parent is None:
         return
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PDEATHSIG:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    elif piped:
+        threading.Thread(target=_stop_at_end_of, args=(sys.stdin.buffer,), daemon=True, name="xpmlp-parent").start()
+    else:  # started by an executor that gives no pipe (Ray's workers): it outlives a killed sweep
+        return
     if os.getppid() != int(parent):  # it died before we asked
         print("xpmlp: the sweep that started this run has ended; not starting it", file=sys.stderr)
         sys.exit(130)
+
+
+def _stop_at_end_of(stream):
+    stream.read()  # nothing is ever written: this returns when the sweep's end is closed
+    signal.raise_signal(signal.SIGTERM)
 
 
 def plan_stacks(todo, max_stack, device):
