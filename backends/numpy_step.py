@@ -5,8 +5,9 @@ One call runs any number of steps (gather, forward, loss and accuracy, backward,
 with no Python between the operations.  The matrix products go to NumPy's own BLAS,
 called through its CBLAS ``?gemm`` with the arguments ``np.matmul`` gives it, so they
 return the same bits as the array code (find_gemm: LP64 or ILP64, as OpenBLAS, MKL or
-Accelerate name it; else a BLAS xpmlp can load, whose bits may differ); every elementwise pass is fused into the loop over the rows the
-product just wrote, while they are still in cache.
+Accelerate name it; else a BLAS xpmlp can load, whose bits may differ); every
+elementwise pass is fused into the loop over the rows the product just wrote, while they
+are still in cache.
 
 A step is two phases, each of one task or of two halves that two threads can take:
   rows      gather, h = relu(a @ W + b) layer by layer, the loss terms and gradient
@@ -92,7 +93,8 @@ def _unsuffixed_ilp64(handle, path):
             continue
         config.restype = ctypes.c_char_p
         return b"USE64BITINT" in (config() or b"")
-    return "mkl" in os.path.basename(path).lower() and os.environ.get("MKL_INTERFACE_LAYER", "").upper().startswith("ILP64")
+    mkl = "mkl" in os.path.basename(path).lower()
+    return mkl and os.environ.get("MKL_INTERFACE_LAYER", "").upper().startswith("ILP64")
 
 
 def _gemm_in(path, letter, numpys):

@@ -86,10 +86,9 @@ def test_numpys_own_blas_comes_before_other_loaded_ones(monkeypatch):
     assert numpy_step.numpys_blas() == [own] + others
     # NumPy built on Accelerate (its macOS wheels): that first, though threadpoolctl lists it not
     monkeypatch.setitem(np.__config__.CONFIG["Build Dependencies"]["blas"], "name", "accelerate")
-    monkeypatch.setattr(numpy_step.ctypes.util, "find_library",
-                        lambda name: "/System/Library/Frameworks/Accelerate.framework/Accelerate" if name == "Accelerate"
-                        else None)
-    assert numpy_step.numpys_blas() == ["/System/Library/Frameworks/Accelerate.framework/Accelerate", own] + others
+    accelerate = "/System/Library/Frameworks/Accelerate.framework/Accelerate"
+    monkeypatch.setattr(numpy_step.ctypes.util, "find_library", lambda name: {"Accelerate": accelerate}.get(name))
+    assert numpy_step.numpys_blas() == [accelerate, own] + others
 
 
 def epoch_one(tmp_path, name, data):

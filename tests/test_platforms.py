@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import types
 
 import pytest
@@ -145,7 +144,8 @@ def small(monkeypatch):
 
 @pytest.mark.parametrize("platform, unit", [("linux", 2**10), ("darwin", 1)])
 def test_peak_rss_is_in_mib_whatever_the_unit_of_ru_maxrss(monkeypatch, platform, unit):
-    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=300 * 2**20 // unit))
+    usage = types.SimpleNamespace(ru_maxrss=300 * 2**20 // unit)  # 300 MiB
+    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: usage)
     monkeypatch.setitem(sys.modules, "resource", fake)
     monkeypatch.setattr(sys, "platform", platform)
     assert bench._peak_memory_mb(types.SimpleNamespace(name="numpy")) == ("peak_rss_mb", 300)

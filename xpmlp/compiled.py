@@ -77,8 +77,8 @@ def compiled_steps(model):
         return None
     kernel = kernels.mlp_steps(model.dtype)
     if kernel is None:
-        _say_once(f"xpmlp: no compiled step: {kernels.no_steps[np.dtype(model.dtype)]}; training takes the fused ops' step "
-                  "(up to 1.6x slower)")
+        why = kernels.no_steps[np.dtype(model.dtype)]
+        _say_once(f"xpmlp: no compiled step: {why}; training takes the fused ops' step (up to 1.6x slower)")
     elif not kernel.source.numpys:
         _say_once(f"xpmlp: the compiled step calls {kernel.source}, as NumPy's BLAS has no GEMM it can call; "
                   "its results agree with the array path's to rounding, not bit for bit")

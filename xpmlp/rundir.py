@@ -365,8 +365,9 @@ def _holder_pid(f):
 def hold_run_dir(run_dir):
     """Be the one writer of ``run_dir`` while inside: an OS lock (_lock: flock, or
     msvcrt.locking on Windows) on its .lock file, which the OS releases when the process
-    ends however it ends, so a kill -9 leaves no stale lock.  Re-entrant within a process.  Another live holder: RunDirBusy naming its
-    pid.  The first entry removes temporary files that killed writers left behind."""
+    ends however it ends, so a kill -9 leaves no stale lock.  Re-entrant within a process.
+    Another live holder: RunDirBusy naming its pid.  The first entry removes temporary
+    files that killed writers left behind."""
     key = str(Path(run_dir).resolve())
     if key in _held:
         _held[key][1] += 1
