@@ -146,6 +146,18 @@ def reachable_blas():
     return paths
 
 
+def _threads_as_numpys(path):
+    """Give the library at ``path``, loaded just now, as many threads as NumPy's BLAS has:
+    a thread limit entered before it was loaded (xpmlp's policy: threads.py) missed it, and
+    it would start with one thread a core."""
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    others = [lib.num_threads for lib in blas if lib.filepath != path]
+    if others:
+        ThreadpoolController().select(filepath=path).limit(limits=min(others))  # kept: not restored
+
+
 def find_gemm(dtype):
     """(Gemm, None): the ``?gemm`` of NumPy's own BLAS for ``dtype``, else of a BLAS xpmlp
     can load (numpys False); or (None, why) where there is none."""
@@ -155,6 +167,8 @@ def find_gemm(dtype):
         for path in paths():  # reachable_blas only if needed: importing a wheel loads its library
             gemm = _gemm_in(path, letter, own)
             if gemm is not None:
+                if not own:
+                    _threads_as_numpys(path)
                 return gemm, None
     seen = ", ".join(os.path.basename(path) for path in numpys) or "none found"
     return None, (f"no CBLAS {letter}gemm in NumPy's BLAS ({seen}) nor in one xpmlp can load "

@@ -3,11 +3,13 @@
 scipy-openblas32 wheel: an LP64 OpenBLAS), else none, and then one line saying which
 step training takes instead; config.json records the step either way."""
 import ctypes
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 from helpers import real_mnist_dir
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import xpmlp
 from xpmlp import cli, compiled
@@ -109,11 +111,17 @@ def mnist():
 
 def test_an_lp64_openblas_as_the_gemm_source_trains_as_the_array_path(tmp_path, monkeypatch, capfd, mnist,
                                                                       fresh_notices):
-    wheel = pytest.importorskip("scipy_openblas32")  # the [test] extra
+    if importlib.util.find_spec("scipy_openblas32") is None:  # not imported here: that loads its library
+        pytest.skip("needs scipy-openblas32 (the [test] extra)")
     monkeypatch.setattr(numpy_step, "numpys_blas", lambda: [])  # NumPy's BLAS offers no GEMM we can call
-    gemm, _ = numpy_step.find_gemm(np.float32)
+    # A thread limit entered before the library is loaded (conftest starts every BLAS on one)
+    with threadpool_limits(limits=2, user_api="blas"):
+        gemm, _ = numpy_step.find_gemm(np.float32)
+        threads = {lib["filepath"]: lib["num_threads"] for lib in threadpool_info()}
     assert (gemm.symbol, gemm.ilp64, gemm.numpys) == ("scipy_cblas_sgemm", False, False)
-    assert gemm.library.startswith(wheel.get_lib_dir())
+    assert "scipy_openblas32" in gemm.library
+    assert threads[gemm.library] == 2  # follows NumPy's
+    threadpool_limits(limits=1, user_api="blas")  # back to conftest's one thread, for the runs below
     got, config = epoch_one(tmp_path, "lp64", mnist)
     assert (config["step"], config["step_gemm"]) == ("compiled", "scipy_cblas_sgemm of libscipy_openblas.so")
     (line,) = capfd.readouterr().err.splitlines()
