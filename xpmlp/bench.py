@@ -478,9 +478,12 @@ def format_table(r):
             ("GEMM limit", r["gemm_limit_epoch_s"]), ("  + gather", r["gather_epoch_s"]),
             ("  + SGD step", r["sgd_epoch_s"]), ("  = floor", r["floor_epoch_s"])]
     mem = next(k for k in r if k.startswith("peak_"))
-    where = (f"pinned to core {r['pinned_core']}, " if r["pinned_core"] is not None
-             else "one thread each, not pinned: this OS cannot pin a process to a core, "
-             if r.get("pin") else "")
+    if r["pinned_core"] is not None:
+        where = f"pinned to core {r['pinned_core']}, "
+    elif r.get("pin"):  # --pin where the OS has no affinity calls (macOS, Windows)
+        where = "one thread each, not pinned: this OS cannot pin a process to a core, "
+    else:
+        where = ""
     step = f"compiled step on {r['step_threads']} thread(s)" if r["compiled_step"] else f"{r['ops']} ops"
     lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}, on {r.get('device_name', r['device'])} "
              f"({r['backend']}, {step}, {where}{r['threads']} BLAS thread(s)); median of {r['epochs_timed']} "
