@@ -11,6 +11,7 @@ class NumpyBackend(Backend):
     def __init__(self):
         super().__init__(np, "cpu")
         self._kernels = False
+        self._steps = {}
 
     @property
     def kernels(self):
@@ -21,12 +22,15 @@ class NumpyBackend(Backend):
         return self._kernels
 
     def mlp_steps(self, dtype):
-        """The compiled training step (numpy_step.py) for ``dtype``; None without Numba, or
-        where NumPy's gemm is not found."""
+        """(the compiled training step (numpy_step.py) for ``dtype``, None), or (None, why
+        there is none: no Numba, no GEMM it can call)."""
         if self.kernels is None:
-            return None
-        from .numpy_step import mlp_steps
-        return mlp_steps(dtype)
+            return None, "Numba is not installed"
+        dtype = np.dtype(dtype)
+        if dtype not in self._steps:  # built once per backend: finding the gemm loads libraries
+            from .numpy_step import mlp_steps
+            self._steps[dtype] = mlp_steps(dtype)
+        return self._steps[dtype]
 
     def take_rows(self, a, indices, out=None):
         # mode="clip" skips the buffered bounds check that mode="raise" does with out=;

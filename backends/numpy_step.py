@@ -3,9 +3,11 @@ compiled epoch.
 
 One call runs any number of steps (gather, forward, loss and accuracy, backward, SGD)
 with no Python between the operations.  The matrix products go to NumPy's own BLAS,
-called through ctypes with the arguments ``np.matmul`` gives it, so they return the same
-bits as the array code; every elementwise pass is fused into the loop over the rows the
-product just wrote, while they are still in cache.
+called through its CBLAS ``?gemm`` with the arguments ``np.matmul`` gives it, so they
+return the same bits as the array code (find_gemm: LP64 or ILP64, as OpenBLAS, MKL or
+Accelerate name it; else a BLAS xpmlp can load, whose bits may differ); every
+elementwise pass is fused into the loop over the rows the product just wrote, while they
+are still in cache.
 
 A step is two phases, each of one task or of two halves that two threads can take:
   rows      gather, h = relu(a @ W + b) layer by layer, the loss terms and gradient
@@ -23,6 +25,9 @@ Only ReLU hidden layers are compiled: Numba's scalar exp is ~20x slower than Num
 vectorised one, so Sigmoid hidden layers keep the array path (see numpy_kernels.py).
 """
 import ctypes
+import ctypes.util
+import dataclasses
+import importlib
 import os
 
 import numpy as np
@@ -46,47 +51,161 @@ SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1
 CLAIM, DONE = 0, 1
 
 
-def numpy_gemm(dtype):
-    """The address of NumPy's own BLAS ``cblas_?gemm`` (64-bit integers) for ``dtype``, or
-    None where it cannot be found (a NumPy without a bundled 64-bit OpenBLAS).  The library
-    is the one threadpoolctl reports under NumPy's install, so thread limits apply to it."""
-    from threadpoolctl import threadpool_info
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    """A CBLAS ``?gemm`` the compiled step calls: its address, whether its integers are 64-bit
+    (ILP64) or 32-bit (LP64), its name and library, and whether that library is NumPy's own
+    (then the compiled products are the array path's, bit for bit)."""
+    address: int
+    ilp64: bool
+    symbol: str
+    library: str
+    numpys: bool
 
-    letter = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}[np.dtype(dtype)]
-    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
-    for lib in threadpool_info():
-        if lib.get("user_api") != "blas" or not lib["filepath"].startswith(numpy_dir):
+    @property
+    def arg(self):
+        """As the compiled code takes it (``gemm``)."""
+        return (self.address, self.ilp64)
+
+    def __str__(self):
+        return f"{self.symbol} of {os.path.basename(self.library)}"
+
+
+def _symbols(letter):
+    """(name, ilp64) of CBLAS ``?gemm`` as BLAS builds export it; ilp64 None: an unsuffixed
+    name, 64-bit only where the build says so (_unsuffixed_ilp64)."""
+    return [(f"scipy_cblas_{letter}gemm64_", True),  # scipy-openblas64: NumPy's PyPI wheels
+            (f"cblas_{letter}gemm64_", True),  # OpenBLAS ILP64 (distributions, conda's 64-bit)
+            (f"cblas_{letter}gemm_64", True),  # MKL's ILP64 names
+            (f"cblas_{letter}gemm$NEWLAPACK$ILP64", True),  # Accelerate (macOS >= 13.3): NumPy's macOS wheels
+            (f"scipy_cblas_{letter}gemm", False),  # scipy-openblas32
+            (f"cblas_{letter}gemm$NEWLAPACK", False),  # Accelerate, LP64
+            (f"cblas_{letter}gemm", None)]  # OpenBLAS LP64, MKL (conda), reference CBLAS, older Accelerate
+
+
+def _unsuffixed_ilp64(handle, path):
+    """Whether an unsuffixed ``cblas_?gemm`` takes 64-bit integers: an OpenBLAS says so in
+    its config (USE64BITINT); MKL's single library when told by MKL_INTERFACE_LAYER."""
+    for name in ("openblas_get_config", "scipy_openblas_get_config"):
+        try:
+            config = handle[name]
+        except AttributeError:
             continue
-        handle = ctypes.CDLL(lib["filepath"])
-        # scipy-openblas64 (NumPy's wheels) prefixes and suffixes its symbols; others do not.
-        for name in (f"scipy_cblas_{letter}gemm64_", f"cblas_{letter}gemm64_"):
-            if hasattr(handle, name):
-                return ctypes.cast(getattr(handle, name), ctypes.c_void_p).value
+        config.restype = ctypes.c_char_p
+        return b"USE64BITINT" in (config() or b"")
+    mkl = "mkl" in os.path.basename(path).lower()
+    return mkl and os.environ.get("MKL_INTERFACE_LAYER", "").upper().startswith("ILP64")
+
+
+def _gemm_in(path, letter, numpys):
+    """The Gemm of library ``path``, or None (not loadable, or no CBLAS ?gemm in it)."""
+    try:
+        handle = ctypes.CDLL(path)
+    except OSError:
+        return None
+    for name, ilp64 in _symbols(letter):
+        try:
+            fn = handle[name]
+        except AttributeError:
+            continue
+        ilp64 = _unsuffixed_ilp64(handle, path) if ilp64 is None else ilp64
+        return Gemm(ctypes.cast(fn, ctypes.c_void_p).value, ilp64, name, path, numpys)
     return None
 
 
-@intrinsic
-def _call_gemm(typingctx, address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
-    """cblas_?gemm(RowMajor, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, 0, c, ldc)
-    through the function pointer ``address``: an indirect call, so the compiled code holds
-    no address and Numba can cache it on disk (a ctypes function argument cannot be)."""
-    def codegen(context, builder, signature, args):
-        i32, i64, ptr = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
-        real = context.get_value_type(signature.args[6])
+def numpys_blas():
+    """Paths of the BLAS NumPy uses, as far as this process can tell: the BLAS libraries
+    loaded now (threadpoolctl, so thread limits apply to them), those NumPy's wheel bundles
+    first (conda's or a distribution's NumPy links one elsewhere); Accelerate before all
+    where NumPy was built on it (threadpoolctl does not list it)."""
+    from threadpoolctl import threadpool_info
 
-        def cast(i, to):  # argument i as the C type ``to`` (enums: int32; sizes: int64)
-            return context.cast(builder, args[i], signature.args[i], to)
+    # Where NumPy's wheels keep the BLAS they bundle: numpy.libs beside numpy (Linux,
+    # Windows), numpy/.dylibs (macOS).  Not all of site-packages: other wheels bundle theirs.
+    package = os.path.dirname(np.__file__)
+    own = tuple(os.path.normcase(folder + os.sep) for folder in (package, package + ".libs"))
+    loaded = [lib["filepath"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    paths = sorted(loaded, key=lambda path: not os.path.normcase(path).startswith(own))
+    try:
+        built_on = np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]
+    except (AttributeError, KeyError, TypeError):
+        built_on = ""
+    accelerate = ctypes.util.find_library("Accelerate") if "accelerate" in str(built_on).lower() else None
+    return ([accelerate] if accelerate else []) + paths
 
-        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, i64, i64, i64, real, ptr, i64, ptr, i64,
-                                                real, ptr, i64])
-        fn = builder.inttoptr(cast(0, types.uintp), fnty.as_pointer())
-        a, b, c = (builder.inttoptr(cast(i, types.uintp), ptr) for i in (7, 9, 11))
-        builder.call(fn, [i32(_ROW_MAJOR), cast(1, types.int32), cast(2, types.int32),
-                          cast(3, types.int64), cast(4, types.int64), cast(5, types.int64), args[6],
-                          a, cast(8, types.int64), b, cast(10, types.int64), real(0), c, cast(12, types.int64)])
-        return context.get_dummy_value()
 
-    return types.void(address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc), codegen
+def reachable_blas():
+    """Paths of BLAS libraries xpmlp can load itself: the scipy-openblas wheels, where installed."""
+    paths = []
+    for module in ("scipy_openblas64", "scipy_openblas32"):
+        try:
+            wheel = importlib.import_module(module)
+        except ImportError:
+            continue
+        paths.append(os.path.join(wheel.get_lib_dir(), wheel.get_library(fullname=True)))
+    return paths
+
+
+def _threads_as_numpys(path):
+    """Give the library at ``path``, loaded just now, as many threads as NumPy's BLAS has:
+    a thread limit entered before it was loaded (xpmlp's policy: threads.py) missed it, and
+    it would start with one thread a core."""
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    others = [lib.num_threads for lib in blas if lib.filepath != path]
+    if others:
+        ThreadpoolController().select(filepath=path).limit(limits=min(others))  # kept: not restored
+
+
+def find_gemm(dtype):
+    """(Gemm, None): the ``?gemm`` of NumPy's own BLAS for ``dtype``, else of a BLAS xpmlp
+    can load (numpys False); or (None, why) where there is none."""
+    letter = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}[np.dtype(dtype)]
+    numpys = numpys_blas()
+    for own, paths in ((True, lambda: numpys), (False, reachable_blas)):
+        for path in paths():  # reachable_blas only if needed: importing a wheel loads its library
+            gemm = _gemm_in(path, letter, own)
+            if gemm is not None:
+                if not own:
+                    _threads_as_numpys(path)
+                return gemm, None
+    seen = ", ".join(os.path.basename(path) for path in numpys) or "none found"
+    return None, (f"no CBLAS {letter}gemm in NumPy's BLAS ({seen}) nor in one xpmlp can load "
+                  "(pip install scipy-openblas32 gives one)")
+
+
+def _gemm_call(bits):
+    """An intrinsic: cblas_?gemm(RowMajor, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+    0, c, ldc) through the function pointer ``address``, its sizes ``bits``-bit integers
+    (64: ILP64, 32: LP64; on some ABIs, Apple's arm64 among them, a wrong width is not
+    just a wasted half).  An indirect call, so the compiled code holds no address and
+    Numba can cache it on disk (a ctypes function argument cannot be)."""
+    @intrinsic
+    def call(typingctx, address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+        def codegen(context, builder, signature, args):
+            i32, size, ptr = ir.IntType(32), ir.IntType(bits), ir.IntType(8).as_pointer()
+            size_type = types.int64 if bits == 64 else types.int32
+            real = context.get_value_type(signature.args[6])
+
+            def cast(i, to):  # argument i as the C type ``to`` (enums: int32; sizes: ``bits``)
+                return context.cast(builder, args[i], signature.args[i], to)
+
+            fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, size, size, size, real, ptr, size, ptr, size,
+                                                    real, ptr, size])
+            fn = builder.inttoptr(cast(0, types.uintp), fnty.as_pointer())
+            a, b, c = (builder.inttoptr(cast(i, types.uintp), ptr) for i in (7, 9, 11))
+            builder.call(fn, [i32(_ROW_MAJOR), cast(1, types.int32), cast(2, types.int32),
+                              cast(3, size_type), cast(4, size_type), cast(5, size_type), args[6],
+                              a, cast(8, size_type), b, cast(10, size_type), real(0), c, cast(12, size_type)])
+            return context.get_dummy_value()
+
+        return types.void(address, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc), codegen
+
+    return call
+
+
+_call_gemm64, _call_gemm32 = _gemm_call(64), _gemm_call(32)
 
 
 def _item_pointer(context, builder, array_type, array, index_type, index):
@@ -152,12 +271,19 @@ def _wait_done(sync, count):
 def matmul(gemm, a, trans_a, b, trans_b, out):
     # out = op(a) @ op(b), op = transpose where asked, for arrays whose rows are contiguous
     # (row slices, column slices): the call np.matmul makes for such (transposed) operands.
+    # gemm: (address, ilp64), Gemm.arg.
+    address, ilp64 = gemm
     m, n = out.shape
     k = a.shape[0] if trans_a else a.shape[1]
     size = out.itemsize
-    _call_gemm(gemm, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
-               out.dtype.type(1), a.ctypes.data, a.strides[0] // size, b.ctypes.data, b.strides[0] // size,
-               out.ctypes.data, out.strides[0] // size)
+    ta, tb = _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS
+    lda, ldb, ldc = a.strides[0] // size, b.strides[0] // size, out.strides[0] // size
+    if ilp64:
+        _call_gemm64(address, ta, tb, m, n, k, out.dtype.type(1), a.ctypes.data, lda, b.ctypes.data, ldb,
+                     out.ctypes.data, ldc)
+    else:
+        _call_gemm32(address, ta, tb, m, n, k, out.dtype.type(1), a.ctypes.data, lda, b.ctypes.data, ldb,
+                     out.ctypes.data, ldc)
 
 
 @jit
@@ -324,14 +450,15 @@ def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole):
 
 
 class MLPSteps:
-    """``steps`` bound to NumPy's gemm for one dtype: call it with steps' other arguments;
-    ``cut(size, products)`` is exact_cut for that gemm.  LOSS_CODES: the ``loss_code`` of
-    each network it compiles, by name."""
+    """``steps`` bound to a Gemm (find_gemm) for one dtype: call it with steps' other
+    arguments; ``cut(size, products)`` is exact_cut for that gemm.  LOSS_CODES: the
+    ``loss_code`` of each network it compiles, by name."""
 
     LOSS_CODES = {"softmax_xent": SOFTMAX_XENT, "sigmoid_euclidean": SIGMOID_EUCLIDEAN}
 
     def __init__(self, gemm, dtype):
-        self.gemm, self.dtype = gemm, np.dtype(dtype)
+        self.source = gemm  # the Gemm, for what the run records
+        self.gemm, self.dtype = gemm.arg, np.dtype(dtype)
 
     def __call__(self, *args):
         return steps(self.gemm, *args)
@@ -340,14 +467,10 @@ class MLPSteps:
         return exact_cut(self.gemm, self.dtype, size, products)
 
 
-_STEPS = {}  # dtype -> MLPSteps, or None where NumPy's gemm is not found
-
-
 def mlp_steps(dtype):
-    """The compiled training step of ReLU MLPs for ``dtype``, bound to NumPy's gemm and
-    built once; None where that gemm is not found (or Numba is missing)."""
-    dtype = np.dtype(dtype)
-    if dtype not in _STEPS:
-        gemm = numpy_gemm(dtype) if numba is not None else None
-        _STEPS[dtype] = None if gemm is None else MLPSteps(gemm, dtype)
-    return _STEPS[dtype]
+    """(the compiled training step for ``dtype``, bound to the gemm find_gemm finds, None),
+    or (None, why there is none)."""
+    if numba is None:
+        return None, "Numba is not installed"
+    gemm, why = find_gemm(dtype)
+    return (None, why) if gemm is None else (MLPSteps(gemm, dtype), None)

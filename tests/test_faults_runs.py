@@ -203,3 +203,15 @@ def test_a_diverged_stacked_model_stays_frozen_after_a_resume(tmp_path, syntheti
     assert resumed.state["epoch"] == 4
     _assert_frozen(tmp_path / "group", tmp_path / "m1")
     assert os.path.exists(tmp_path / "m1" / "summary.json")
+
+
+def test_a_lock_link_is_not_followed(three_epochs, tmp_path):
+    """A received run whose .lock links elsewhere: a resume must not truncate or write the target."""
+    run = copy_of(three_epochs, tmp_path)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").symlink_to(target)
+    assert_user_error(xpmlp("train", "--resume", "run", "--epochs", "4", "--quiet", cwd=tmp_path),
+                      ".lock is a symbolic link")
+    assert target.read_text() == "keep me\n"

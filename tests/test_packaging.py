@@ -51,15 +51,20 @@ def test_wheel_ships_backends_inside_xpmlp(tmp_path):
         zf.extractall(unpacked)
         top_level = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/top_level.txt"))
         entry_points = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        metadata = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+        licence = [zf.read(n).decode() for n in names if ".dist-info/" in n and n.endswith("/LICENSE")]
     for module in sorted(p.name for p in (REPO / "backends").glob("*.py")):
         assert f"xpmlp/backends/{module}" in names
-    for module in sorted(p.name for p in (REPO / "xpmlp").glob("*.py")):
-        assert f"xpmlp/{module}" in names
+    for module in sorted(p.relative_to(REPO).as_posix() for p in (REPO / "xpmlp").rglob("*.py")):
+        assert module in names
     tops = {n.split("/")[0] for n in names}
     assert not any(n.startswith("backends/") for n in names), sorted(tops)
     assert tops - {"xpmlp"} == {wheel.name.split("-py")[0] + ".dist-info"}, sorted(tops)
     assert top_level.split() == ["xpmlp"]
     assert "xpmlp = xpmlp.cli:main" in entry_points
+    # Whoever installs it can tell whether they may use it: MIT, said twice and shipped.
+    assert "License: MIT" in metadata.splitlines() and "Classifier: License :: OSI Approved :: MIT License" in metadata
+    assert licence == [(REPO / "LICENSE").read_text()] and licence[0].startswith("MIT License")
 
     # Importable from the unpacked wheel alone, from a directory holding no source.
     elsewhere.mkdir()
@@ -99,3 +104,19 @@ def test_cli_and_sweep_check_settings_without_the_training_loop(tmp_path):
     result = run_python(code, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["[]"]
+
+
+def test_metadata_says_mit_and_ships_the_licence(tmp_path):
+    """Whoever installs xpmlp can tell whether they may use it (setuptools' own metadata
+    step: it needs no `wheel` package, unlike the wheel build above)."""
+    src = tmp_path / "src"
+    copy_source(src)
+    result = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "egg_info",
+                             "--egg-base", str(tmp_path)], cwd=src, capture_output=True, text=True, timeout=120,
+                            env=clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = (tmp_path / "xpmlp.egg-info")
+    metadata = (info / "PKG-INFO").read_text().splitlines()
+    assert "License: MIT" in metadata and "Classifier: License :: OSI Approved :: MIT License" in metadata
+    assert "License-File: LICENSE" in metadata and "LICENSE" in (info / "SOURCES.txt").read_text().split()
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")

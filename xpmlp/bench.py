@@ -40,7 +40,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -337,15 +336,31 @@ def _step_threads(stepper):
 
 
 def _peak_memory_mb(backend):
+    """("peak_device_mb" or "peak_rss_mb", MiB); the RSS is None where the OS does not say
+    (Windows: no ``resource`` module)."""
     if backend.name == "cupy":
         pool = backend.xp.get_default_memory_pool()
         return "peak_device_mb", pool.total_bytes() / 2**20
-    return "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return "peak_rss_mb", None
+    # ru_maxrss is in bytes on macOS, in KiB on Linux and the BSDs.
+    unit = 1 if sys.platform == "darwin" else 1024
+    return "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+
+
+def can_pin():
+    """Whether this OS lets a process pin itself to a core (Linux; not macOS or Windows here)."""
+    return hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")
 
 
 def pin_to_one_core():
     """Pin this process, and so every contender in it, to one core (the last one it may
-    use); returns that core.  Thread pools created later see one CPU."""
+    use); returns that core, or None where the OS cannot pin (can_pin).  Thread pools
+    created later see one CPU."""
+    if not can_pin():
+        return None
     core = max(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})
     return core
@@ -359,7 +374,7 @@ def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None,
     their own default).  ``pin``: every contender on one core, one thread each.  ``busy``:
     also time each contender with that many CPU-bound processes running.  ``stack=K``: time
     K stacked models against one model at a time instead."""
-    affinity = os.sched_getaffinity(0) if pin else None
+    affinity = os.sched_getaffinity(0) if pin and can_pin() else None
     pinned = pin_to_one_core() if pin else None
     if pin:
         threads = 1
@@ -373,7 +388,7 @@ def run(device="auto", dtype="float32", epochs=3, torch_peer=True, threads=None,
                 return _run_stack(backend, dtype, epochs, threads, stack, ops=None if kernels else "buffered")
             result = _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy,
                           ops=None if kernels else "buffered")
-        return dict(result, pinned_core=pinned, busy_processes=busy)
+        return dict(result, pin=pin, pinned_core=pinned, busy_processes=busy)
     finally:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)
@@ -467,6 +482,10 @@ def _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy, ops):
     return result
 
 
+def _mb(value):
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def format_table(r):
     def sec(v):
         return "n/a" if v is None else f"{v * 1000:8.1f} ms"
@@ -475,7 +494,12 @@ def format_table(r):
             ("GEMM limit", r["gemm_limit_epoch_s"]), ("  + gather", r["gather_epoch_s"]),
             ("  + SGD step", r["sgd_epoch_s"]), ("  = floor", r["floor_epoch_s"])]
     mem = next(k for k in r if k.startswith("peak_"))
-    where = f"pinned to core {r['pinned_core']}, " if r["pinned_core"] is not None else ""
+    if r["pinned_core"] is not None:
+        where = f"pinned to core {r['pinned_core']}, "
+    elif r.get("pin"):  # --pin where the OS has no affinity calls (macOS, Windows)
+        where = "one thread each, not pinned: this OS cannot pin a process to a core, "
+    else:
+        where = ""
     step = f"compiled step on {r['step_threads']} thread(s)" if r["compiled_step"] else f"{r['ops']} ops"
     lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}, on {r.get('device_name', r['device'])} "
              f"({r['backend']}, {step}, {where}{r['threads']} BLAS thread(s)); median of {r['epochs_timed']} "
@@ -487,7 +511,7 @@ def format_table(r):
     lines.append(f"ratio_torch {r['ratio_torch'] and round(r['ratio_torch'], 3)}  "
                  f"ratio_jax {r['ratio_jax'] and round(r['ratio_jax'], 3)}  "
                  f"ratio_limit {round(r['ratio_limit'], 3)}  ratio_floor {round(r['ratio_floor'], 3)}  "
-                 f"{mem} {r[mem]:.0f}")
+                 f"{mem} {_mb(r[mem])}")
     if r.get("two_thread_step_share") is not None:
         lines.append(f"steps the compiled step ran on two threads: {r['two_thread_step_share']:.0%}")
     if r.get("torch_note"):
@@ -513,7 +537,7 @@ def format_stack(r):
         f"{r['stacked_model_epochs_per_s']:.3f} model-epochs/s",
         f"one model at a time: {r['epoch_s'] * 1000:8.1f} ms an epoch, "
         f"{r['single_model_epochs_per_s']:.3f} model-epochs/s",
-        f"ratio_stack {r['ratio_stack']:.3f}  {mem} {r[mem]:.0f}",
+        f"ratio_stack {r['ratio_stack']:.3f}  {mem} {_mb(r[mem])}",
         f"first layer of the {r['stack']} (forward and weight gradient, shared batch): batched "
         f"{r['first_layer_batched_epoch_s'] * 1000:.1f} ms an epoch, one wide product "
         f"{r['first_layer_wide_epoch_s'] * 1000:.1f} ms: ratio_wide {r['ratio_wide']:.3f}"])

@@ -614,7 +614,8 @@ def build_parser():
     p.add_argument("--threads", type=_positive_int,
                    help="CPU threads of every contender (default: ours by xpmlp's policy, 1 unless "
                         "$XPMLP_THREADS says otherwise; PyTorch and JAX their own default)")
-    p.add_argument("--pin", action="store_true", help="pin every contender to one core, one thread each")
+    p.add_argument("--pin", action="store_true",
+                   help="pin every contender to one core (Linux; elsewhere: not pinned), one thread each")
     p.add_argument("--busy", type=_nonnegative_int, default=0, metavar="N",
                    help="also time every contender with N CPU-bound processes running (ratio_busy)")
     p.add_argument("--stack", type=_positive_int, metavar="K",

@@ -16,6 +16,7 @@ Stacked models split by model instead (StackedCompiledStepper).  A Chooser times
 calls and goes back to one thread while that is faster (a busy machine).
 """
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -50,15 +51,50 @@ def _loss_name(model):
     return name if layers and len(layers) % 2 == 1 and linear and relu else None
 
 
+_said = set()
+
+
+def _say_once(line):
+    """A notice on stderr, once per process: which step a run takes instead, and why."""
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
 def compiled_steps(model):
     """The compiled step for this model, or None: only a model on fused ops whose kernels
     compile steps (NumPy + Numba), of a network they compile; one model, or models stacked
-    over one leading axis (StackedCompiledStepper)."""
-    build = getattr(model.backend, "mlp_steps", None)
-    fused = getattr(model.ops, "kernels", None) is not None
-    if build is None or not fused or model.flat is None or _loss_name(model) is None or len(model.stack) > 1:
+    over one leading axis (StackedCompiledStepper).  Where this machine's setup, not the
+    network, is why it has none (no Numba, no GEMM it can call), or where the step calls
+    another BLAS than NumPy's, it says so in one line on stderr, once."""
+    build = getattr(model.backend, "mlp_steps", None)  # NumPy's backend: backends/numpy_step.py
+    if build is None or model.flat is None or _loss_name(model) is None or len(model.stack) > 1:
         return None
-    return build(model.dtype)
+    kernel, why = build(model.dtype)
+    if kernel is None:
+        if why == "Numba is not installed":
+            _say_once(f"xpmlp: Numba is not installed, so training takes the {model.ops.name} ops' step, not the "
+                      "compiled one (about 2x slower); pip install 'xpmlp[fast]'")
+        else:
+            _say_once(f"xpmlp: no compiled step: {why}; training takes the fused ops' step (up to 1.6x slower)")
+        return None
+    if getattr(model.ops, "kernels", None) is None:  # the caller chose array ops
+        return None
+    if not kernel.source.numpys:
+        _say_once(f"xpmlp: the compiled step calls {kernel.source}, as NumPy's BLAS has no GEMM it can call; "
+                  "its results agree with the array path's to rounding, not bit for bit")
+    return kernel
+
+
+def step_record(stepper):
+    """What config.json records of a run's step, to explain its speed afterwards: "step" is
+    "compiled" (with "step_gemm", the GEMM it calls) or the ops' step ("fused ops",
+    "buffered ops", "plain ops")."""
+    kernel = getattr(stepper, "kernel", None)
+    if kernel is not None:
+        source = getattr(kernel, "source", None)
+        return {"step": "compiled", **({"step_gemm": str(source)} if source is not None else {})}
+    return {"step": f"{stepper.model.ops.name} ops"}
 
 
 def _new_call(sync, generation):

@@ -17,7 +17,6 @@ epoch records alone as epochs.jsonl; ``read_records`` reads either.
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import math
 import os
@@ -31,6 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig, TrainError
+
+try:  # the run's lock (hold_run_dir): flock where there is one, else Windows' byte-range lock
+    import fcntl
+except ImportError:
+    fcntl = None
+    import msvcrt
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.npz"
 RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
@@ -76,7 +81,7 @@ def atomic_write(path, write, size=0):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
-        os.fchmod(fd, _file_mode())
+        os.chmod(tmp, _file_mode())  # by path: os.fchmod is POSIX's (Windows has it only from Python 3.13)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -132,11 +137,12 @@ def versions():
     return found
 
 
-def write_config(run_dir, config, backend):
-    """config.json: the settings, the device that ran them and the library versions."""
+def write_config(run_dir, config, backend, step=None):
+    """config.json: the settings, the device that ran them, the library versions and ``step``
+    (a dict: which step the run takes, compiled.step_record)."""
     saved = dataclasses.asdict(config)
     saved.update(model=config.name, device_used=backend.describe(), versions=versions(),
-                 machine=platform.machine(), platform=platform.platform())
+                 machine=platform.machine(), platform=platform.platform(), **(step or {}))
     write_json(Path(run_dir) / CONFIG, saved)
 
 
@@ -193,8 +199,8 @@ def _open_own(path, flags, mode):
     """Open a run's file without following a symbolic link: a run directory received from
     someone else must not make us write wherever its links point."""
     try:
-        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    except OSError as exc:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError:
         if Path(path).is_symlink():
             raise TrainError(f"{path} is a symbolic link; a run's files must be its own (remove the link)") from None
         raise
@@ -373,39 +379,71 @@ class RunDirBusy(TrainError):
 
 
 def _lock_file(run_dir, create):
-    """The open lock file; None when there is none to read (``create`` False)."""
+    """The open lock file (binary: the lock's offset is a byte offset); None when there is
+    none to read (``create`` False)."""
     if create:
-        return open(Path(run_dir) / LOCK, "a+")
+        return _open_own(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, "r+b")
     try:
-        return open(Path(run_dir) / LOCK, "r+")
+        return _open_own(Path(run_dir) / LOCK, os.O_RDWR, "r+b")
     except OSError:  # absent, or run_dir is no directory: nobody holds it
         return None
 
 
+# Windows' byte-range locks are mandatory: a lock over the pid would keep a refused writer
+# from reading who holds it, so the lock is on one byte far past it.
+_WINDOWS_LOCK_OFFSET = 2**20
+
+
+def _lock(f, shared=False):
+    """Take the OS lock of the open lock file ``f`` without waiting: True, or False when
+    another process holds it.  The OS drops it when the file is closed or the process ends,
+    however it ends.  ``shared``: a probe that does not keep out other probes (flock only;
+    Windows' lock is always exclusive, which _try_lock's retries allow for)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    f.seek(_WINDOWS_LOCK_OFFSET)  # msvcrt.locking locks from the file position
+    try:
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:  # EACCES / EDEADLOCK: held by another process
+        return False
+    return True
+
+
+def _unlock(f):
+    if fcntl is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    else:
+        f.seek(_WINDOWS_LOCK_OFFSET)
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+
+
 def _try_lock(f, attempts=10):
-    """flock the file; a few tries, because a sweep's probe (lock_holder) may hold it for a
+    """Lock the file; a few tries, because a sweep's probe (lock_holder) may hold it for a
     moment.  False when another process holds it."""
     for _ in range(attempts):
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _lock(f):
             return True
-        except BlockingIOError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     return False
 
 
 def _holder_pid(f):
     f.seek(0)
-    text = f.read().strip()
+    text = f.read(32).strip()
     return int(text) if text.isdigit() else None
 
 
 @contextlib.contextmanager
 def hold_run_dir(run_dir):
-    """Be the one writer of ``run_dir`` while inside: an OS lock (flock) on its .lock file,
-    which the kernel releases when the process ends however it ends, so a kill -9 leaves no
-    stale lock.  Re-entrant within a process.  Another live holder: RunDirBusy naming its
-    pid.  The first entry removes temporary files that killed writers left behind."""
+    """Be the one writer of ``run_dir`` while inside: an OS lock (_lock: flock, or
+    msvcrt.locking on Windows) on its .lock file, which the OS releases when the process
+    ends however it ends, so a kill -9 leaves no stale lock.  Re-entrant within a process.
+    Another live holder: RunDirBusy naming its pid.  The first entry removes temporary
+    files that killed writers left behind."""
     key = str(Path(run_dir).resolve())
     if key in _held:
         _held[key][1] += 1
@@ -417,7 +455,7 @@ def hold_run_dir(run_dir):
             raise RunDirBusy.of(run_dir, pid)
         f.seek(0)
         f.truncate()
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()}\n".encode())
         f.flush()
         _held[key] = [f, 1]
         for tmp in Path(run_dir).glob(f".*{TEMP_SUFFIX}"):
@@ -439,11 +477,9 @@ def lock_holder(run_dir):
     if f is None:
         return None
     with f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(f, shared=True):
             return _holder_pid(f) or 0
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        _unlock(f)
     return None
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from . import rundir
 from .backends import get_backend
 from .config import TrainConfig, TrainError
+from .compiled import step_record
 from .loop import EpochLoop, write_tensorboard
 from .model import build_mlp, build_model
 from .optim import SGD
@@ -104,7 +105,7 @@ class StackTrainer(EpochLoop):
                            "per_model": {k: [getattr(c, k) for c in self.configs] for k in PER_MODEL_KEYS}})
         for cfg, run_dir in zip(self.configs, self.run_dirs):
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_config(run_dir, cfg, self.backend)
+            rundir.write_config(run_dir, cfg, self.backend, step_record(self.stepper))
 
     def _load(self):
         params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path, self.model, GROUP_FILE)

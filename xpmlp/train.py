@@ -5,6 +5,7 @@ from pathlib import Path
 from . import rundir
 from .backends import get_backend
 from .config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
+from .compiled import step_record
 from .loop import EpochLoop, Stepper, evaluate, fmt, make_stepper, step_loop, warm_up, write_tensorboard  # noqa: F401
 from .optim import SGD
 
@@ -43,7 +44,7 @@ class Trainer(EpochLoop):
     def write_config(self):
         if self._resumed:  # the records first: a bad one stops the resume before any file changes
             rundir.truncate_metrics(self.run_dir, self.state["epoch"])
-        rundir.write_config(self.run_dir, self.config, self.backend)
+        rundir.write_config(self.run_dir, self.config, self.backend, step_record(self.stepper))
 
     def run(self):
         """Train to ``config.epochs`` as the run directory's one writer; returns summary.json's

@@ -1,13 +1,11 @@
 """The local executor: stacked groups one at a time in this process, then the single runs
 as ``xpmlp train`` processes, ``jobs`` at a time."""
 import os
-import signal
-import subprocess
 import time
 
 from .. import rundir
 from ..config import TrainConfig, TrainError
-from ..processes import run_env, stop_on_signals
+from ..processes import interrupt, run_env, start_run, stop_on_signals
 from .plan import command
 from .units import _epochs_logged, outcome, run_stack_group
 
@@ -63,7 +61,7 @@ class LocalExecutor:
 
         def stop_runs():  # Ctrl-C or kill: let each run checkpoint, start nothing new
             for proc in running:
-                proc.send_signal(signal.SIGINT)
+                interrupt(proc)
 
         with stop_on_signals(stop_runs) as stop, bar:
             while (pending and not stop) or running:
@@ -78,9 +76,7 @@ class LocalExecutor:
                     # cleared by the run itself, once it holds the directory's lock.
                     run_dir.mkdir(parents=True, exist_ok=True)
                     log = open(run_dir / "train.log", "a")
-                    proc = subprocess.Popen(command(run_dir, settings, state, device, data_dir),
-                                            stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)  # signals reach runs only through us
+                    proc = start_run(command(run_dir, settings, state, device, data_dir), log, env)
                     running[proc] = (run_dir, log, 0)
                     tqdm.write(f"start  {run_dir} ({state})")
                 time.sleep(1.0)
@@ -91,6 +87,7 @@ class LocalExecutor:
                     if proc.poll() is None:
                         continue
                     log.close()
+                    proc.stdin.close()
                     del running[proc]
                     kind, line = outcome(run_dir, proc.returncode)
                     if kind == "finished":
