@@ -32,7 +32,15 @@ import os
 
 import numpy as np
 
-from .numpy_kernels import column_sums, euclidean_row, jit, numba, sgd_step, sigmoid_backward, softmax_xent_row
+from .numpy_kernels import (
+    column_sums,
+    euclidean_row,
+    jit,
+    numba,
+    sgd_step,
+    sigmoid_backward,
+    softmax_xent_row,
+)
 
 if numba is not None:
     from llvmlite import ir

@@ -8,10 +8,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
-
 from helpers import backend_or_reason  # noqa: E402
 
-from xpmlp.ops import KINDS, ops_for  # noqa: E402
+from xpmlp.core.ops import KINDS, ops_for  # noqa: E402
 
 BACKEND_NAMES = ("numpy", "array-api-strict", "cupy")
 

@@ -12,10 +12,11 @@ from helpers import real_mnist_dir
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import xpmlp
-from xpmlp import cli, compiled
+from xpmlp import cli
 from xpmlp.config import TrainConfig
 from xpmlp.data import load_mnist
-from xpmlp.train import Trainer
+from xpmlp.training import compiled
+from xpmlp.training.train import Trainer
 
 pytestmark = pytest.mark.skipif(xpmlp.get_backend("numpy").kernels is None,
                                 reason="needs Numba (the [fast] extra; CI installs it)")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from xpmlp import build_model, get_backend
-from xpmlp.data import Mnist
 from xpmlp.config import TrainConfig
+from xpmlp.data import Mnist
 from xpmlp.rundir import load_checkpoint
-from xpmlp.train import Trainer, evaluate
+from xpmlp.training.train import Trainer, evaluate
 
 TRAIN_N, TEST_N, BATCH = 1000, 2500, 100  # 2,500 test rows: chunks of 1,000 leave a partial one
 

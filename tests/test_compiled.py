@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 
 import xpmlp
-from xpmlp.compiled import (PROBE_MAX_S, PROBE_MIN_S, PROBE_STEPS, Chooser, CompiledStepper, StackedCompiledStepper,
-                            compiled_steps)
-from xpmlp.optim import SGD
-from xpmlp.train import Stepper, make_stepper
+from xpmlp.core.optim import SGD
+from xpmlp.training.compiled import (
+    PROBE_MAX_S,
+    PROBE_MIN_S,
+    PROBE_STEPS,
+    Chooser,
+    CompiledStepper,
+    StackedCompiledStepper,
+    compiled_steps,
+)
+from xpmlp.training.train import Stepper, make_stepper
 
 pytestmark = pytest.mark.skipif(xpmlp.get_backend("numpy").kernels is None,
                                 reason="needs Numba (the [fast] extra; CI installs it)")

@@ -7,8 +7,8 @@ class probabilities that `eval --plots` and `predict` read.
 """
 import numpy as np
 import pytest
-
 from helpers import assert_backend_matches_numpy, assert_tree_allclose, host, run_on
+
 from xpmlp import MODELS, SGD, build_mlp, build_model
 from xpmlp.inspect import class_probabilities
 

@@ -24,9 +24,10 @@ from helpers import real_mnist_dir
 from test_train import assert_same_trajectory, no_temp_files, trajectory
 
 import xpmlp.data
-from xpmlp import cli, loop, rundir, train
+from xpmlp import cli, rundir
 from xpmlp.data import Mnist
 from xpmlp.rundir import hold_run_dir, lock_holder
+from xpmlp.training import loop, train
 
 TRAIN_N, TEST_N, BATCH, EPOCHS = 1000, 300, 100, 3
 ITERS = TRAIN_N // BATCH
@@ -613,7 +614,8 @@ def test_a_second_ctrl_c_while_exiting_prints_no_traceback(tmp_path):
     args = ["train", *FAST, "--epochs", "2", "--quiet", "--out", "run"]
     script = f"""
 import os, signal, sys
-from xpmlp import cli, loop, train
+from xpmlp import cli
+from xpmlp.training import loop, train
 calls = [0]
 loop.STEPS_PER_CALL = 1
 for cls, name in ((loop.Stepper, "step"), (loop.CompiledStepper, "steps")):  # whichever the trainer runs

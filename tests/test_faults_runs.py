@@ -16,7 +16,7 @@ from test_cli import FAST, assert_user_error, env, snapshot, xpmlp
 from test_stack import configs, stack_trainer
 from test_train import synthetic  # noqa: F401 (a fixture)
 
-from xpmlp import loop
+from xpmlp.training import loop
 
 
 @pytest.fixture(scope="module")

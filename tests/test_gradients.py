@@ -7,9 +7,16 @@ import warnings
 
 import numpy as np
 import pytest
-
 from helpers import host
-from xpmlp import EuclideanLoss, Linear, ReLU, Sigmoid, SoftmaxCrossEntropyLoss, build_model
+
+from xpmlp import (
+    EuclideanLoss,
+    Linear,
+    ReLU,
+    Sigmoid,
+    SoftmaxCrossEntropyLoss,
+    build_model,
+)
 
 # Central differences: truncation error ~ EPS^2, rounding noise ~ |L| * 1e-16 / EPS.
 EPS = 1e-5

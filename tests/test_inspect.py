@@ -13,8 +13,15 @@ from test_cli import FAST, assert_user_error, snapshot, xpmlp
 from xpmlp import build_mlp
 from xpmlp.data import FILES, read_idx, to_inputs
 from xpmlp.digits import ImageError, mnist_digit, read_digit
-from xpmlp.inspect import (class_probabilities, confident_mistakes, confusion_matrix,
-                           first_layer_images, hidden_layers, load_model, precision_recall)
+from xpmlp.inspect import (
+    class_probabilities,
+    confident_mistakes,
+    confusion_matrix,
+    first_layer_images,
+    hidden_layers,
+    load_model,
+    precision_recall,
+)
 from xpmlp.plots import CONFUSION_PNG, MISTAKES_PNG, WEIGHTS_PNG, write_confusion_grid
 
 PLOTS = (CONFUSION_PNG, MISTAKES_PNG, WEIGHTS_PNG)

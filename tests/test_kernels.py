@@ -13,9 +13,9 @@ import pytest
 from helpers import backend_or_reason
 
 import xpmlp
-from xpmlp.layers import Sigmoid
-from xpmlp.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
-from xpmlp.ops import BufferedOps, CudaOps, NumbaOps, PlainOps, Scratch, ops_for
+from xpmlp.core.layers import Sigmoid
+from xpmlp.core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
+from xpmlp.core.ops import BufferedOps, CudaOps, NumbaOps, PlainOps, Scratch, ops_for
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
@@ -254,8 +254,14 @@ def cuda_units():
     ElementwiseKernel body in a kernel, its parameters declared as CuPy declares them, once
     per dtype, one file per set of options.  Returns {name: (source, options)}: "losses",
     then the name of each elementwise kernel with options of its own, then "elementwise"."""
-    from xpmlp.backends.cupy_kernels import (CTYPES, ELEMENTWISE, ELEMENTWISE_OPTIONS, LOSS_KERNELS,
-                                             LOSS_OPTIONS, LOSS_SOURCE)
+    from xpmlp.backends.cupy_kernels import (
+        CTYPES,
+        ELEMENTWISE,
+        ELEMENTWISE_OPTIONS,
+        LOSS_KERNELS,
+        LOSS_OPTIONS,
+        LOSS_SOURCE,
+    )
     loss = [LOSS_SOURCE] + [f"template __global__ void {name}<{t}>(const {t}*, const long long*, {t}*, "
                             f"{t}*, {t}*, const int, const int);"
                             for name in LOSS_KERNELS for t in CTYPES.values()]

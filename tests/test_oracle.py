@@ -5,8 +5,8 @@ Our ``Linear`` holds W as (in, out), so torch's weight is W.T.  CI installs torc
 """
 import numpy as np
 import pytest
-
 from helpers import host
+
 from xpmlp import MODELS, SGD, build_model
 
 torch = pytest.importorskip("torch")

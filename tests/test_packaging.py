@@ -100,7 +100,7 @@ def test_cli_and_sweep_check_settings_without_the_training_loop(tmp_path):
     the training loop: TrainConfig lives in its own module."""
     code = ("import sys, xpmlp.cli, xpmlp.sweep, xpmlp.rundir\n"
             "xpmlp.cli.config_from_args(xpmlp.cli.build_parser().parse_args(['train', '--lr', '0.1']))\n"
-            "print(sorted(m for m in ('xpmlp.train', 'xpmlp.bench', 'tqdm') if m in sys.modules))\n")
+            "print(sorted(m for m in ('xpmlp.training.train', 'xpmlp.bench', 'tqdm') if m in sys.modules))\n")
     result = run_python(code, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["[]"]

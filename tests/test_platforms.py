@@ -73,7 +73,7 @@ def test_the_simulation_is_windows_like():
 
 def test_every_command_imports_on_windows():
     result = windows_python("""
-        import xpmlp.cli, xpmlp.bench, xpmlp.sweep, xpmlp.rundir, xpmlp.stack, xpmlp.train
+        import xpmlp.cli, xpmlp.bench, xpmlp.sweep, xpmlp.rundir, xpmlp.training.stack, xpmlp.training.train
         assert xpmlp.rundir.fcntl is None
         sys.exit(xpmlp.cli.main(["--help"]))
     """)

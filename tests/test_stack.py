@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import assert_tree_allclose, host, run_on
 from test_train import interrupt_after
+
 from xpmlp import SGD, build_model
-from xpmlp.stack import StackTrainer
-from xpmlp.train import Trainer, TrainConfig, evaluate
+from xpmlp.training.stack import StackTrainer
+from xpmlp.training.train import TrainConfig, Trainer, evaluate
 
 N, STEPS = 16, 5
 # Three models with their own seeds, init stds and optimizer settings.
@@ -233,6 +233,7 @@ def test_group_matches_separate_runs_on_real_mnist(tmp_path, dtype):
     """2 epochs: float64 losses to 1e-9 relative and the same accuracies; float32 test
     accuracies within 0.1 point (on NumPy they are the same bits: see above)."""
     from helpers import real_mnist_dir
+
     from xpmlp.data import load_mnist
     data = load_mnist(real_mnist_dir(), download=False, progress=False)
     cfgs = configs([dict(lr=0.1), dict(lr=0.01, momentum=0.5, seed=1), dict(lr=0.05, weight_decay=0.0)],
@@ -316,6 +317,7 @@ def straight_seeds(tmp_path_factory):
 @pytest.mark.parametrize("resume", [False, True], ids=["out", "resume"])
 def test_seeds_of_a_directory_another_process_holds_is_one_line(tmp_path, straight_seeds, held, resume):
     import shutil
+
     from test_cli import FAST, assert_user_error, snapshot, xpmlp
     from test_faults import held_by_another_process
     out = tmp_path / "seeds"
@@ -337,8 +339,12 @@ def test_interrupted_seeds_say_how_to_resume_and_resume_identically(tmp_path, st
     import subprocess
     import sys
     import time
+
     from test_cli import FAST, env, xpmlp
-    from xpmlp.rundir import resume_command  # the command that works where it is printed
+
+    from xpmlp.rundir import (
+        resume_command,  # the command that works where it is printed
+    )
     proc = subprocess.Popen([sys.executable, "-m", "xpmlp", "train", *FAST, "--epochs", "4", "--seeds", "0-2",
                              "--quiet", "--out", "cut"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -365,10 +371,12 @@ def test_a_full_disk_at_a_group_checkpoint_is_one_line_and_the_group_resumes(tmp
     naming it, the epoch-1 checkpoint intact, and once there is room again the group
     resumes and ends as if never stopped."""
     import errno
+
     from helpers import real_mnist_dir
     from test_cli import FAST
     from test_faults import assert_one_line_error, no_temp_files, xpmlp_main
-    from xpmlp.stack import group_state
+
+    from xpmlp.training.stack import group_state
     monkeypatch.setenv("XPMLP_DATA_DIR", str(real_mnist_dir()))
     savez, calls, out = np.savez, [0], tmp_path / "cut"
 
@@ -396,6 +404,7 @@ def test_resuming_one_member_of_a_group_is_refused_and_changes_nothing(tmp_path,
     resumed alone it would have been cleared and retrained; it is refused with the command
     that resumes its group."""
     import shutil
+
     from test_cli import assert_user_error, snapshot, xpmlp
     shutil.copytree(straight_seeds, tmp_path / "seeds")
     (tmp_path / "seeds" / "seed=1" / "checkpoint.npz").unlink()  # as while the group trains
@@ -408,7 +417,8 @@ def test_resuming_one_member_of_a_group_is_refused_and_changes_nothing(tmp_path,
 
 def test_resuming_one_member_of_a_sweeps_group_is_refused(tmp_path):
     from test_cli import assert_user_error, xpmlp
-    from xpmlp.stack import group_of
+
+    from xpmlp.training.stack import group_of
     (tmp_path / "out" / "a").mkdir(parents=True)
     (tmp_path / "out" / "b").mkdir()
     group = tmp_path / "out" / ".stacks" / "g"
@@ -423,7 +433,8 @@ def test_seeds_stopped_before_their_first_checkpoint_start_again(tmp_path, strai
     """A group killed before its first checkpoint: --resume (or the same --out) starts it
     again from scratch, saying so, whatever records it had begun."""
     from test_cli import FAST, xpmlp
-    from xpmlp.stack import group_configs
+
+    from xpmlp.training.stack import group_configs
     configs, _ = group_configs(straight_seeds)
     out = tmp_path / "seeds"
     t = StackTrainer(configs, [out / f"seed={c.seed}" for c in configs], None, out, progress=False)
@@ -456,6 +467,7 @@ def sweep_process(root, *extra):
     import os
     import subprocess
     import sys
+
     from helpers import real_mnist_dir
     env = dict(os.environ, XPMLP_DATA_DIR=str(real_mnist_dir()), PYTHONWARNINGS="ignore",
                OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
@@ -537,6 +549,7 @@ def test_sweep_stack_interrupted_then_rerun_ends_identical(straight_sweep, tmp_p
 
 def test_sweep_stack_loads_mnist_once(tmp_path, monkeypatch, capsys):
     from helpers import real_mnist_dir
+
     from xpmlp import data as data_module
     from xpmlp.sweep import run_sweep
     calls = []
@@ -560,8 +573,9 @@ def test_sweep_stack_loads_mnist_once(tmp_path, monkeypatch, capsys):
 def test_a_group_given_one_core_steps_on_one_thread(tmp_path, monkeypatch, capsys, cores, want):
     """A Ray task's CPUs cap a stacked group's threads, as run_env caps a run's."""
     from helpers import real_mnist_dir
-    from xpmlp import loop
+
     from xpmlp.sweep import load_grid, run_stack_group
+    from xpmlp.training import loop
     asked = []
     real = loop.make_stepper
 
@@ -584,6 +598,7 @@ def test_sweep_stack_skips_what_another_process_holds(tmp_path, capsys):
     from helpers import real_mnist_dir
     from test_cli import snapshot
     from test_faults import held_by_another_process
+
     from xpmlp.sweep import load_grid, run_stack_group, run_sweep
     grid = tmp_path / "grid.toml"
     grid.write_text(STACK_GRID.replace("{out}", str(tmp_path / "runs")).replace("epochs = 3", "epochs = 1")

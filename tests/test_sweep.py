@@ -136,9 +136,10 @@ def test_rerun_resumes_an_interrupted_run(finished_sweep, sweep_env, capsys):
 def _cut_to_epoch_one(run, config_json):
     """Replace the run's final checkpoint with the one it wrote after epoch 1, by training
     epoch 1 again in-process (bit-identical: tested in test_train.py)."""
-    from xpmlp.data import load_mnist
-    from xpmlp.train import Trainer
     import tempfile
+
+    from xpmlp.data import load_mnist
+    from xpmlp.training.train import Trainer
     fields = {k: v for k, v in config_json.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**dict(fields, model="mlp0-sce", epochs=1, device="numpy"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,9 +20,9 @@ from helpers import real_mnist_dir
 
 from xpmlp import rundir
 from xpmlp.config import TrainError
-from xpmlp.stack import group_state
 from xpmlp.sweep import run_sweep
 from xpmlp.sweep.ray_executor import RayExecutor, group_work_dirs, work_dir
+from xpmlp.training.stack import group_state
 
 # Where Ray is not installed (a [test]-only install, the GPU image) the module is skipped
 # with this reason, not an error at collection.

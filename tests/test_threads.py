@@ -5,7 +5,12 @@ import pytest
 from test_cli import assert_user_error, xpmlp
 from threadpoolctl import threadpool_info
 
-from xpmlp.threads import DEFAULT_THREADS, blas_threads, limit_blas_threads, step_threads
+from xpmlp.training.threads import (
+    DEFAULT_THREADS,
+    blas_threads,
+    limit_blas_threads,
+    step_threads,
+)
 
 
 def _blas_threads_now():

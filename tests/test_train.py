@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from helpers import real_mnist_dir
 
-from xpmlp import get_backend, loop, rundir, train
+from xpmlp import get_backend, rundir
 from xpmlp.config import TrainConfig, TrainError
 from xpmlp.data import Mnist, load_mnist
 from xpmlp.rundir import load_checkpoint, save_checkpoint, write_json
-from xpmlp.train import Trainer
+from xpmlp.training import loop, train
+from xpmlp.training.train import Trainer
 
 TRAIN_N, TEST_N, BATCH = 1000, 300, 100
 ITERS = TRAIN_N // BATCH  # iterations per epoch on the synthetic data

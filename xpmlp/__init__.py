@@ -1,9 +1,9 @@
 """xpmlp: hand-written MLP layers, losses and SGD over an array namespace (NumPy or CuPy)."""
 from .backends import Backend, BackendUnavailable, available_backends, get_backend
-from .layers import Linear, ReLU, Sigmoid
-from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss
-from .model import MODELS, Sequential, accuracy, build_mlp, build_model
-from .optim import SGD
+from .core.layers import Linear, ReLU, Sigmoid
+from .core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
+from .core.model import MODELS, Sequential, accuracy, build_mlp, build_model
+from .core.optim import SGD
 
 __version__ = "0.1.0"
 

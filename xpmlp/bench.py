@@ -48,12 +48,12 @@ import time
 import numpy as np
 
 from .backends import get_backend
-from .compiled import compiled_steps
-from .model import build_model
-from .optim import SGD
+from .core.model import build_model
+from .core.optim import SGD
 from .rundir import versions
-from .threads import blas_threads, limit_blas_threads
-from .train import Stepper, make_stepper, step_loop
+from .training.compiled import compiled_steps
+from .training.threads import blas_threads, limit_blas_threads
+from .training.train import Stepper, make_stepper, step_loop
 
 MODEL, BATCH, N_TRAIN, FEATURES, CLASSES = "mlp2-relu-sce", 100, 60000, 784, 10
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4

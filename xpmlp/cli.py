@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import TRAJECTORY_KEYS, TrainConfig, TrainError
-from .model import ACTIVATIONS, DTYPES, LOSSES, MODELS
+from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS
 
 DEFAULTS = TrainConfig()
 
@@ -203,10 +203,10 @@ def _run_dir(text):
 def cmd_train(args):
     from .backends import get_backend
     from .data import load_mnist
-    from .launch import train
     from .processes import die_with_parent
-    from .threads import blas_threads
-    from .train import Trainer
+    from .training.launch import train
+    from .training.threads import blas_threads
+    from .training.train import Trainer
 
     die_with_parent()  # a sweep's run ends with its sweep
     if args.seeds is not None or (args.resume and (Path(args.resume) / rundir.GROUP_FILE).is_file()):
@@ -239,7 +239,7 @@ def cmd_train(args):
 def _refuse_a_group_member(run_dir):
     """A stacked group's member has no checkpoint of its own: resumed alone it would be
     cleared and trained again, losing the group's progress.  Say how to resume it instead."""
-    from .stack import group_of
+    from .training.stack import group_of
     group = group_of(run_dir)
     if group is None:
         return
@@ -254,9 +254,9 @@ def train_seeds(args):
     aggregate summary.json; ``train --resume OUT`` of such a directory continues the group."""
     from .backends import get_backend
     from .data import load_mnist
-    from .launch import train
-    from .stack import StackTrainer, aggregate, group_configs
-    from .threads import blas_threads
+    from .training.launch import train
+    from .training.stack import StackTrainer, aggregate, group_configs
+    from .training.threads import blas_threads
 
     created = False
     if args.resume:
@@ -313,7 +313,7 @@ def train_seeds(args):
 def cmd_eval(args):
     from .backends import get_backend
     from .data import load_mnist
-    from .train import evaluate
+    from .training.train import evaluate
 
     run_dir = _run_dir(args.run_dir)
     plots_dir = None if args.plots is None else _writable_dir(args.plots or run_dir, "--plots")

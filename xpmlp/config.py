@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp, build_model
+from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp, build_model
 
 # Settings that define the trajectory: a resume must not contradict them.
 TRAJECTORY_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "lr", "momentum",

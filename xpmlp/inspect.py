@@ -4,7 +4,7 @@ arrays, whichever backend ran the network.
 """
 import numpy as np
 
-from .losses import SoftmaxCrossEntropyLoss
+from .core.losses import SoftmaxCrossEntropyLoss
 
 NUM_CLASSES = 10
 SIDE = 28  # MNIST images are 28x28
@@ -63,7 +63,7 @@ def confident_mistakes(probabilities, labels, count=25):
 
 
 def _linear_layers(model):
-    from .layers import Linear
+    from .core.layers import Linear
     return [layer for layer in model.layers if isinstance(layer, Linear)]
 
 

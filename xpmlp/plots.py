@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .inspect import SIDE, Predictions, confident_mistakes, first_layer_images, hidden_layers, load_model
+from .inspect import (
+    SIDE,
+    Predictions,
+    confident_mistakes,
+    first_layer_images,
+    hidden_layers,
+    load_model,
+)
 
 CONFUSION_PNG, MISTAKES_PNG, WEIGHTS_PNG = "confusion_matrix.png", "mistakes.png", "first_layer_weights.png"
 DPI = 100

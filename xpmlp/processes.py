@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from .threads import blas_threads
+from .training.threads import blas_threads
 
 PARENT_ENV = "XPMLP_SWEEP_PARENT"  # set for a sweep's runs: the driver's pid
 PIPE_ENV = "XPMLP_SWEEP_STDIN"  # set where a run's stdin is a pipe from the driver, held open while it lives

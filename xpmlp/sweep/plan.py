@@ -128,7 +128,7 @@ def plan_stacks(todo, max_stack, device):
 
     Groups are formed over every point, finished or not, so that a rerun finds the same
     group (and its checkpoint) whatever finished since."""
-    from ..stack import group_configs, group_key, group_state
+    from ..training.stack import group_configs, group_key, group_state
 
     by_key = {}
     for item in todo:

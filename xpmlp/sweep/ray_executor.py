@@ -43,8 +43,8 @@ from pathlib import Path
 
 from .. import rundir
 from ..config import TrainConfig, TrainError
-from ..launch import hold_all
 from ..processes import run_env, stop_on_signals
+from ..training.launch import hold_all
 from . import plan
 from .plan import run_state
 from .units import outcome
@@ -473,7 +473,7 @@ def stack_task(group_dir, members, options, driver_end):
     sent back at each group checkpoint and at the end."""
     import ray
 
-    from ..stack import group_configs, group_state
+    from ..training.stack import group_configs, group_state
     from .units import run_stack_group
 
     group_dir, state = Path(group_dir), options["state"]

@@ -6,7 +6,7 @@ import sys
 from .. import rundir
 from ..config import TrainConfig, TrainError
 from ..processes import die_with_parent
-from ..threads import blas_threads, step_threads
+from ..training.threads import blas_threads, step_threads
 from .plan import _read_summary, run_state
 
 
@@ -41,8 +41,8 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
 
     from ..backends import get_backend
     from ..data import load_mnist
-    from ..launch import train
-    from ..stack import StackTrainer
+    from ..training.launch import train
+    from ..training.stack import StackTrainer
 
     die_with_parent()  # in a worker process started by a sweep: the group ends with its sweep
     overrides = dict(**({"device": device} if device else {}), **({"data_dir": data_dir} if data_dir else {}))

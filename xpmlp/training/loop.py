@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
+from ..core.ops import Scratch
 from .compiled import CompiledStepper, StackedCompiledStepper, compiled_steps
-from .ops import Scratch
 from .threads import step_threads
 
 # The progress bar shows the latest step's loss and accuracy, read from the device at most

@@ -2,12 +2,21 @@
 (rundir.py) as its hooks."""
 from pathlib import Path
 
-from . import rundir
-from .backends import get_backend
-from .config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
+from .. import rundir
+from ..backends import get_backend
+from ..config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
+from ..core.optim import SGD
 from .compiled import step_record
-from .loop import EpochLoop, Stepper, evaluate, fmt, make_stepper, step_loop, warm_up, write_tensorboard  # noqa: F401
-from .optim import SGD
+from .loop import (  # noqa: F401
+    EpochLoop,
+    Stepper,
+    evaluate,
+    fmt,
+    make_stepper,
+    step_loop,
+    warm_up,
+    write_tensorboard,
+)
 
 
 class Trainer(EpochLoop):

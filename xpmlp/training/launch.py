@@ -5,7 +5,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from . import rundir
+from .. import rundir
 from .threads import limit_blas_threads
 
 

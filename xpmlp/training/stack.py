@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
-from .backends import get_backend
-from .config import TrainConfig, TrainError
+from .. import rundir
+from ..backends import get_backend
+from ..config import TrainConfig, TrainError
+from ..core.model import build_mlp, build_model
+from ..core.optim import SGD
 from .compiled import step_record
 from .loop import EpochLoop, write_tensorboard
-from .model import build_mlp, build_model
-from .optim import SGD
 from .train import last_epoch_record
 
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.

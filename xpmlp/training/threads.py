@@ -14,7 +14,7 @@ cores, unless ``XPMLP_THREADS`` / ``--threads`` says 1.
 import contextlib
 import os
 
-from .config import TrainError
+from ..config import TrainError
 
 DEFAULT_THREADS = 1
 

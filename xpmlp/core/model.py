@@ -136,7 +136,7 @@ def build_mlp(hidden, activation, loss, *, backend="numpy", dtype="float32", ini
     ``stack=(K,)`` builds K models over a leading axis.  With a scalar ``seed`` one
     generator draws all their weights; with K seeds (and a scalar or K values of
     ``init_std``) model k draws exactly what ``build_mlp(seed=seed[k], ...)`` draws."""
-    from .backends import get_backend
+    from ..backends import get_backend
 
     backend = get_backend(backend)
     if loss not in LOSSES:

@@ -23,8 +23,8 @@ import weakref
 
 import numpy as np
 
-from .layers import Linear, ReLU, Sigmoid
-from .losses import EuclideanLoss, SoftmaxCrossEntropyLoss
+from ..core.layers import Linear, ReLU, Sigmoid
+from ..core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 
 # Two threads win only while both get a core: once another process takes one, a step
 # waits for a descheduled helper (2-4x slower epochs, measured).  So each call times its
