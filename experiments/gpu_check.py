@@ -37,10 +37,11 @@ MIN_STEP_S = 10  # a step with less time left than this is not started
 SIGINT_GRACE_S = 20  # after SIGINT, time for pytest to print its summary before a kill
 TAIL_LINES = 60
 XDIST_WORKERS = 4
-# The test files that hold CuPy tests (tests/test_gpu_check.py checks this list against
-# a collection of `-m gpu` over the whole suite).
+# The test files that hold CUDA tests, CuPy's and torch:cuda's (tests/test_gpu_check.py checks
+# this list against a collection of `-m gpu` over the whole suite).
 GPU_TEST_FILES = ("tests/test_backends.py", "tests/test_cross_backend.py", "tests/test_gradients.py",
-                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_stack.py", "tests/test_train.py")
+                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_stack.py", "tests/test_torch_backend.py",
+                  "tests/test_train.py")
 STACK_MODELS = 17
 SHOWN_BENCH_KEYS = ("epoch_s", "torch_epoch_s", "gemm_limit_epoch_s", "ratio_torch", "ratio_limit", "ratio_floor")
 

@@ -263,3 +263,15 @@ def test_stacked_group_on_torch_matches_numpy(tmp_path, synthetic):
         a, b = (read_json(tmp_path / d / f"m{k}" / "summary.json") for d in ("torch", "numpy"))
         for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
             assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (k, key)
+
+
+def test_bench_times_the_torch_backend_against_pytorch_eager_on_its_device(monkeypatch):
+    """`xpmlp bench --device torch:cpu`: ours on torch's plain ops, the peer on the same device
+    (the peer reads the dtype from the host weights: a torch dtype is no NumPy dtype)."""
+    from xpmlp import bench
+    monkeypatch.setattr(bench, "N_TRAIN", 1000)  # ten steps an epoch, as tests/test_bench.py
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    r = bench.run(device="torch:cpu", epochs=1, threads=1)
+    assert (r["backend"], r["device"], r["ops"]) == ("torch", "torch:cpu", "plain")
+    assert r["torch_note"] is None and r["torch_epoch_s"] > 0 and r["epoch_s"] > 0
+    assert r["ratio_torch"] == pytest.approx(r["epoch_s"] / r["torch_epoch_s"])
