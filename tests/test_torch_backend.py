@@ -10,7 +10,8 @@ import warnings
 import numpy as np
 import pytest
 from test_faults import xpmlp_main
-from test_train import config, read_json, synthetic, train_run  # noqa: F401 (synthetic: a fixture)
+from test_train import (ITERS, assert_same_trajectory, config, interrupt_after, read_json, synthetic,  # noqa: F401
+                        train_run, trainer)
 
 import xpmlp
 from xpmlp import BackendUnavailable, get_backend, rundir
@@ -236,6 +237,31 @@ def test_a_checkpoint_resumes_on_the_other_backend(tmp_path, synthetic, first, t
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-9, abs=1e-12), key
     for a, b in zip(rundir.load_checkpoint(run)[0], rundir.load_checkpoint(tmp_path / "straight")[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("then", ["torch", "numpy"])
+def test_interrupted_inside_an_epoch_on_torch_resumes_on_either_backend(tmp_path, synthetic, monkeypatch, then):
+    """Ctrl-C three steps into epoch 2 on torch: the checkpoint replays that epoch's shuffle
+    from there.  Resumed on torch the run ends bit for bit as one never interrupted (one
+    CPU thread: deterministic); resumed on NumPy, within float64 rounding."""
+    straight = tmp_path / "straight"
+    train_run(config(epochs=3, dtype="float64", device="torch"), straight, synthetic)
+    run = tmp_path / "run"
+    t = trainer(config(epochs=3, dtype="float64", device="torch"), run, synthetic)
+    interrupt_after(monkeypatch, t, ITERS + 3)
+    t.run()
+    assert read_json(run / "summary.json")["status"] == "interrupted"
+    monkeypatch.undo()  # the resumed run is not interrupted
+    summary = train_run(config(epochs=3, dtype="float64", device=then), run, synthetic, resume=True)
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    if then == "torch":
+        assert_same_trajectory(run, straight)
+        return
+    want = read_json(straight / "summary.json")
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert summary[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    for a, b in zip(rundir.load_checkpoint(run)[0], rundir.load_checkpoint(straight)[0]):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
