@@ -105,9 +105,14 @@ class TorchBackend(Backend):
             torch.set_num_threads(blas_threads())
 
     def asarray(self, a, dtype=None):
-        if isinstance(a, np.ndarray) and not a.flags.writeable:
-            a = a.copy()  # torch warns on read-only NumPy memory (a broadcast_to, a loaded file)
-        return self.xp.asarray(a, dtype=dtype)
+        if not isinstance(a, np.ndarray):
+            return self.xp.asarray(a, dtype=dtype)
+        # Host data: converted to ``dtype`` on the host, then sent (MPS cannot hold the float64
+        # it would otherwise convert from; a GPU receives the smaller array).  from_numpy
+        # shares the memory; it wants it writeable, native-endian and without negative strides.
+        a = np.require(a, dtype=a.dtype.newbyteorder("="), requirements=("C", "W"))
+        host = self.torch.from_numpy(a)
+        return host.to(dtype=dtype or host.dtype).to(self.torch_device)
 
     def to_numpy(self, a):
         if isinstance(a, self.torch.Tensor):

@@ -63,14 +63,18 @@ def test_arrays_are_made_on_the_backends_device():
         assert isinstance(a, torch.Tensor) and a.device == backend.torch_device
 
 
-def test_read_only_host_arrays_convert_without_a_warning():
-    """A broadcast hyperparameter or a memory-mapped file is read-only NumPy memory, on which
-    torch.asarray warns; the backend copies it first."""
+def test_any_host_array_converts_without_a_warning():
+    """Read-only memory (a broadcast hyperparameter, a memory-mapped file), negative strides
+    and big-endian data, which torch's from_numpy refuses or warns on, are copied first."""
     backend = get_backend("torch")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         a = backend.asarray(np.broadcast_to(np.float64(0.5), (3,)), dtype=backend.dtype("float32"))
+        reversed_ = backend.asarray(np.arange(6.0)[::-2])
+        big_endian = backend.asarray(np.arange(3, dtype=">i8"))
     assert a.dtype == torch.float32 and backend.to_numpy(a).tolist() == [0.5] * 3
+    assert backend.to_numpy(reversed_).tolist() == [5.0, 3.0, 1.0]
+    assert big_endian.dtype == torch.int64 and backend.to_numpy(big_endian).tolist() == [0, 1, 2]
 
 
 def test_cpu_threads_follow_the_projects_policy(monkeypatch):
