@@ -26,12 +26,13 @@ endif
 # the "CuPy present, no GPU" error path is tested even on machines without one (Linux and
 # Windows only: pyproject.toml's markers make it nothing on macOS);
 # fast = Numba's fused CPU kernels; ray = Ray, so the sweep's Ray executor is tested on a real
-# local Ray instance (tests/test_sweep_ray.py).
+# local Ray instance (tests/test_sweep_ray.py); torch = array-api-compat, so the torch backend's
+# cases (the cross-backend fixture's torch, tests/test_torch_backend.py) run on CPU torch.
 venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[fast,test,oracle,cuda12,ray]'
+	$(PY) -m pip install --quiet -e '.[fast,test,oracle,cuda12,ray,torch]'
 	touch $(STAMP)
 
 test: $(STAMP)

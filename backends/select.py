@@ -4,7 +4,8 @@ import sys
 
 from .base import BackendUnavailable
 
-NAMES = ("auto", "cpu", "numpy", "cuda", "cuda:N", "cupy", "array-api-strict")
+NAMES = ("auto", "cpu", "numpy", "cuda", "cuda:N", "cupy", "torch", "torch:cpu", "torch:cuda", "torch:cuda:N",
+         "torch:mps", "array-api-strict")
 
 
 def get_backend(name="auto", *, notice=None):
@@ -23,6 +24,10 @@ def get_backend(name="auto", *, notice=None):
     if key in ("array-api-strict", "strict"):
         from .strict_backend import StrictBackend
         return StrictBackend()
+    match = re.fullmatch(r"torch(?::(cpu|mps|cuda(?::\d+)?))?", key)
+    if match:  # "torch" alone is torch on the CPU: a GPU is always named
+        from .torch_backend import TorchBackend
+        return TorchBackend(match.group(1) or "cpu")
     match = re.fullmatch(r"(?:cupy|cuda|gpu)(?::(\d+))?", key)
     if match:
         from .cupy_backend import CupyBackend
@@ -43,7 +48,7 @@ def get_backend(name="auto", *, notice=None):
 def available_backends():
     """Map each backend name to a Backend, or to the reason it is unavailable (a str)."""
     found = {}
-    for name in ("numpy", "array-api-strict", "cupy"):
+    for name in ("numpy", "array-api-strict", "cupy", "torch", "torch:cuda", "torch:mps"):
         try:
             found[name] = get_backend(name)
         except BackendUnavailable as exc:

@@ -8,8 +8,10 @@ stops at the first thing that makes the rest meaningless, and keeps what a revie
   2. the CuPy tests (the files that hold them, `-m gpu`), the full log kept in a file and
      its last lines printed; on its timeout pytest gets SIGINT, so it still prints its
      summary; fails unless at least one CuPy test passed and none failed;
-  3. `xpmlp bench --device cuda --json`, and `--stack 17` where the bench has --stack;
-  4. one JSON record: into $OUT when set (the device tool brings back what is written
+  3. agreement: the ten networks' losses and weights over a few SGD steps on CuPy and on
+     torch:cuda, float32 and float64, each against NumPy float64 (a few seconds, in a child);
+  4. `xpmlp bench --device cuda --json`, and `--stack 17` where the bench has --stack;
+  5. one JSON record: into $OUT when set (the device tool brings back what is written
      there), else into experiments/results/gpu/; the logs go beside it ($OUT) or under
      runs/gpu-check/.
 The whole run is held under DEADLINE_S; each step also has a cap of its own.
@@ -32,16 +34,22 @@ REPO = Path(__file__).resolve().parents[1]
 # 300 s, about 5.5 minutes at worst with the interruptions: a 15-minute loan then holds the
 # machine's start, the check and a rerun.
 DEADLINE_S = 300
-CAPS_S = {"preflight": 90, "tests": 180, "bench": 60, "bench_stack": 45}
+CAPS_S = {"preflight": 90, "tests": 180, "agreement": 30, "bench": 60, "bench_stack": 45}
 MIN_STEP_S = 10  # a step with less time left than this is not started
 SIGINT_GRACE_S = 20  # after SIGINT, time for pytest to print its summary before a kill
 TAIL_LINES = 60
 XDIST_WORKERS = 4
-# The test files that hold CuPy tests (tests/test_gpu_check.py checks this list against
-# a collection of `-m gpu` over the whole suite).
+# The test files that hold CUDA tests, CuPy's and torch:cuda's (tests/test_gpu_check.py checks
+# this list against a collection of `-m gpu` over the whole suite).
 GPU_TEST_FILES = ("tests/test_backends.py", "tests/test_cross_backend.py", "tests/test_gradients.py",
-                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_stack.py", "tests/test_train.py")
+                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_stack.py", "tests/test_torch_backend.py",
+                  "tests/test_train.py")
 STACK_MODELS = 17
+# The agreement step: the GPU paths it compares with NumPy float64, and the largest difference
+# it accepts, relative to each array's largest value (the cross-backend tests' tolerances).
+AGREEMENT_DEVICES = ("cupy", "torch:cuda")
+AGREEMENT_TOL = {"float32": 1e-4, "float64": 1e-9}
+AGREEMENT_STEPS, AGREEMENT_BATCH = 3, 64
 SHOWN_BENCH_KEYS = ("epoch_s", "torch_epoch_s", "gemm_limit_epoch_s", "ratio_torch", "ratio_limit", "ratio_floor")
 
 
@@ -260,7 +268,79 @@ def run_tests(files, timeout_s, log_dir, marker="gpu"):
     return result
 
 
-# ---------------------------------------------------------------- 3. the benchmark
+# ---------------------------------------------------------------- 3. agreement
+
+def _trajectory(backend, name, dtype, batches, ops=None):
+    """The losses of a few SGD steps of network ``name`` and its weights after them, as
+    float64 host arrays."""
+    import numpy as np
+
+    import xpmlp
+    model = xpmlp.build_model(name, backend=backend, dtype=dtype, seed=0, ops=ops)
+    opt = xpmlp.SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    dt, losses = backend.dtype(dtype), []
+    for x, labels in batches:
+        out = model.forward(backend.asarray(x, dtype=dt))
+        losses.append(float(backend.to_numpy(model.loss.forward(out, backend.asarray(labels)))))
+        model.backward(model.loss.backward())
+        opt.step()
+    return [np.asarray(losses)] + [np.asarray(a, dtype=np.float64) for a in model.state_arrays()]
+
+
+def agreement(devices=AGREEMENT_DEVICES):
+    """{device: {dtype: {network: largest difference from NumPy float64 on the plain ops,
+    relative to each array's largest value}}}; a device that cannot run: the reason (a str)."""
+    import numpy as np
+
+    import xpmlp
+    rng = np.random.default_rng(10)
+    batches = [(np.where(rng.random((AGREEMENT_BATCH, 784)) < 0.25, rng.random((AGREEMENT_BATCH, 784)), 0.0),
+                rng.integers(0, 10, AGREEMENT_BATCH)) for _ in range(AGREEMENT_STEPS)]
+    numpy = xpmlp.get_backend("numpy")
+    reference = {name: _trajectory(numpy, name, "float64", batches, ops="plain") for name in xpmlp.MODELS}
+    found = {}
+    for device in devices:
+        try:
+            backend = xpmlp.get_backend(device)
+        except xpmlp.BackendUnavailable as exc:
+            found[device] = str(exc)
+            continue
+        found[device] = {dtype: {name: max(float(np.max(np.abs(a - b))) / (float(np.max(np.abs(b))) or 1.0)
+                                           for a, b in zip(_trajectory(backend, name, dtype, batches), want))
+                                 for name, want in reference.items()}
+                         for dtype in AGREEMENT_TOL}
+    return found
+
+
+def problems_of_agreement(found):
+    """A problem for each network off NumPy by more than its dtype's tolerance.  A device that
+    cannot run is recorded, not a problem: the preflight says whether torch can use CUDA."""
+    return [f"agreement: {device} {dtype} {name} differs from NumPy float64 by {diff:.1e} (> {AGREEMENT_TOL[dtype]})"
+            for device, dtypes in found.items() if isinstance(dtypes, dict)
+            for dtype, networks in dtypes.items() for name, diff in networks.items() if not diff <= AGREEMENT_TOL[dtype]]
+
+
+def run_agreement(timeout_s, devices=AGREEMENT_DEVICES):
+    """agreement() in a child process (CuPy and torch stay out of this one); the result dict
+    with ``problems``."""
+    start = time.perf_counter()
+    rc, timed_out, output = run_with_timeout(python() + [__file__, "--agreement", *devices], timeout_s)
+    lines = output.strip().splitlines()
+    found = next((json.loads(line[len("AGREEMENT "):]) for line in lines if line.startswith("AGREEMENT ")), None)
+    if found is None:
+        why = "did not finish in time" if timed_out else f"exit status {rc}: {lines[-1] if lines else 'no output'}"
+        return {"problems": [f"agreement: {why}"], "seconds": round(time.perf_counter() - start, 1)}
+    for device, dtypes in found.items():
+        if isinstance(dtypes, str):
+            print(f"{device}: not run ({dtypes})")
+            continue
+        for dtype, networks in dtypes.items():
+            worst = max(networks, key=networks.get)
+            print(f"{device} {dtype}: largest difference {networks[worst]:.1e} ({worst}; tolerance {AGREEMENT_TOL[dtype]})")
+    return {"devices": found, "problems": problems_of_agreement(found), "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ---------------------------------------------------------------- 4. the benchmark
 
 def bench_has_stack():
     rc, _, output = run_with_timeout(python() + ["-m", "xpmlp", "bench", "--help"], 20)
@@ -285,7 +365,7 @@ def run_bench(args, timeout_s, log_dir, name):
     return result
 
 
-# ---------------------------------------------------------------- 4. the record
+# ---------------------------------------------------------------- 5. the record
 
 def record_path(out_dir, card, when):
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown-card"
@@ -341,6 +421,11 @@ def check(out_dir, log_dir, deadline_s=DEADLINE_S):
     record["tests"] = run_tests(GPU_TEST_FILES, budget("tests"), log_dir)
     seconds["tests"] = record["tests"]["seconds"]
 
+    section(f"agreement with NumPy float64: {', '.join(AGREEMENT_DEVICES)}, ten networks")
+    record["agreement"] = {"problems": [out_of_time["problem"]]} if budget("agreement") < MIN_STEP_S else \
+        run_agreement(budget("agreement"))
+    seconds["agreement"] = record["agreement"].get("seconds", 0.0)
+
     section("GPU benchmark")
     t = time.monotonic()
     record["bench"] = out_of_time if budget("bench") < MIN_STEP_S else \
@@ -359,7 +444,7 @@ def check(out_dir, log_dir, deadline_s=DEADLINE_S):
     seconds["total"] = round(time.monotonic() - start, 1)
     record["seconds"] = seconds
 
-    problems = list(record["tests"]["problems"])
+    problems = list(record["tests"]["problems"]) + record["agreement"]["problems"]
     problems += [b["problem"] for b in (record["bench"],) if "problem" in b]
     if "problem" in record["bench_stack"] and "no --stack" not in record["bench_stack"]["problem"]:
         problems.append(record["bench_stack"]["problem"])
@@ -379,9 +464,13 @@ def check(out_dir, log_dir, deadline_s=DEADLINE_S):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)  # the child's part
+    parser.add_argument("--agreement", nargs="+", metavar="DEVICE", help=argparse.SUPPRESS)  # the child's part
     args = parser.parse_args(argv)
     if args.preflight:
         preflight()
+        return 0
+    if args.agreement:
+        print("AGREEMENT " + json.dumps(agreement(args.agreement)))
         return 0
     os.environ["CUPY_TF32"] = "0"  # TF32 GEMMs would change float32 results in comparisons
     out = os.environ.get("OUT")

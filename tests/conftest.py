@@ -12,10 +12,13 @@ from helpers import backend_or_reason  # noqa: E402
 
 from xpmlp.core.ops import KINDS, ops_for  # noqa: E402
 
-BACKEND_NAMES = ("numpy", "array-api-strict", "cupy")
+BACKEND_NAMES = ("numpy", "array-api-strict", "cupy", "torch", "torch:cuda", "torch:mps")
+CUDA_NAMES = ("cupy", "torch:cuda")  # marked gpu: `make gpu-check` runs them
+# Backends with only the plain ops (no out= buffers, no kernels).
+PLAIN_ONLY = ("array-api-strict", "torch", "torch:cuda", "torch:mps")
 
 
-@pytest.fixture(params=[pytest.param(n, marks=pytest.mark.gpu) if n == "cupy" else n
+@pytest.fixture(params=[pytest.param(n, marks=pytest.mark.gpu) if n in CUDA_NAMES else n
                         for n in BACKEND_NAMES])
 def backend(request):
     """Each backend in turn; one that cannot run here is skipped with the reason it gave."""
@@ -38,12 +41,12 @@ def ops(request, backend):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Drop combinations that cannot exist (array-api-strict has only the plain path)
-    instead of reporting them as skipped tests."""
+    """Drop combinations that cannot exist (array-api-strict and torch have only the plain
+    path) instead of reporting them as skipped tests."""
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("backend") == "array-api-strict" and params.get("ops", "plain") != "plain":
+        if params.get("backend") in PLAIN_ONLY and params.get("ops", "plain") != "plain":
             drop.append(item)
         else:
             keep.append(item)

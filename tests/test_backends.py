@@ -54,7 +54,7 @@ def test_unknown_name(name):
         get_backend(name)
     message = str(info.value)
     assert f"unknown device {name!r}" in message
-    for choice in ("auto", "cpu", "numpy", "cuda", "cupy", "array-api-strict"):
+    for choice in ("auto", "cpu", "numpy", "cuda", "cupy", "torch", "torch:cuda", "torch:mps", "array-api-strict"):
         assert choice in message
 
 
@@ -64,7 +64,7 @@ def test_backend_unavailable_is_a_runtime_error():
 
 def test_available_backends_names_every_backend():
     found = xpmlp.available_backends()
-    assert set(found) == {"numpy", "array-api-strict", "cupy"}
+    assert set(found) == {"numpy", "array-api-strict", "cupy", "torch", "torch:cuda", "torch:mps"}
     assert isinstance(found["numpy"], Backend)
     for name, value in found.items():
         assert isinstance(value, (Backend, str)), name

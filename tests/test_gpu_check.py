@@ -174,6 +174,7 @@ def test_the_check_writes_one_record_and_its_verdict(tmp_path, monkeypatch, fail
     monkeypatch.setattr(gpu_check, "run_bench", lambda args, timeout_s, log_dir, name: benches.append(args) or
                         {"epoch_s": 0.05, "stack": name == "bench_stack"})
     monkeypatch.setattr(gpu_check, "bench_has_stack", lambda: stack)
+    monkeypatch.setattr(gpu_check, "run_agreement", lambda timeout_s: {"devices": {}, "problems": [], "seconds": 1.0})
     status, path = gpu_check.check(tmp_path / "out", tmp_path / "logs")
     assert status == (1 if failed else 0)
     assert list((tmp_path / "out").iterdir()) == [path]
@@ -187,7 +188,7 @@ def test_the_check_writes_one_record_and_its_verdict(tmp_path, monkeypatch, fail
         assert benches[1][-2:] == ["--stack", "17"] and record["bench_stack"]["stack"] is True
     else:
         assert len(benches) == 1 and record["bench_stack"]["problem"].startswith("not run")
-    assert set(record["seconds"]) >= {"preflight", "tests", "bench", "total"}
+    assert set(record["seconds"]) >= {"preflight", "tests", "agreement", "bench", "total"}
 
 
 def test_records_go_to_a_folder_that_git_keeps():
@@ -204,12 +205,14 @@ def test_steps_left_without_time_are_not_started_and_fail_the_check(tmp_path, mo
     monkeypatch.setattr(gpu_check, "run_tests", lambda files, timeout_s, log_dir: {
         "passed": 40, "failed": 0, "errors": 0, "skipped": 0, "seconds": 1.0, "problems": []})
     monkeypatch.setattr(gpu_check, "run_bench", lambda *args: pytest.fail("started without time left"))
+    monkeypatch.setattr(gpu_check, "run_agreement", lambda *args: pytest.fail("started without time left"))
     monkeypatch.setattr(gpu_check, "bench_has_stack", lambda: pytest.fail("asked without time left"))
     status, path = gpu_check.check(tmp_path / "out", tmp_path / "logs", deadline_s=gpu_check.MIN_STEP_S - 1)
     record = json.loads(path.read_text())
     assert status == 1 and record["status"] == "failed"
     assert record["bench"]["problem"].startswith("not run: the check's") and record["problems"] == \
-        [record["bench"]["problem"], record["bench_stack"]["problem"]]
+        [*record["agreement"]["problems"], record["bench"]["problem"], record["bench_stack"]["problem"]]
+    assert record["agreement"]["problems"][0].startswith("not run: the check's")
 
 
 def test_preflight_reports_one_line_per_fact_and_the_facts_as_json(monkeypatch, capsys):
@@ -237,3 +240,25 @@ def test_preflight_reports_one_line_per_fact_and_the_facts_as_json(monkeypatch, 
     for start in ("card: NVIDIA H100 80GB HBM3", "driver: supports CUDA 12.8", "CUDA runtime: 12.9",
                   "NVRTC: 12.9", "torch.version.cuda: ", "fused kernels: 7 x 2 dtypes"):
         assert any(line.startswith(start) for line in lines), (start, lines)
+
+
+def test_agreement_compares_the_ten_networks_with_numpy_float64_in_a_child(capsys):
+    """The step's machinery on a CPU path (torch CPU, where the GPU check runs CuPy and
+    torch:cuda); a device that cannot run is recorded with its reason, not a problem."""
+    pytest.importorskip("torch")
+    result = gpu_check.run_agreement(120, devices=("torch", "no-such-device"))
+    assert result["problems"] == [], result
+    assert "unknown device" in result["devices"]["no-such-device"]
+    found = result["devices"]["torch"]
+    assert set(found) == {"float32", "float64"}
+    for dtype, networks in found.items():
+        assert len(networks) == 10 and all(0 <= d <= gpu_check.AGREEMENT_TOL[dtype] for d in networks.values())
+    assert max(found["float32"].values()) > 0, "float32 and float64 cannot agree exactly"
+    assert "torch float64: largest difference" in capsys.readouterr().out
+
+
+def test_agreement_beyond_tolerance_or_nan_is_a_problem():
+    found = {"cupy": {"float32": {"mlp0-mse": 1e-7, "mlp1-relu-sce": 3e-3}, "float64": {"mlp0-mse": float("nan")}},
+             "torch:cuda": "PyTorch cannot use CUDA (no driver)"}
+    problems = gpu_check.problems_of_agreement(found)
+    assert len(problems) == 2 and "cupy float32 mlp1-relu-sce differs" in problems[0] and "nan" in problems[1]

@@ -1,4 +1,5 @@
-"""xpmlp: hand-written MLP layers, losses and SGD over an array namespace (NumPy or CuPy)."""
+"""xpmlp: hand-written MLP layers, losses and SGD over an array namespace (NumPy, CuPy or
+PyTorch tensors)."""
 from .backends import Backend, BackendUnavailable, available_backends, get_backend
 from .core.layers import Linear, ReLU, Sigmoid
 from .core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss

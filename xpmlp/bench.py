@@ -236,13 +236,13 @@ def bench_gemm_limit(backend, model):
 
 
 def torch_for(device):
-    """(torch, None) when PyTorch can run on ``device`` ("cpu" or "cuda"), else (None, why)."""
+    """(torch, None) when PyTorch can run on ``device`` ("cpu", "cuda[:N]", "mps"), else (None, why)."""
     try:
         import torch
     except Exception as exc:  # noqa: BLE001 - not only ImportError: a broken CUDA build raises OSError
         return None, f"PyTorch cannot be imported ({type(exc).__name__}: {exc})"
     try:
-        if device == "cuda" and not torch.cuda.is_available():
+        if device.startswith("cuda") and not torch.cuda.is_available():
             return None, f"PyTorch {torch.__version__} has no usable CUDA (torch.version.cuda = {torch.version.cuda})"
     except Exception as exc:  # noqa: BLE001 - asking the driver can fail in many ways
         return None, f"PyTorch cannot use CUDA ({type(exc).__name__}: {exc})"
@@ -252,11 +252,12 @@ def torch_for(device):
 def bench_torch(backend, model, x_host, y_host, threads, seed=0):
     """(run_epoch, synchronize, version) for PyTorch eager with the same model, loss,
     optimizer and device, or the reason it cannot run here (a str)."""
-    device = "cuda" if backend.name == "cupy" else "cpu"
+    # Where ours runs: the torch backend's own device, else CuPy's GPU or the CPU.
+    device = str(getattr(backend, "torch_device", "cuda" if backend.name == "cupy" else "cpu"))
     torch, why = torch_for(device)
     if torch is None:
         return why
-    dtype = getattr(torch, np.dtype(model.dtype).name)
+    dtype = getattr(torch, model.state_arrays()[0].dtype.name)  # the host dtype: any backend's model
     layers = []
     for layer in model.layers:
         if hasattr(layer, "W"):
@@ -294,8 +295,10 @@ def bench_torch(backend, model, x_host, y_host, threads, seed=0):
         losses.cpu()
 
     def sync():
-        if device == "cuda":
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
 
     return epoch, sync, torch.__version__
 

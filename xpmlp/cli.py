@@ -113,7 +113,7 @@ def add_train_flags(p):
                         "directory per seed under --out, and their mean/std/min/max in --out/summary.json")
     g.add_argument("--dtype", choices=DTYPES, help=f"(default: {d.dtype})")
     g = p.add_argument_group("run")
-    g.add_argument("--device", help=f"auto, cpu, numpy, cuda, cuda:N (default: {d.device})")
+    g.add_argument("--device", help=f"auto, cpu, numpy, cuda, cuda:N, torch[:cpu|:cuda|:cuda:N|:mps] (default: {d.device})")
     g.add_argument("--data-dir", help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache; "
                                       "downloaded if absent)")
     g.add_argument("--out", help="run directory (default: runs/<model>-<timestamp>)")
@@ -219,6 +219,7 @@ def cmd_train(args):
     log = _log_fn(progress)
     notices = []  # shown once the run starts, so that a mistake found first stays one line
     backend = get_backend(config.device, notice=notices.append)  # fail before any file
+    backend.dtype(config.dtype)  # one the device lacks (float64 on MPS) too
     data = load_mnist(config.data_dir, progress=progress)
     out, created = _prepare_out(args, config)
     try:
@@ -279,6 +280,7 @@ def train_seeds(args):
     log = _log_fn(progress)
     notices = []
     backend = get_backend(configs[0].device, notice=notices.append)  # fail before any file
+    backend.dtype(configs[0].dtype)  # one the device lacks (float64 on MPS) too
     data = load_mnist(configs[0].data_dir, progress=progress)
     if not args.resume:
         out, created = _prepare_out(args, configs[0])

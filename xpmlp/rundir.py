@@ -268,7 +268,7 @@ def check_checkpoint_sizes(path, model):
     the partial_* per-step records 2^24 steps a model, anything else (state) 1 MiB."""
     import zipfile
 
-    sizes = [getattr(layer, name).size for layer, name in model.parameters()]
+    sizes = [math.prod(getattr(layer, name).shape) for layer, name in model.parameters()]  # torch: .size is a method
     limits = {f"{kind}_{i}": 8 * n for i, n in enumerate(sizes) for kind in ("param", "velocity")}
     per_step = 8 * 2**24 * math.prod(model.stack)
     with zipfile.ZipFile(path) as archive:

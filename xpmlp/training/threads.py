@@ -13,6 +13,7 @@ cores, unless ``XPMLP_THREADS`` / ``--threads`` says 1.
 """
 import contextlib
 import os
+import sys
 
 from ..config import TrainError
 
@@ -41,10 +42,20 @@ def step_threads(threads=None):
     return max(1, min(2, threads))
 
 
+@contextlib.contextmanager
 def limit_blas_threads(threads=None):
-    """A context manager holding NumPy's BLAS to ``blas_threads(threads)`` threads."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # e.g. a GPU box with only the essentials: BLAS threads stay as they are
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=blas_threads(threads), user_api="blas")
+    """Inside, NumPy's BLAS, and torch's own CPU pool where torch is loaded (--device torch;
+    threadpoolctl does not reach it), use ``blas_threads(threads)`` threads."""
+    n = blas_threads(threads)
+    with contextlib.ExitStack() as limits:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # e.g. a GPU box with only the essentials: BLAS threads stay as they are
+            pass
+        else:
+            limits.enter_context(threadpool_limits(limits=n, user_api="blas"))
+        torch = sys.modules.get("torch")  # never imported here: only a torch run has it
+        if torch is not None:
+            limits.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(n)
+        yield
