@@ -94,6 +94,16 @@ def numpy_kernels():
     numba = xpmlp.get_backend("numpy").kernels
     if numba is None:
         pytest.skip("Numba (the [fast] extra) is not installed")
+    def stacked(loss):  # the stacked losses' contract: each model's slice as one model
+        def run(output, labels, grad_out, out=None):
+            out = out or (np.empty(output.shape[:1], output.dtype), np.empty(output.shape[:1], output.dtype))
+            for k in range(output.shape[0]):
+                loss(output[k], labels if labels.ndim == 1 else labels[k], grad_out[k],
+                     (out[0][..., k:k + 1], out[1][..., k:k + 1]))
+            return out
+        return run
+
+    plain |= {"softmax_xent_stacked": stacked(numba.softmax_xent), "euclidean_stacked": stacked(numba.euclidean)}
     return types.SimpleNamespace(**plain | {name: getattr(numba, name) for name in dir(numba)
                                             if not name.startswith("_")})
 
