@@ -10,8 +10,8 @@ import numpy as np
 # same bits every run, which float atomics would not give.  Stacked models are one launch,
 # one block a model (grid = K): block m reads model m's (n, k) output and writes its
 # gradient at offset m*n*k, its labels at m*labels_stride (0: shared by all models), its
-# loss and accuracy at m*out_stride; each block computes what the one-model launch computes.  Same arithmetic as the Numba
-# kernels.  A label outside [0, k) is never used as an index: its row gets no target, as
+# loss and accuracy at m*out_stride; each block computes what the one-model launch computes.
+# Same arithmetic as the Numba kernels.  A label outside [0, k) is never used as an index: its row gets no target, as
 # the array code's one_hot gives it (a row of zeros), instead of a write out of bounds.
 LOSS_SOURCE = r"""
 template <typename T>

@@ -5,6 +5,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,8 +79,13 @@ def test_the_listed_test_files_are_the_ones_holding_cupy_tests():
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
                              "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True,
                             timeout=300, check=False)
-    files = {line.split("::")[0] for line in result.stdout.splitlines() if "::" in line}
+    tests = [line for line in result.stdout.splitlines() if "::" in line]
+    files = {line.split("::")[0] for line in tests}
     assert files == set(gpu_check.GPU_TEST_FILES), result.stdout[-2000:] + result.stderr[-2000:]
+    # README's estimate of the check's time counts them: it must name the number they are
+    stated = re.search(r"the (\d+) CuPy tests", (REPO / "README.md").read_text())
+    assert stated and int(stated.group(1)) == len(tests), \
+        f"README: {stated and stated.group(0)}; {len(tests)} collected"
 
 
 def numpy_kernels():
