@@ -158,17 +158,29 @@ class CountedCudaBackend(Backend):
         return np.array(_plain(a))
 
 
-OPS = {"cuda-fused": CudaOps, "buffered": BufferedOps}
+class CudaOpsModelMajor(CudaOps):
+    """The CUDA ops with the stacked buffers as on the CPU: (K, P), a row a model."""
+
+    stack_by_layer = False
 
 
-def step_log(model_name, models, ops_name, steps=2):
-    """What the last of ``steps`` stacked SGD steps of ``models`` models did (the first ones
-    make the buffers), and each model's losses of the last step."""
+OPS = {"cuda-fused": CudaOps, "buffered": BufferedOps, "cuda-fused-model-major": CudaOpsModelMajor}
+
+
+def stacked_model(model_name, models, ops_name):
     backend = CountedCudaBackend()
-    ops = OPS[ops_name](backend)
-    seeds = list(range(models))
-    model = xpmlp.build_model(model_name, backend=backend, dtype="float32", seed=seeds, stack=(models,), ops=ops)
-    optimizer = SGD(model, lr=[0.1] * models, momentum=[0.9] * models, weight_decay=[5e-4] * models)
+    model = xpmlp.build_model(model_name, backend=backend, dtype="float32", seed=list(range(models)),
+                              init_std=0.1, stack=(models,), ops=OPS[ops_name](backend))
+    optimizer = SGD(model, lr=[0.1 + 0.1 * k for k in range(models)], momentum=[0.9] * models,
+                    weight_decay=[5e-4 * k for k in range(models)])
+    return backend, model, optimizer
+
+
+def step_log(model_name, models, ops_name, steps=2, freeze=None):
+    """What the last of ``steps`` stacked SGD steps of ``models`` models did (the first ones
+    make the buffers), each model's losses of the last step, and the model and optimizer.
+    ``freeze``: a model to freeze after the first step."""
+    backend, model, optimizer = stacked_model(model_name, models, ops_name)
     stepper = Stepper(model, optimizer)
     rng = np.random.default_rng(0)
     x = backend.asarray(rng.random((64, 784)), dtype=np.float32)
@@ -176,22 +188,24 @@ def step_log(model_name, models, ops_name, steps=2):
     losses, accs = (backend.xp.zeros((steps, models), dtype=np.float32) for _ in range(2))
     LOG.clear()
     for i in range(steps):
+        if i == 1 and freeze is not None:
+            optimizer.freeze(freeze)
         counting.on = i == steps - 1
         try:
             stepper.step(x, y, backend.asarray(rng.permutation(64)[:16]), losses, accs, i)
         finally:
             counting.on = False
-    return list(LOG), backend.to_numpy(losses)[-1]
+    return list(LOG), backend.to_numpy(losses)[-1], (model, optimizer)
 
 
-@pytest.mark.parametrize("ops_name", list(OPS))
+@pytest.mark.parametrize("ops_name", ["cuda-fused", "buffered"])
 @pytest.mark.parametrize("model_name", ["mlp2-relu-sce", "mlp1-sigmoid-mse"])
 def test_a_stacked_step_launches_as_often_for_many_models_as_for_two(model_name, ops_name):
     """The same launches, in the same order, for K = 2 and K = 7: O(1) in K.  With the CUDA
     ops the loss is one launch over a grid of K blocks, and nothing refills the all-active
     SGD mask (no item assignment at all in a step)."""
-    two, _ = step_log(model_name, 2, ops_name)
-    seven, _ = step_log(model_name, 7, ops_name)
+    two, _, _ = step_log(model_name, 2, ops_name)
+    seven, _, _ = step_log(model_name, 7, ops_name)
     assert [entry.replace("(2,)", "(K,)") for entry in two] == [entry.replace("(7,)", "(K,)") for entry in seven], \
         f"K = 2: {len(two)} launches, K = 7: {len(seven)}"
     if ops_name == "cuda-fused":
@@ -199,20 +213,21 @@ def test_a_stacked_step_launches_as_often_for_many_models_as_for_two(model_name,
         loss = "xpmlp_softmax_xent" if model_name.endswith("sce") else "xpmlp_euclidean"
         assert [e for e in seven if e.startswith("launch xpmlp_") and "sgd" not in e and "sigmoid" not in e
                 and "relu" not in e] == [f"launch {loss} grid=(7,)"]
-        assert seven.count("launch xpmlp_sgd_step_stacked") == 1
-        # Each Linear: GEMM and bias forward, weight-gradient GEMM and bias sum backward, and
-        # the input-gradient GEMM but for the first; each activation one launch each way;
-        # then the two gathers, the loss and the SGD step.
         linears, activations = (3, 4) if model_name == "mlp2-relu-sce" else (2, 4)
-        assert len(seven) == 5 * linears - 1 + activations + 4, seven
+        # the SGD step: one launch per parameter's (K, size) block (the buffers by layer)
+        assert seven.count("launch xpmlp_sgd_step_stacked") == 2 * linears
+        # Each Linear: GEMM and bias forward, weight-gradient GEMM and bias sum backward, the
+        # input-gradient GEMM but for the first, its W and b's SGD; each activation one launch
+        # each way; then the two gathers and the loss.
+        assert len(seven) == 7 * linears - 1 + activations + 3, seven
 
 
 @pytest.mark.parametrize("model_name", ["mlp2-relu-sce", "mlp1-sigmoid-mse"])
 def test_the_counted_cuda_step_gives_each_model_the_loss_of_the_buffered_step(model_name):
     """The counting stand-in computes: its stacked CUDA step's losses (the one-launch loss
     kernel, block by block at its offsets) equal the buffered array code's."""
-    _, cuda = step_log(model_name, 3, "cuda-fused")
-    _, buffered = step_log(model_name, 3, "buffered")
+    _, cuda, _ = step_log(model_name, 3, "cuda-fused")
+    _, buffered, _ = step_log(model_name, 3, "buffered")
     np.testing.assert_allclose(cuda, buffered, rtol=1e-6)
     assert len(set(cuda.tolist())) == 3, "three models, three losses"
 
@@ -259,3 +274,37 @@ def test_the_all_active_mask_is_filled_once():
     finally:
         counting.on = False
     assert again is first and LOG == [] and first.all()
+
+
+# ---------------------------------------------------------------- the buffers by layer (CUDA)
+
+def test_on_cuda_each_stacked_weight_is_one_contiguous_block_and_on_the_cpu_a_model_is_one_row():
+    """CuPy's matmul copies a non-contiguous stacked operand on every call: on CUDA the
+    buffers are laid out by parameter.  The CPU's compiled step runs each model on its own
+    contiguous row, so there the buffers stay (K, P)."""
+    _, model, optimizer = stacked_model("mlp2-relu-sce", 3, "cuda-fused")
+    for layer, name in model.parameters():
+        for array in (getattr(layer, name), getattr(layer, "grad_" + name)):
+            assert array.flags.c_contiguous and array.shape[0] == 3, (layer, name)
+    assert [v.flags.c_contiguous for v in optimizer.state()] == [True] * 6
+    cpu = xpmlp.build_model("mlp2-relu-sce", backend="numpy", seed=[0, 1, 2], stack=(3,), ops="buffered")
+    assert cpu.flat.params.shape == (3, sum(cpu.flat.sizes)) and not cpu.layers[0].W.flags.c_contiguous
+
+
+@pytest.mark.parametrize("model_name", ["mlp2-relu-sce", "mlp1-sigmoid-mse"])
+def test_the_buffers_by_layer_train_the_same_bits_as_a_row_a_model(model_name):
+    """The layout changes where the numbers live, not what they are: the same losses, weights
+    and velocities (as the checkpoints see them) after steps with a frozen model."""
+    _, by_layer, (model, optimizer) = step_log(model_name, 3, "cuda-fused", steps=3, freeze=1)
+    _, by_row, (want_model, want_optimizer) = step_log(model_name, 3, "cuda-fused-model-major", steps=3, freeze=1)
+    np.testing.assert_array_equal(by_layer, by_row)
+    for got, want in [(model.state_arrays(), want_model.state_arrays()), (optimizer.state(), want_optimizer.state())]:
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(_plain(g), _plain(w))
+    # a checkpoint of one layout loads into the other
+    _, fresh, fresh_optimizer = stacked_model(model_name, 3, "cuda-fused")
+    fresh.load_state_arrays(want_model.state_arrays())
+    fresh_optimizer.load_state(want_optimizer.state())
+    for g, w in zip(fresh.state_arrays() + fresh_optimizer.state(), want_model.state_arrays() + want_optimizer.state()):
+        np.testing.assert_array_equal(_plain(g), _plain(w))

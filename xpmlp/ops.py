@@ -386,6 +386,10 @@ class CudaOps(FusedOps):
     kernels: any shape and layout).  On a GPU a step costs launches, not arithmetic: each
     kernel replaces several.  The loss kernel copies a non-contiguous output itself."""
 
+    # Stacked models' flat buffers parameter by parameter (model.FlatBuffers): each stacked W
+    # one contiguous (K, in, out) block, which CuPy's matmul would otherwise copy every call.
+    stack_by_layer = True
+
     def _stacked_loss(self, name, output, labels, grad, out):
         # One launch for all K models (a block a model), not one per model: on a GPU each
         # launch and its Python costs more than the loss itself.
