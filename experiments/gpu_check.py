@@ -285,7 +285,7 @@ def parallel_args():
     return ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") is not None else []
 
 
-def test_env():
+def one_thread_env():
     """The tests' environment: this one with one BLAS/OpenMP thread per process, unless the
     caller set a count."""
     env = {var: "1" for var in TEST_THREAD_VARS}
@@ -300,7 +300,7 @@ def run_tests(files, timeout_s, log_dir, marker="gpu"):
     command = python() + ["-m", "pytest", "-m", marker, "-rfEs", "--tb=short", "--durations=15",
                           "-p", "no:cacheprovider", f"--junitxml={report}", *parallel_args(), *files]
     start = time.perf_counter()
-    rc, timed_out, _ = run_with_timeout(command, timeout_s, log_path=log, env=test_env())
+    rc, timed_out, _ = run_with_timeout(command, timeout_s, log_path=log, env=one_thread_env())
     print(tail(log), flush=True)
     print(f"(full log: {log})")
     counts = junit_counts(report) or {}
