@@ -133,6 +133,13 @@ ELEMENTWISE = {
     "xpmlp_sgd_step_stacked": (  # the same for K stacked models, (K, 1) hyperparameters, frozen rows kept
         "T g, T lr, T momentum, T weight_decay, bool active", "T p, T v",
         "if (active) { T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi; }"),
+    "xpmlp_sgd_step_by_layer": (  # the same over K models' buffers laid out parameter by parameter:
+        # element i's parameter b is found from the blocks' starts (which end with the total),
+        # its model from its offset in the block, and the model's hyperparameters read there
+        "T g, raw T lr, raw T momentum, raw T weight_decay, raw bool active, raw int64 starts, raw int64 sizes",
+        "T p, T v",
+        "long long b = 0; while (i >= starts[b + 1]) ++b; const long long m = (i - starts[b]) / sizes[b]; "
+        "if (active[m]) { T vi = momentum[m] * v + (g + weight_decay[m] * p); v = vi; p = p - lr[m] * vi; }"),
     "xpmlp_relu_backward": (  # Eq. (7)
         "T y, T grad_y", "T grad_x", "grad_x = y > (T)0 ? grad_y : (T)0;"),
     "xpmlp_sigmoid_forward": (  # Eq. (8) from e^-|x|: no overflow
@@ -146,7 +153,8 @@ ELEMENTWISE = {
 # float32 elements beyond rtol 1e-6).  Separate IEEE roundings cost nothing in a step that
 # is bound by memory traffic, and give the CPU's bits exactly (subnormals aside, which
 # -ftz flushes), so the GPU and CPU optimizers can be compared bit for bit.
-ELEMENTWISE_OPTIONS = {"xpmlp_sgd_step": ("--fmad=false",), "xpmlp_sgd_step_stacked": ("--fmad=false",)}
+ELEMENTWISE_OPTIONS = {name: ("--fmad=false",) for name in
+                       ("xpmlp_sgd_step", "xpmlp_sgd_step_stacked", "xpmlp_sgd_step_by_layer")}
 
 
 class CupyKernels:
@@ -159,6 +167,7 @@ class CupyKernels:
                    for name, spec in ELEMENTWISE.items()}
         self._sgd = kernels["xpmlp_sgd_step"]
         self._sgd_stacked = kernels["xpmlp_sgd_step_stacked"]
+        self._sgd_by_layer = kernels["xpmlp_sgd_step_by_layer"]
         self._relu_backward = kernels["xpmlp_relu_backward"]
         self._sigmoid_forward = kernels["xpmlp_sigmoid_forward"]
         self._sigmoid_backward = kernels["xpmlp_sigmoid_backward"]
@@ -174,6 +183,12 @@ class CupyKernels:
         def column(a):
             return a.reshape(-1, 1)
         self._sgd_stacked(g, column(lr), column(momentum), column(weight_decay), column(active), p, v)
+
+    def sgd_step_by_layer(self, p, g, v, lr, momentum, weight_decay, active, starts, sizes):
+        """sgd_step for K models' 1-D buffers laid out parameter by parameter, in one launch:
+        parameter b's block begins at ``starts[b]`` and holds ``sizes[b]`` values a model
+        (``starts`` ends with the buffers' length); (K,) hyperparameters and ``active``."""
+        self._sgd_by_layer(g, lr, momentum, weight_decay, active, starts, sizes, p, v)
 
     def relu_backward(self, y, grad_y, grad_x):
         """grad_x = grad_y where y > 0, else 0, in one kernel instead of a mask and a multiply."""

@@ -127,6 +127,9 @@ def _preflight_args():
         "sgd_step": lambda xp, dt: (*arrays(xp, dt, (8,), (8,), (8,)), 0.01, 0.9, 5e-4),
         "sgd_step_stacked": lambda xp, dt: (*arrays(xp, dt, (2, 8), (2, 8), (2, 8), (2,), (2,), (2,)),
                                             xp.asarray([True, False])),
+        # two models of two parameters (3 and 2 values a model): blocks start at 0 and 6
+        "sgd_step_by_layer": lambda xp, dt: (*arrays(xp, dt, (10,), (10,), (10,), (2,), (2,), (2,)),
+                                             xp.asarray([True, False]), xp.asarray([0, 6, 10]), xp.asarray([3, 2])),
         "relu_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),
         "sigmoid_forward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3)),
         "sigmoid_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),

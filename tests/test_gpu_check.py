@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import sgd_by_layer_reference
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_check.py"
@@ -109,7 +110,8 @@ def numpy_kernels():
             return out
         return run
 
-    plain |= {"softmax_xent_stacked": stacked(numba.softmax_xent), "euclidean_stacked": stacked(numba.euclidean)}
+    plain |= {"softmax_xent_stacked": stacked(numba.softmax_xent), "euclidean_stacked": stacked(numba.euclidean),
+              "sgd_step_by_layer": sgd_by_layer_reference}
     return types.SimpleNamespace(**plain | {name: getattr(numba, name) for name in dir(numba)
                                             if not name.startswith("_")})
 

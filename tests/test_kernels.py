@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import backend_or_reason
+from helpers import backend_or_reason, sgd_by_layer_reference
 
 import xpmlp
 from xpmlp.layers import Sigmoid
@@ -43,6 +43,29 @@ def test_sgd_step_equals_the_formula(backend, dtype):
     # there are no subnormals here for CuPy's -ftz to flush.
     np.testing.assert_array_equal(backend.to_numpy(v_dev), want_v)
     np.testing.assert_array_equal(backend.to_numpy(p_dev), want_p)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_step_by_layer_gives_each_model_its_own_step(backend, dtype):
+    """K = 3 models' buffers laid out parameter by parameter (sizes 7 and 5 a model), each
+    value updated with its own model's hyperparameters, model 1 frozen: the same bits as the
+    formula (one launch on CUDA, without FMA contraction)."""
+    if not hasattr(backend.kernels, "sgd_step_by_layer"):
+        pytest.skip(f"{backend.name}: the CPU keeps stacked buffers a row a model (no such kernel)")
+    rng = np.random.default_rng(8)
+    sizes = np.array([7, 5])
+    starts = np.array([0, 21, 36])  # 3 models' 7 values, then their 5: 36 in all
+    p, g, v = (rng.normal(size=36).astype(dtype) for _ in range(3))
+    lr, m, wd = (np.array(h, dtype=dtype) for h in ([0.1, 0.2, 0.3], [0.9, 0.5, 0.0], [5e-4, 0.0, 1e-3]))
+    active = np.array([True, False, True])
+    want_p, want_v = p.copy(), v.copy()
+    sgd_by_layer_reference(want_p, g, want_v, lr, m, wd, active, starts, sizes)
+    p_dev, v_dev = backend.asarray(p), backend.asarray(v)
+    backend.kernels.sgd_step_by_layer(p_dev, backend.asarray(g), v_dev, *(backend.asarray(a) for a in
+                                                                            (lr, m, wd, active, starts, sizes)))
+    np.testing.assert_array_equal(backend.to_numpy(p_dev), want_p)
+    np.testing.assert_array_equal(backend.to_numpy(v_dev), want_v)
+    assert not np.array_equal(want_p, p) and np.array_equal(want_p[7:14], p[7:14]), "model 1 frozen, others moved"
 
 
 LOSSES = pytest.mark.parametrize("kernel,loss_class,scale", [
@@ -295,8 +318,12 @@ def cuda_units():
         outs = [p.split() for p in outputs.split(",")]
         kernels = []
         for t in CTYPES.values():
-            params = ", ".join([f"const {t}* _in_{n}" for _, n in ins] + [f"{t}* _out_{n}" for _, n in outs])
-            loads = " ".join([f"const T {n} = _in_{n}[i];" for _, n in ins] +
+            # "raw TYPE name": a pointer the body indexes itself; "TYPE name": element i
+            ctype = {"T": t, "bool": "bool", "int64": "long long"}
+            params = ", ".join([f"const {ctype[p[1]]}* {p[2]}" for p in ins if p[0] == "raw"] +
+                               [f"const {ctype[p[0]]}* _in_{p[1]}" for p in ins if p[0] != "raw"] +
+                               [f"{t}* _out_{n}" for _, n in outs])
+            loads = " ".join([f"const {ctype[p[0]]} {p[1]} = _in_{p[1]}[i];" for p in ins if p[0] != "raw"] +
                              [f"T& {n} = _out_{n}[i];" for _, n in outs])
             kernels.append(f'extern "C" __global__ void {name}_{t}({params}, const long long size) {{\n'
                            f"  typedef {t} T;\n"
@@ -353,6 +380,9 @@ def test_cuda_sources_compile_for_hopper(tmp_path):
 def test_sgd_kernel_is_compiled_without_fused_multiply_adds(tmp_path):
     """The SGD step's bits equal NumPy's only if no multiply and add are contracted into an
     FMA; the PTX shows it.  Without the option nvcc does contract them (the check can fail)."""
+    for name in ("xpmlp_sgd_step_stacked", "xpmlp_sgd_step_by_layer"):
+        source, options = cuda_units()[name]
+        assert "fma." not in nvcc(tmp_path, name, source, options, "-ptx").read_text(), name
     source, options = cuda_units()["xpmlp_sgd_step"]
     assert "--fmad=false" in options
     ptx = nvcc(tmp_path, "sgd", source, options, "-ptx").read_text()
@@ -400,7 +430,8 @@ def test_cuda_kernels_are_built_with_their_options_and_looked_up_once_per_dtype(
                                  ascontiguousarray=lambda a, dtype=None: np.ascontiguousarray(a, dtype=dtype),
                                  empty=np.empty)
     kernels = CupyKernels(fake)
-    assert built["xpmlp_sgd_step"] == built["xpmlp_sgd_step_stacked"] == ("--fmad=false",)
+    assert built["xpmlp_sgd_step"] == built["xpmlp_sgd_step_stacked"] == built["xpmlp_sgd_step_by_layer"] == \
+        ("--fmad=false",)
     assert all(options == () for name, options in built.items() if not name.startswith("xpmlp_sgd_step"))
     for _ in range(3):
         for dtype in (np.float32, np.float64):

@@ -11,6 +11,7 @@ import types
 
 import numpy as np
 import pytest
+from helpers import sgd_by_layer_reference
 
 import xpmlp
 from xpmlp.backends.base import Backend
@@ -91,6 +92,8 @@ def _elementwise_sgd(g, lr, momentum, weight_decay, p, v, active=True):
 ELEMENTWISE_WORK = {  # name -> what the CUDA body does, in NumPy, into the output arguments
     "xpmlp_sgd_step": _elementwise_sgd,
     "xpmlp_sgd_step_stacked": lambda g, lr, m, wd, active, p, v: _elementwise_sgd(g, lr, m, wd, p, v, active),
+    "xpmlp_sgd_step_by_layer": lambda g, lr, m, wd, active, starts, sizes, p, v:
+        sgd_by_layer_reference(p, g, v, lr, m, wd, active, starts, sizes),
     "xpmlp_relu_backward": lambda y, grad_y, grad_x: np.copyto(grad_x, np.where(y > 0, grad_y, 0)),
     "xpmlp_sigmoid_forward": lambda x, y: np.copyto(y, PlainOps(xpmlp.get_backend("numpy")).sigmoid(x, None)),
     "xpmlp_sigmoid_backward": lambda y, grad_y, grad_x: np.copyto(grad_x, grad_y * y * (1 - y)),
@@ -214,12 +217,12 @@ def test_a_stacked_step_launches_as_often_for_many_models_as_for_two(model_name,
         assert [e for e in seven if e.startswith("launch xpmlp_") and "sgd" not in e and "sigmoid" not in e
                 and "relu" not in e] == [f"launch {loss} grid=(7,)"]
         linears, activations = (3, 4) if model_name == "mlp2-relu-sce" else (2, 4)
-        # the SGD step: one launch per parameter's (K, size) block (the buffers by layer)
-        assert seven.count("launch xpmlp_sgd_step_stacked") == 2 * linears
-        # Each Linear: GEMM and bias forward, weight-gradient GEMM and bias sum backward, the
-        # input-gradient GEMM but for the first, its W and b's SGD; each activation one launch
-        # each way; then the two gathers and the loss.
-        assert len(seven) == 7 * linears - 1 + activations + 3, seven
+        # the SGD step: one launch over the whole buffers, laid out by layer
+        assert seven.count("launch xpmlp_sgd_step_by_layer") == 1
+        # Each Linear: GEMM and bias forward, weight-gradient GEMM and bias sum backward, and
+        # the input-gradient GEMM but for the first; each activation one launch each way;
+        # then the two gathers, the loss and the SGD step.
+        assert len(seven) == 5 * linears - 1 + activations + 4, seven
 
 
 @pytest.mark.parametrize("model_name", ["mlp2-relu-sce", "mlp1-sigmoid-mse"])

@@ -30,7 +30,8 @@ class FlatBuffers:
     ``by_layer`` (stacked models on a GPU) lays the buffers out parameter by parameter
     instead: all K models' W of a layer, then their b, and so on, so that each stacked W is
     one contiguous (K, in, out) block, which CuPy's matmul takes without copying it.  The
-    optimizer then updates each parameter's (K, size) block (``rows``).
+    optimizer then updates the buffers in one pass that finds each value's model from
+    ``blocks``, or each parameter's (K, size) block (``rows``) where the ops have no such pass.
     """
 
     def __init__(self, xp, arrays, dtype, stack=(), by_layer=False):
@@ -43,6 +44,10 @@ class FlatBuffers:
         shape = (int(np.prod(self.stack)) * total,) if self.by_layer else self.stack + (total,)
         self.params = xp.empty(shape, dtype=dtype)
         self.grads = xp.zeros(shape, dtype=dtype)
+        if self.by_layer:  # on the device once: where each parameter's block starts (then the
+            # buffers' length), and its values a model
+            starts = np.cumsum([0, *self.sizes]) * int(np.prod(self.stack))
+            self.blocks = (xp.asarray(starts, dtype=xp.int64), xp.asarray(self.sizes, dtype=xp.int64))
         for view, a in zip(self.split(self.params), arrays):
             view[...] = a
 

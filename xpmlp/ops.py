@@ -388,7 +388,16 @@ class CudaOps(FusedOps):
 
     # Stacked models' flat buffers parameter by parameter (model.FlatBuffers): each stacked W
     # one contiguous (K, in, out) block, which CuPy's matmul would otherwise copy every call.
+    # The optimizer then calls sgd_update_by_layer.
     stack_by_layer = True
+
+    def sgd_update_by_layer(self, flat, p, g, v, lr, momentum, weight_decay, scratch, active=None):
+        """The SGD step of K models' 1-D buffers laid out by ``flat`` (a FlatBuffers), in one
+        launch; (K,) hyperparameters and ``active`` (None: all)."""
+        if active is None:
+            active = scratch.constant("sgd_all_active", lr.shape, True, dtype=bool)
+        self.kernels.sgd_step_by_layer(p, g, v, lr, momentum, weight_decay, active, *flat.blocks)
+        return p, v
 
     def _stacked_loss(self, name, output, labels, grad, out):
         # One launch for all K models (a block a model), not one per model: on a GPU each

@@ -105,11 +105,16 @@ class SGD:
         for slot in self.slots:
             def column(h, ndim=slot.param.ndim):  # (K,) -> (K, 1, ...) over the slot's rows
                 return xp.reshape(h, (h.shape[0],) + (1,) * (ndim - 1))
-            if isinstance(slot, FlatSlot) and slot.flat.by_layer:  # a (K, size) block per parameter
-                active = None if all(self._active_host) else column(self.active, 2)
+            if isinstance(slot, FlatSlot) and slot.flat.by_layer:
+                active = None if all(self._active_host) else self.active
+                if hasattr(self.ops, "sgd_update_by_layer"):  # one pass over the whole buffers
+                    self.ops.sgd_update_by_layer(slot.flat, slot.param, slot.grad, slot.velocity, self.lr,
+                                                 self.momentum, self.weight_decay, self.scratch, active=active)
+                    continue
                 hyper = [column(h, 2) for h in (self.lr, self.momentum, self.weight_decay)]
-                for p, g, v in slot.rows():
-                    self.ops.sgd_update(p, g, v, *hyper, self.scratch, active=active)  # in place
+                for p, g, v in slot.rows():  # a (K, size) block per parameter, in place
+                    self.ops.sgd_update(p, g, v, *hyper, self.scratch, active=None if active is None
+                                        else column(active, 2))
                 continue
             active = None if all(self._active_host) else column(self.active)
             slot.param, slot.velocity = self.ops.sgd_update(
