@@ -30,8 +30,8 @@ class FlatBuffers:
     ``by_layer`` (stacked models on a GPU) lays the buffers out parameter by parameter
     instead: all K models' W of a layer, then their b, and so on, so that each stacked W is
     one contiguous (K, in, out) block, which CuPy's matmul takes without copying it.  The
-    optimizer then updates the buffers in one pass that finds each value's model from
-    ``blocks``, or each parameter's (K, size) block (``rows``) where the ops have no such pass.
+    ops that ask for it (``stack_by_layer``) update the buffers in one pass that finds each
+    value's model from ``blocks``.
     """
 
     def __init__(self, xp, arrays, dtype, stack=(), by_layer=False):
@@ -50,13 +50,6 @@ class FlatBuffers:
             self.blocks = (xp.asarray(starts, dtype=xp.int64), xp.asarray(self.sizes, dtype=xp.int64))
         for view, a in zip(self.split(self.params), arrays):
             view[...] = a
-
-    def rows(self, flat):
-        """``flat`` as (K, size) blocks, each with one row per stacked model: the whole
-        (K, P) buffer, or one block per parameter when laid out ``by_layer``."""
-        if not self.by_layer:
-            return [flat]
-        return [view.reshape(self.stack + (size,)) for view, size in zip(self.split(flat), self.sizes)]
 
     def split(self, flat):
         """Views of ``flat`` shaped like each parameter, in order."""

@@ -52,10 +52,6 @@ class FlatSlot:
         """The velocity as views shaped like each parameter (for checkpoints)."""
         return self.flat.split(self.velocity)
 
-    def rows(self):
-        """(param, grad, velocity) blocks of K rows each, updated in place (stacked models)."""
-        return list(zip(*(self.flat.rows(a) for a in (self.param, self.grad, self.velocity))))
-
     def load_velocities(self, arrays):
         for view, a in zip(self.velocities(), arrays):
             view[...] = a
@@ -105,16 +101,10 @@ class SGD:
         for slot in self.slots:
             def column(h, ndim=slot.param.ndim):  # (K,) -> (K, 1, ...) over the slot's rows
                 return xp.reshape(h, (h.shape[0],) + (1,) * (ndim - 1))
-            if isinstance(slot, FlatSlot) and slot.flat.by_layer:
-                active = None if all(self._active_host) else self.active
-                if hasattr(self.ops, "sgd_update_by_layer"):  # one pass over the whole buffers
-                    self.ops.sgd_update_by_layer(slot.flat, slot.param, slot.grad, slot.velocity, self.lr,
-                                                 self.momentum, self.weight_decay, self.scratch, active=active)
-                    continue
-                hyper = [column(h, 2) for h in (self.lr, self.momentum, self.weight_decay)]
-                for p, g, v in slot.rows():  # a (K, size) block per parameter, in place
-                    self.ops.sgd_update(p, g, v, *hyper, self.scratch, active=None if active is None
-                                        else column(active, 2))
+            if isinstance(slot, FlatSlot) and slot.flat.by_layer:  # CUDA's layout: its own kernel
+                self.ops.sgd_update_by_layer(slot.flat, slot.param, slot.grad, slot.velocity, self.lr,
+                                             self.momentum, self.weight_decay, self.scratch,
+                                             active=None if all(self._active_host) else self.active)
                 continue
             active = None if all(self._active_host) else column(self.active)
             slot.param, slot.velocity = self.ops.sgd_update(
