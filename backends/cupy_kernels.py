@@ -7,8 +7,11 @@ import numpy as np
 
 # The fused losses.  One block walks the rows (thread t takes rows t, t + blockDim.x, ...)
 # and sums the loss and the hits in shared memory in a fixed order: the result is the
-# same bits every run, which float atomics would not give.  Same arithmetic as the Numba
-# kernels.  A label outside [0, k) is never used as an index: its row gets no target, as
+# same bits every run, which float atomics would not give.  Stacked models are one launch,
+# one block a model (grid = K): block m reads model m's (n, k) output and writes its
+# gradient at offset m*n*k, its labels at m*labels_stride (0: shared by all models), its
+# loss and accuracy at m*out_stride; each block computes what the one-model launch computes.
+# Same arithmetic as the Numba kernels.  A label outside [0, k) is never used as an index: its row gets no target, as
 # the array code's one_hot gives it (a row of zeros), instead of a write out of bounds.
 LOSS_SOURCE = r"""
 template <typename T>
@@ -76,10 +79,18 @@ struct XpmlpEuclideanRow {  // ||x - t||^2 (halved with the mean); gradient (x -
     }
 };
 
-// What both loss kernels share: the walk over the rows, each row's hit, and the means.
+// What both loss kernels share: the walk over the rows, each row's hit, and the means, for
+// the model of this block.
 template <typename T, typename Row>
 __device__ void xpmlp_loss_rows(const T* output, const long long* labels, T* grad, T* loss_out,
-                                T* acc_out, const int n, const int k, const double loss_divisor) {
+                                T* acc_out, const int n, const int k, const long long labels_stride,
+                                const long long out_stride, const double loss_divisor) {
+    const long long model = blockIdx.x;
+    output += model * n * k;
+    grad += model * n * k;
+    labels += model * labels_stride;
+    loss_out += model * out_stride;
+    acc_out += model * out_stride;
     double loss = 0.0, hits = 0.0;
     for (int r = threadIdx.x; r < n; r += blockDim.x) {
         const T* x = output + (long long)r * k;
@@ -91,17 +102,24 @@ __device__ void xpmlp_loss_rows(const T* output, const long long* labels, T* gra
 }
 
 template <typename T>
-__global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* grad,
-                                   T* loss_out, T* acc_out, const int n, const int k) {
-    xpmlp_loss_rows<T, XpmlpSoftmaxXentRow<T>>(logits, labels, grad, loss_out, acc_out, n, k, (double)n);
+__global__ void xpmlp_softmax_xent(const T* logits, const long long* labels, T* grad, T* loss_out,
+                                   T* acc_out, const int n, const int k, const long long labels_stride,
+                                   const long long out_stride) {
+    xpmlp_loss_rows<T, XpmlpSoftmaxXentRow<T>>(logits, labels, grad, loss_out, acc_out, n, k, labels_stride,
+                                               out_stride, (double)n);
 }
 
 template <typename T>
-__global__ void xpmlp_euclidean(const T* output, const long long* labels, T* grad,
-                                T* loss_out, T* acc_out, const int n, const int k) {
-    xpmlp_loss_rows<T, XpmlpEuclideanRow<T>>(output, labels, grad, loss_out, acc_out, n, k, 2.0 * n);
+__global__ void xpmlp_euclidean(const T* output, const long long* labels, T* grad, T* loss_out,
+                                T* acc_out, const int n, const int k, const long long labels_stride,
+                                const long long out_stride) {
+    xpmlp_loss_rows<T, XpmlpEuclideanRow<T>>(output, labels, grad, loss_out, acc_out, n, k, labels_stride,
+                                             out_stride, 2.0 * n);
 }
 """
+# The loss kernels' parameters after the template type (test_kernels.py declares them for nvcc).
+LOSS_PARAMS = ("const {t}*", "const long long*", "{t}*", "{t}*", "{t}*", "const int", "const int",
+               "const long long", "const long long")
 LOSS_KERNELS = ("xpmlp_softmax_xent", "xpmlp_euclidean")
 LOSS_THREADS = 256
 LOSS_OPTIONS = ("-std=c++14",)
@@ -115,6 +133,13 @@ ELEMENTWISE = {
     "xpmlp_sgd_step_stacked": (  # the same for K stacked models, (K, 1) hyperparameters, frozen rows kept
         "T g, T lr, T momentum, T weight_decay, bool active", "T p, T v",
         "if (active) { T vi = momentum * v + (g + weight_decay * p); v = vi; p = p - lr * vi; }"),
+    "xpmlp_sgd_step_by_layer": (  # the same over K models' buffers laid out parameter by parameter:
+        # element i's parameter b is found from the blocks' starts (which end with the total),
+        # its model from its offset in the block, and the model's hyperparameters read there
+        "T g, raw T lr, raw T momentum, raw T weight_decay, raw bool active, raw int64 starts, raw int64 sizes",
+        "T p, T v",
+        "long long b = 0; while (i >= starts[b + 1]) ++b; const long long m = (i - starts[b]) / sizes[b]; "
+        "if (active[m]) { T vi = momentum[m] * v + (g + weight_decay[m] * p); v = vi; p = p - lr[m] * vi; }"),
     "xpmlp_relu_backward": (  # Eq. (7)
         "T y, T grad_y", "T grad_x", "grad_x = y > (T)0 ? grad_y : (T)0;"),
     "xpmlp_sigmoid_forward": (  # Eq. (8) from e^-|x|: no overflow
@@ -128,7 +153,8 @@ ELEMENTWISE = {
 # float32 elements beyond rtol 1e-6).  Separate IEEE roundings cost nothing in a step that
 # is bound by memory traffic, and give the CPU's bits exactly (subnormals aside, which
 # -ftz flushes), so the GPU and CPU optimizers can be compared bit for bit.
-ELEMENTWISE_OPTIONS = {"xpmlp_sgd_step": ("--fmad=false",), "xpmlp_sgd_step_stacked": ("--fmad=false",)}
+ELEMENTWISE_OPTIONS = {name: ("--fmad=false",) for name in
+                       ("xpmlp_sgd_step", "xpmlp_sgd_step_stacked", "xpmlp_sgd_step_by_layer")}
 
 
 class CupyKernels:
@@ -141,6 +167,7 @@ class CupyKernels:
                    for name, spec in ELEMENTWISE.items()}
         self._sgd = kernels["xpmlp_sgd_step"]
         self._sgd_stacked = kernels["xpmlp_sgd_step_stacked"]
+        self._sgd_by_layer = kernels["xpmlp_sgd_step_by_layer"]
         self._relu_backward = kernels["xpmlp_relu_backward"]
         self._sigmoid_forward = kernels["xpmlp_sigmoid_forward"]
         self._sigmoid_backward = kernels["xpmlp_sigmoid_backward"]
@@ -156,6 +183,12 @@ class CupyKernels:
         def column(a):
             return a.reshape(-1, 1)
         self._sgd_stacked(g, column(lr), column(momentum), column(weight_decay), column(active), p, v)
+
+    def sgd_step_by_layer(self, p, g, v, lr, momentum, weight_decay, active, starts, sizes):
+        """sgd_step for K models' 1-D buffers laid out parameter by parameter, in one launch:
+        parameter b's block begins at ``starts[b]`` and holds ``sizes[b]`` values a model
+        (``starts`` ends with the buffers' length); (K,) hyperparameters and ``active``."""
+        self._sgd_by_layer(g, lr, momentum, weight_decay, active, starts, sizes, p, v)
 
     def relu_backward(self, y, grad_y, grad_x):
         """grad_x = grad_y where y > 0, else 0, in one kernel instead of a mask and a multiply."""
@@ -177,10 +210,19 @@ class CupyKernels:
         """(loss, accuracy) of a 2-D output in one launch; writes dL/doutput into grad_out."""
         return self._loss("xpmlp_euclidean", output, labels, grad_out, out)
 
+    def softmax_xent_stacked(self, logits, labels, grad_out, out=None):
+        """softmax_xent of K stacked models, (K, N, C) logits, in one launch (a block a model);
+        labels (N,) shared or (K, N); (K,) losses and accuracies."""
+        return self._loss("xpmlp_softmax_xent", logits, labels, grad_out, out)
+
+    def euclidean_stacked(self, output, labels, grad_out, out=None):
+        """euclidean of K stacked models in one launch, as softmax_xent_stacked."""
+        return self._loss("xpmlp_euclidean", output, labels, grad_out, out)
+
     def _loss(self, name, output, labels, grad_out, out):
         """``grad_out`` must be C-contiguous.  ``out``: two arrays to write the loss and the
-        accuracy into (their first element), e.g. this step's slots in the per-iteration
-        records; else new 0-d arrays."""
+        accuracy into (their first element; K elements along their last axis when stacked),
+        e.g. this step's slots in the per-iteration records; else new arrays (0-d, or (K,))."""
         cp = self.cupy
         kernel = self._loss_functions.get((name, output.dtype))
         if kernel is None:  # looked up once per dtype, not on every step
@@ -192,8 +234,18 @@ class CupyKernels:
             self._loss_functions[(name, output.dtype)] = kernel
         output = cp.ascontiguousarray(output)
         labels = cp.ascontiguousarray(labels, dtype=cp.int64)
-        loss, acc = out if out is not None else (cp.empty((), output.dtype), cp.empty((), output.dtype))
-        n, k = output.shape
-        kernel((1,), (LOSS_THREADS,), (output, labels, grad_out, loss, acc, np.int32(n), np.int32(k)),
+        models = output.shape[0] if output.ndim == 3 else 1
+        lead = output.shape[:-2]
+        loss, acc = out if out is not None else (cp.empty(lead, output.dtype), cp.empty(lead, output.dtype))
+        n, k = output.shape[-2:]
+        if labels.shape[-1] != n or (labels.ndim == 2 and labels.shape[0] != models) or \
+                (models > 1 and (loss.shape[-1] != models or loss.strides != acc.strides)):
+            # the kernel does not check bounds: a wrong shape here would read or write past them
+            raise ValueError(f"loss of {tuple(output.shape)}: labels {tuple(labels.shape)} or slots "
+                             f"{tuple(loss.shape)} do not match")
+        labels_stride = n if labels.ndim == 2 else 0  # (K, N): a row a model; (N,): shared
+        out_stride = loss.strides[-1] // loss.itemsize if models > 1 else 0  # model m's slot
+        kernel((models,), (LOSS_THREADS,), (output, labels, grad_out, loss, acc, np.int32(n), np.int32(k),
+                                            np.int64(labels_stride), np.int64(out_stride)),
                shared_mem=2 * LOSS_THREADS * 8)
         return loss, acc

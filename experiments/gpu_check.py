@@ -13,8 +13,11 @@ stops at the first thing that makes the rest meaningless, and keeps what a revie
   4. `xpmlp bench --device cuda --json`, and `--stack 17` where the bench has --stack;
   5. one JSON record: into $OUT when set (the device tool brings back what is written
      there), else into experiments/results/gpu/; the logs go beside it ($OUT) or under
-     runs/gpu-check/.
-The whole run is held under DEADLINE_S; each step also has a cap of its own.
+     runs/gpu-check/.  It is rewritten after every step (status "incomplete" until the
+     end), so a run cut short still brings back what was measured.
+The whole run is held under DEADLINE_S; each step also has a cap of its own, and the tests
+leave the benches the time they are capped at.  Every child runs in a process group of its
+own, and the whole group is ended with it: no pytest-xdist worker outlives a timeout.
 """
 import argparse
 import datetime
@@ -34,7 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 # 300 s, about 5.5 minutes at worst with the interruptions: a 15-minute loan then holds the
 # machine's start, the check and a rerun.
 DEADLINE_S = 300
-CAPS_S = {"preflight": 90, "tests": 180, "agreement": 30, "bench": 60, "bench_stack": 45}
+CAPS_S = {"preflight": 90, "tests": 180, "agreement": 30, "bench": 60, "bench_stack": 60}
+# What each step must leave for the steps after it (their caps): a slow test run then cannot
+# starve the agreement check and the benches of their results.
+RESERVED_AFTER_S = {"preflight": 0, "tests": CAPS_S["agreement"] + CAPS_S["bench"] + CAPS_S["bench_stack"],
+                    "agreement": CAPS_S["bench"] + CAPS_S["bench_stack"], "bench": 0, "bench_stack": 0}
 MIN_STEP_S = 10  # a step with less time left than this is not started
 SIGINT_GRACE_S = 20  # after SIGINT, time for pytest to print its summary before a kill
 TAIL_LINES = 60
@@ -50,7 +57,12 @@ STACK_MODELS = 17
 AGREEMENT_DEVICES = ("cupy", "torch:cuda")
 AGREEMENT_TOL = {"float32": 1e-4, "float64": 1e-9}
 AGREEMENT_STEPS, AGREEMENT_BATCH = 3, 64
-SHOWN_BENCH_KEYS = ("epoch_s", "torch_epoch_s", "gemm_limit_epoch_s", "ratio_torch", "ratio_limit", "ratio_floor")
+SHOWN_BENCH_KEYS = ("epoch_s", "torch_epoch_s", "gemm_limit_epoch_s", "ratio_torch", "ratio_limit", "ratio_floor",
+                    "stacked_epoch_s", "ratio_stack", "ratio_wide")
+# One BLAS/OpenMP thread per test process.  Set here, in the children's environment: the GPU
+# image's jaxtyping pytest plugin imports NumPy before tests/conftest.py could set them, and
+# 4 xdist workers of 16 OpenBLAS threads each were measured 20x slower on small matrices.
+TEST_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class CheckFailed(Exception):
@@ -62,16 +74,26 @@ def python():
     return [sys.executable, "-P"] if sys.flags.safe_path else [sys.executable]
 
 
-def run_with_timeout(command, timeout_s, log_path=None):
-    """Run ``command``; on timeout send SIGINT (pytest then prints its summary), then kill
-    after SIGINT_GRACE_S.  Output goes to ``log_path`` (else is returned).  Returns
-    (returncode, timed_out, output or None)."""
+def _end_group(pgid):
+    """SIGKILL whatever is left of process group ``pgid`` (xdist workers, a bench's helpers)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
+
+
+def run_with_timeout(command, timeout_s, log_path=None, env=None):
+    """Run ``command`` in a process group of its own; on timeout send SIGINT to the command
+    alone (pytest then prints its summary and stops its workers), then kill after
+    SIGINT_GRACE_S; whatever of its group is still alive after it is killed too.  Output goes
+    to ``log_path`` (else is returned).  Returns (returncode, timed_out, output or None)."""
     log = open(log_path, "w") if log_path else subprocess.PIPE
+    proc = None
     try:
         # A check started from a background job (nohup, &) inherits SIGINT ignored; the child
         # needs it back, or the timeout's SIGINT would not stop it.
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+                                process_group=0, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         timed_out = False
         try:
             output, _ = proc.communicate(timeout=max(timeout_s, 1))
@@ -84,6 +106,11 @@ def run_with_timeout(command, timeout_s, log_path=None):
                 proc.kill()
                 output, _ = proc.communicate()
     finally:
+        if proc is not None:  # also on Ctrl-C of the check: its own group no longer gets it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _end_group(proc.pid)
         if log_path:
             log.close()
     return proc.returncode, timed_out, output
@@ -109,11 +136,18 @@ def _preflight_args():
         "sgd_step": lambda xp, dt: (*arrays(xp, dt, (8,), (8,), (8,)), 0.01, 0.9, 5e-4),
         "sgd_step_stacked": lambda xp, dt: (*arrays(xp, dt, (2, 8), (2, 8), (2, 8), (2,), (2,), (2,)),
                                             xp.asarray([True, False])),
+        # two models of two parameters (3 and 2 values a model): blocks start at 0 and 6
+        "sgd_step_by_layer": lambda xp, dt: (*arrays(xp, dt, (10,), (10,), (10,), (2,), (2,), (2,)),
+                                             xp.asarray([True, False]), xp.asarray([0, 6, 10]), xp.asarray([3, 2])),
         "relu_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),
         "sigmoid_forward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3)),
         "sigmoid_backward": lambda xp, dt: arrays(xp, dt, (4, 3), (4, 3), (4, 3)),
         "softmax_xent": lambda xp, dt: (*arrays(xp, dt, (4, 3)), labels(xp), *arrays(xp, dt, (4, 3))),
         "euclidean": lambda xp, dt: (*arrays(xp, dt, (4, 3)), labels(xp), *arrays(xp, dt, (4, 3))),
+        # two models, one launch: shared labels for one loss, a row a model for the other
+        "softmax_xent_stacked": lambda xp, dt: (*arrays(xp, dt, (2, 4, 3)), labels(xp), *arrays(xp, dt, (2, 4, 3))),
+        "euclidean_stacked": lambda xp, dt: (*arrays(xp, dt, (2, 4, 3)), xp.asarray([[0, 2, 1, 2], [1, 1, 0, 2]]),
+                                             *arrays(xp, dt, (2, 4, 3))),
     }
 
 
@@ -125,6 +159,18 @@ def launch(kernels, name, xp, dtype):
 
 
 PREFLIGHT_ARGS = _preflight_args()
+
+
+def one_line(exc):
+    """An exception as one line for the check's verdict.  NVRTC's compile log runs to many
+    lines; a missing CUDA header (CuPy 14 compiles against the toolkit's headers) is named."""
+    text = str(exc)
+    header = re.search(r'cannot open source file "([^"]+)"', text)
+    if header:
+        return (f"CUDA headers missing: NVRTC cannot open {header.group(1)!r} (CuPy needs the CUDA toolkit's "
+                f"headers to compile kernels: install them or set CUDA_PATH)")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}"
 
 
 def _version(number):
@@ -142,7 +188,7 @@ def preflight():
     try:
         backend = xpmlp.get_backend("cuda")
     except xpmlp.BackendUnavailable as exc:
-        sys.exit(f"no usable CUDA GPU: {exc}")
+        sys.exit(f"no usable CUDA GPU: {' '.join(str(exc).split())}")
     cp = backend.cupy
     props = cp.cuda.runtime.getDeviceProperties(backend.cuda_device.id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
@@ -174,7 +220,7 @@ def preflight():
                 arrays = launch(backend.kernels, kernel, cp, dtype)
                 backend.synchronize()
             except Exception as exc:  # noqa: BLE001 - any failure here is the reason to stop
-                sys.exit(f"fused kernel {kernel} ({np.dtype(dtype).name}) failed: {type(exc).__name__}: {exc}")
+                sys.exit(f"fused kernel {kernel} ({np.dtype(dtype).name}) failed: {one_line(exc)}")
             if not all(bool(cp.isfinite(a).all()) for a in arrays):
                 sys.exit(f"fused kernel {kernel} ({np.dtype(dtype).name}) gave non-finite values on tiny inputs")
     facts["kernels_s"] = round(time.perf_counter() - start, 2)
@@ -251,6 +297,14 @@ def parallel_args():
     return ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") is not None else []
 
 
+def one_thread_env():
+    """The tests' environment: this one with one BLAS/OpenMP thread per process, unless the
+    caller set a count."""
+    env = {var: "1" for var in TEST_THREAD_VARS}
+    env.update(os.environ)
+    return env
+
+
 def run_tests(files, timeout_s, log_dir, marker="gpu"):
     """Run the tests, print the log's tail; returns the counts dict with ``problems``."""
     log, report = Path(log_dir) / "gpu_check_pytest.log", Path(log_dir) / "gpu_check_junit.xml"
@@ -258,7 +312,7 @@ def run_tests(files, timeout_s, log_dir, marker="gpu"):
     command = python() + ["-m", "pytest", "-m", marker, "-rfEs", "--tb=short", "--durations=15",
                           "-p", "no:cacheprovider", f"--junitxml={report}", *parallel_args(), *files]
     start = time.perf_counter()
-    rc, timed_out, _ = run_with_timeout(command, timeout_s, log_path=log)
+    rc, timed_out, _ = run_with_timeout(command, timeout_s, log_path=log, env=one_thread_env())
     print(tail(log), flush=True)
     print(f"(full log: {log})")
     counts = junit_counts(report) or {}
@@ -393,12 +447,24 @@ def write_record(record, out_dir):
 
 # ---------------------------------------------------------------- the check
 
+def verdict(record):
+    """The problems found so far in ``record`` (a missing --stack is not one)."""
+    problems = list(record.get("tests", {}).get("problems", []))
+    problems += record.get("agreement", {}).get("problems", [])
+    for step in ("bench", "bench_stack"):
+        problem = record.get(step, {}).get("problem", "")
+        if problem and "no --stack" not in problem:
+            problems.append(problem)
+    return problems
+
+
 def check(out_dir, log_dir, deadline_s=DEADLINE_S):
-    """Run every step; returns (exit status, record path or None)."""
+    """Run every step; returns (exit status, record path or None).  The record is written
+    after each step, "incomplete" until the last."""
     start = time.monotonic()
 
     def budget(step):
-        return min(CAPS_S[step], deadline_s - (time.monotonic() - start))
+        return min(CAPS_S[step], deadline_s - (time.monotonic() - start) - RESERVED_AFTER_S[step])
 
     out_of_time = {"problem": f"not run: the check's {deadline_s} s were spent"}
 
@@ -415,22 +481,33 @@ def check(out_dir, log_dir, deadline_s=DEADLINE_S):
     seconds = {"preflight": round(time.monotonic() - start, 1)}
     commit, dirty = git_commit()
     record = {"check": "xpmlp gpu-check", "date_utc": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}",
-              "git_commit": commit, "git_dirty": dirty, **facts}
+              "git_commit": commit, "git_dirty": dirty, **facts, "seconds": seconds}
 
+    def save(status="incomplete"):
+        record["status"], record["problems"] = status, verdict(record)
+        return write_record(record, out_dir)
+
+    path = save()
     section(f"CuPy tests: pytest -m gpu {' '.join(GPU_TEST_FILES)}")
-    record["tests"] = run_tests(GPU_TEST_FILES, budget("tests"), log_dir)
-    seconds["tests"] = record["tests"]["seconds"]
+    if budget("tests") < MIN_STEP_S:
+        record["tests"] = dict(out_of_time, problems=[out_of_time["problem"]])
+    else:
+        record["tests"] = run_tests(GPU_TEST_FILES, budget("tests"), log_dir)
+        seconds["tests"] = record["tests"]["seconds"]
+    save()
 
     section(f"agreement with NumPy float64: {', '.join(AGREEMENT_DEVICES)}, ten networks")
     record["agreement"] = {"problems": [out_of_time["problem"]]} if budget("agreement") < MIN_STEP_S else \
         run_agreement(budget("agreement"))
     seconds["agreement"] = record["agreement"].get("seconds", 0.0)
+    save()
 
     section("GPU benchmark")
     t = time.monotonic()
     record["bench"] = out_of_time if budget("bench") < MIN_STEP_S else \
         run_bench(["--device", "cuda", "--epochs", "5"], budget("bench"), log_dir, "bench")
     seconds["bench"] = round(time.monotonic() - t, 1)
+    save()
     if budget("bench_stack") < MIN_STEP_S:
         record["bench_stack"] = out_of_time
     elif bench_has_stack():
@@ -442,18 +519,12 @@ def check(out_dir, log_dir, deadline_s=DEADLINE_S):
         record["bench_stack"] = {"problem": "not run: this xpmlp bench has no --stack option yet"}
         print(record["bench_stack"]["problem"])
     seconds["total"] = round(time.monotonic() - start, 1)
-    record["seconds"] = seconds
-
-    problems = list(record["tests"]["problems"]) + record["agreement"]["problems"]
-    problems += [b["problem"] for b in (record["bench"],) if "problem" in b]
-    if "problem" in record["bench_stack"] and "no --stack" not in record["bench_stack"]["problem"]:
-        problems.append(record["bench_stack"]["problem"])
-    record["status"], record["problems"] = ("failed" if problems else "passed"), problems
-    path = write_record(record, out_dir)
+    problems = verdict(record)
+    path = save("failed" if problems else "passed")
     section(f"summary: {record['status'].upper()} on {facts['card']}")
     t = record["tests"]
     print(f"tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
-          f"{t.get('skipped', 0)} skipped in {t['seconds']} s")
+          f"{t.get('skipped', 0)} skipped in {t.get('seconds', 0)} s")
     for problem in problems:
         print(f"problem: {problem}")
     print(f"seconds: {json.dumps(seconds)}")

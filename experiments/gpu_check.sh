@@ -11,7 +11,8 @@ PY=("$PYTHON")
 # Installed already, from this checkout (not a stale copy elsewhere)?
 repo=$PWD
 if ! (cd / && "$PYTHON" -c "import sys, xpmlp.backends; sys.exit(not xpmlp.__file__.startswith('$repo/'))") 2>/dev/null; then
-  if ! "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . ; then
+  # --no-index: the lent machine has no package index, and pip would spend seconds looking for one.
+  if ! "$PYTHON" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . ; then
     # An old setuptools without 'wheel' cannot build an editable install: stage the
     # package as installed (backends/ inside xpmlp/) and import it from there instead.
     echo "pip install -e . failed; importing a staged copy instead"

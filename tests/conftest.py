@@ -1,11 +1,36 @@
 """Shared fixtures: every available backend, and the ops (plain, buffered, fused) of each."""
 import os
+import sys
 
 # The tests multiply tiny matrices: one BLAS thread is fastest, and otherwise OpenBLAS's
 # and torch's thread pools fight over the cores (20x slower seen on a 2-core machine).
 # Set before NumPy is imported; an explicit setting in the environment wins.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_unset = [var for var in _THREAD_VARS if var not in os.environ]
+for _var in _THREAD_VARS:
     os.environ.setdefault(_var, "1")
+
+
+def _limit_threads_already_started():
+    """A pytest plugin loaded before this file (jaxtyping's, on the GPU image) may have
+    imported NumPy or torch already, and their pools read the variables only at import:
+    limit them now.  Returns why that could not be done, or None."""
+    if not _unset:
+        return None  # the caller chose the counts
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    if "numpy" not in sys.modules:
+        return None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return ("NumPy was imported before tests/conftest.py and threadpoolctl is not installed: "
+                "BLAS runs on every core; set OPENBLAS_NUM_THREADS=1")
+    threadpool_limits(1)  # lasts for the process: the object is never used to restore
+    return None
+
+
+_THREADS_PROBLEM = _limit_threads_already_started()
 
 import pytest  # noqa: E402
 from helpers import backend_or_reason  # noqa: E402
@@ -38,6 +63,11 @@ def ops(request, backend):
     except ValueError as exc:
         pytest.skip(str(exc))
     return request.param
+
+
+def pytest_configure(config):
+    if _THREADS_PROBLEM:
+        config.issue_config_time_warning(pytest.PytestConfigWarning(_THREADS_PROBLEM), stacklevel=2)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -61,6 +61,18 @@ def assert_backend_matches_numpy(fn, backend, *, rtol, atol, reference=None):
     return actual
 
 
+def sgd_by_layer_reference(p, g, v, lr, momentum, weight_decay, active, starts, sizes):
+    """The CUDA kernel xpmlp_sgd_step_by_layer's contract, in NumPy (host arrays): element
+    i's model from its parameter block, then that model's SGD step, unless frozen."""
+    i = np.arange(p.size)
+    block = np.searchsorted(starts, i, side="right") - 1
+    model = (i - starts[block]) // sizes[block]
+    new_v = momentum[model] * v + (g + weight_decay[model] * p)
+    on = active[model]
+    p[...] = np.where(on, p - lr[model] * new_v, p)
+    v[...] = np.where(on, new_v, v)
+
+
 def real_mnist_dir():
     """The real MNIST for the tests: $XPMLP_DATA_DIR, else the development copy in
     ../shared/data/mnist, else the per-user cache that `make test` fills on first use."""

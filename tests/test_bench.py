@@ -188,3 +188,15 @@ def test_jax_check_compares_its_first_losses_with_ours_from_the_same_weights(sma
     assert r["jax_epoch_s"] > 0 and r["ratio_jax"] == pytest.approx(r["epoch_s"] / r["jax_epoch_s"])
     assert r["versions"]["jax"] == "stand-in"
     assert "JAX's first" in bench.format_table(r)
+
+
+def test_the_pause_before_each_timed_epoch_is_short_on_a_gpu(monkeypatch):
+    """The CPU contenders' thread pools need 0.5 s to wind down; a GPU's need none, and the
+    one-shot GPU check's stacked bench must fit its cap: the pause given is the one slept."""
+    import types
+    assert bench.settle_s(types.SimpleNamespace(name="cupy")) == bench.CUDA_SETTLE_S < 0.1
+    assert bench.settle_s(types.SimpleNamespace(name="numpy")) == bench.SETTLE_S
+    slept = []
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
+    bench._time_interleaved({"a": (lambda: None, lambda: None)}, epochs=3, settle=bench.CUDA_SETTLE_S)
+    assert slept == [bench.CUDA_SETTLE_S] * 3

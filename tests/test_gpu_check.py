@@ -5,13 +5,17 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import sgd_by_layer_reference
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_check.py"
@@ -76,8 +80,13 @@ def test_the_listed_test_files_are_the_ones_holding_cupy_tests():
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
                              "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True, text=True,
                             timeout=300, check=False)
-    files = {line.split("::")[0] for line in result.stdout.splitlines() if "::" in line}
+    tests = [line for line in result.stdout.splitlines() if "::" in line]
+    files = {line.split("::")[0] for line in tests}
     assert files == set(gpu_check.GPU_TEST_FILES), result.stdout[-2000:] + result.stderr[-2000:]
+    # README's estimate of the check's time counts them: it must name the number they are
+    stated = re.search(r"the (\d+) CuPy tests", (REPO / "README.md").read_text())
+    assert stated and int(stated.group(1)) == len(tests), \
+        f"README: {stated and stated.group(0)}; {len(tests)} collected"
 
 
 def numpy_kernels():
@@ -92,6 +101,17 @@ def numpy_kernels():
     numba = xpmlp.get_backend("numpy").kernels
     if numba is None:
         pytest.skip("Numba (the [fast] extra) is not installed")
+    def stacked(loss):  # the stacked losses' contract: each model's slice as one model
+        def run(output, labels, grad_out, out=None):
+            out = out or (np.empty(output.shape[:1], output.dtype), np.empty(output.shape[:1], output.dtype))
+            for k in range(output.shape[0]):
+                loss(output[k], labels if labels.ndim == 1 else labels[k], grad_out[k],
+                     (out[0][..., k:k + 1], out[1][..., k:k + 1]))
+            return out
+        return run
+
+    plain |= {"softmax_xent_stacked": stacked(numba.softmax_xent), "euclidean_stacked": stacked(numba.euclidean),
+              "sgd_step_by_layer": sgd_by_layer_reference}
     return types.SimpleNamespace(**plain | {name: getattr(numba, name) for name in dir(numba)
                                             if not name.startswith("_")})
 
@@ -211,26 +231,16 @@ def test_steps_left_without_time_are_not_started_and_fail_the_check(tmp_path, mo
     record = json.loads(path.read_text())
     assert status == 1 and record["status"] == "failed"
     assert record["bench"]["problem"].startswith("not run: the check's") and record["problems"] == \
-        [*record["agreement"]["problems"], record["bench"]["problem"], record["bench_stack"]["problem"]]
+        [record["tests"]["problem"], *record["agreement"]["problems"], record["bench"]["problem"],
+         record["bench_stack"]["problem"]]
     assert record["agreement"]["problems"][0].startswith("not run: the check's")
 
 
 def test_preflight_reports_one_line_per_fact_and_the_facts_as_json(monkeypatch, capsys):
     """The preflight's own code, run against a stand-in CUDA backend made of NumPy and the
     Numba kernels: a slip in it would otherwise first show on the lent device."""
-    import types
-
     import xpmlp
-    kernels = numpy_kernels()
-    runtime = types.SimpleNamespace(
-        getDeviceProperties=lambda i: {"name": b"NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
-                                       "totalGlobalMem": 80 * 2**30},
-        driverGetVersion=lambda: 12080, runtimeGetVersion=lambda: 12090)
-    nvrtc = types.SimpleNamespace(getVersion=lambda: (12, 9))
-    cupy = types.SimpleNamespace(__version__="14.2.0", isfinite=np.isfinite, linspace=np.linspace,
-                                 asarray=np.asarray, cuda=types.SimpleNamespace(runtime=runtime, nvrtc=nvrtc))
-    backend = types.SimpleNamespace(cupy=cupy, cuda_device=types.SimpleNamespace(id=0), kernels=kernels,
-                                    synchronize=lambda: None)
+    backend = stand_in_cuda_backend(numpy_kernels())
     monkeypatch.setattr(xpmlp, "get_backend", lambda name: backend)
     gpu_check.preflight()
     lines = capsys.readouterr().out.splitlines()
@@ -238,7 +248,7 @@ def test_preflight_reports_one_line_per_fact_and_the_facts_as_json(monkeypatch, 
     assert (facts["card"], facts["compute_capability"], facts["driver_cuda"], facts["cuda_runtime"],
             facts["nvrtc"]) == ("NVIDIA H100 80GB HBM3", "9.0", "12.8", "12.9", "12.9")
     for start in ("card: NVIDIA H100 80GB HBM3", "driver: supports CUDA 12.8", "CUDA runtime: 12.9",
-                  "NVRTC: 12.9", "torch.version.cuda: ", "fused kernels: 7 x 2 dtypes"):
+                  "NVRTC: 12.9", "torch.version.cuda: ", f"fused kernels: {len(gpu_check.PREFLIGHT_ARGS)} x 2 dtypes"):
         assert any(line.startswith(start) for line in lines), (start, lines)
 
 
@@ -262,3 +272,187 @@ def test_agreement_beyond_tolerance_or_nan_is_a_problem():
              "torch:cuda": "PyTorch cannot use CUDA (no driver)"}
     problems = gpu_check.problems_of_agreement(found)
     assert len(problems) == 2 and "cupy float32 mlp1-relu-sce differs" in problems[0] and "nan" in problems[1]
+
+
+def stand_in_cuda_backend(kernels):
+    """A CUDA backend made of NumPy and ``kernels``, as far as the preflight uses one."""
+    import types
+
+    runtime = types.SimpleNamespace(
+        getDeviceProperties=lambda i: {"name": b"NVIDIA H100 80GB HBM3", "major": 9, "minor": 0,
+                                       "totalGlobalMem": 80 * 2**30},
+        driverGetVersion=lambda: 12080, runtimeGetVersion=lambda: 12090)
+    nvrtc = types.SimpleNamespace(getVersion=lambda: (12, 9))
+    cupy = types.SimpleNamespace(__version__="14.2.0", isfinite=np.isfinite, linspace=np.linspace,
+                                 asarray=np.asarray, cuda=types.SimpleNamespace(runtime=runtime, nvrtc=nvrtc))
+    return types.SimpleNamespace(cupy=cupy, cuda_device=types.SimpleNamespace(id=0), kernels=kernels,
+                                 synchronize=lambda: None)
+
+
+# ---------------------------------------------------------------- issue 25: the check's own defects
+
+def test_this_process_runs_its_blas_on_the_threads_asked():
+    """conftest.py's promise, in whatever process runs this test (see the next test)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    assert blas, "NumPy's BLAS not found by threadpoolctl"
+    assert {p["num_threads"] for p in blas} == {int(os.environ["OPENBLAS_NUM_THREADS"])}
+
+
+def test_one_blas_thread_even_when_a_plugin_imports_numpy_before_conftest(tmp_path):
+    """The GPU image's jaxtyping plugin imports NumPy before conftest.py runs: the limit must
+    still hold (by threadpoolctl there).  Needs more than one core to be able to fail."""
+    pytest.importorskip("threadpoolctl")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: OpenBLAS would use one thread anyway")
+    (tmp_path / "numpy_first.py").write_text("import numpy  # as jaxtyping's plugin does\n")
+    env = {k: v for k, v in os.environ.items() if k not in gpu_check.TEST_THREAD_VARS}
+    env["PYTHONPATH"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "numpy_first", "-p", "no:cacheprovider",
+                             "-p", "no:xdist", "-W", "error::pytest.PytestConfigWarning",
+                             "tests/test_gpu_check.py::test_this_process_runs_its_blas_on_the_threads_asked"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_the_tests_step_gives_pytest_one_blas_thread(tmp_path, monkeypatch):
+    """The check sets the thread variables itself, in pytest's environment, whatever its
+    plugins import; a count the caller set wins."""
+    for var in gpu_check.TEST_THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    monkeypatch.setattr(gpu_check, "parallel_args", lambda: [])
+    tests = tmp_path / "test_env.py"
+    tests.write_text("import os\nimport pytest\n\n@pytest.mark.gpu\ndef test_threads():\n"
+                     "    assert (os.environ['OPENBLAS_NUM_THREADS'], os.environ['OMP_NUM_THREADS'],"
+                     " os.environ['MKL_NUM_THREADS']) == ('1', '1', '3')\n")
+    result = gpu_check.run_tests([str(tests)], timeout_s=120, log_dir=tmp_path)
+    assert (result["passed"], result["failed"], result["problems"]) == (1, 0, []), \
+        (tmp_path / "gpu_check_pytest.log").read_text()
+
+
+def test_the_stacked_bench_line_shows_its_ratios(tmp_path, monkeypatch, capsys):
+    fake_command(tmp_path, monkeypatch, "import json\nprint(json.dumps({'epoch_s': 0.5, 'stacked_epoch_s': 1.25,"
+                 " 'ratio_stack': 6.8, 'ratio_wide': 1.1, 'stack': 17}, indent=2))\n")
+    gpu_check.run_bench(["--device", "cuda", "--stack", "17"], 30, tmp_path, "bench_stack")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == "epoch_s 0.5, stacked_epoch_s 1.25, ratio_stack 6.8, ratio_wide 1.1", line
+
+
+def test_gpu_check_sh_installs_without_a_package_index(tmp_path):
+    """The lent machine has no index: pip must not look for one.  A stand-in interpreter
+    records pip's arguments (and fails the install, so the staged copy is used)."""
+    calls = tmp_path / "pip_args"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/bash\n"
+                    f"if [ \"$1\" = -m ] && [ \"$2\" = pip ]; then echo \"$@\" > {calls}; exit 1; fi\n"
+                    f"if [ \"$1\" = -c ]; then exit 1; fi  # 'xpmlp is not installed from here'\n"
+                    f"exit 0  # the check itself: not run here\n")
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", str(SCRIPT.with_suffix(".sh"))], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, check=False, env=dict(os.environ, PYTHON=str(fake)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    args = calls.read_text().split()
+    assert args[:3] == ["-m", "pip", "install"] and "--no-index" in args and "--no-deps" in args, args
+
+
+def test_a_timeout_ends_the_commands_whole_process_group(tmp_path):
+    """pytest-xdist's workers outlive a controller that the timeout stopped, and would compete
+    with the benches: the check ends the command's whole process group.  Here the 'worker'
+    ignores SIGINT, as a busy one would."""
+    pid_file = tmp_path / "worker.pid"
+    controller = tmp_path / "controller.py"
+    controller.write_text(
+        "import subprocess, sys, time\n"
+        "worker = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(300)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(worker.pid))\n"
+        "time.sleep(300)\n")
+    _, timed_out, _ = gpu_check.run_with_timeout([sys.executable, str(controller)], 3)
+    pid = int(pid_file.read_text())
+    try:
+        assert timed_out
+        deadline = time.monotonic() + 5  # a SIGKILLed process takes a moment to die
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(pid), "the worker outlived the timeout"
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def running(pid):
+    """Whether ``pid`` is alive (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_record_is_written_after_every_step(tmp_path, monkeypatch):
+    """A device call that runs out of time still brings back what was measured: the record
+    on disk holds each step's results as soon as they exist, "incomplete" until the end."""
+    seen = []
+
+    def bench(args, timeout_s, log_dir, name):
+        (path,) = (tmp_path / "out").iterdir()
+        seen.append(json.loads(path.read_text()))
+        if name == "bench_stack":
+            raise KeyboardInterrupt  # the device call's time runs out here
+        return {"epoch_s": 0.05}
+
+    monkeypatch.setattr(gpu_check, "run_preflight", lambda timeout_s: dict(FACTS))
+    monkeypatch.setattr(gpu_check, "run_tests", lambda files, timeout_s, log_dir: {
+        "passed": 40, "failed": 0, "errors": 0, "skipped": 0, "seconds": 1.0, "problems": []})
+    monkeypatch.setattr(gpu_check, "run_bench", bench)
+    monkeypatch.setattr(gpu_check, "bench_has_stack", lambda: True)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.check(tmp_path / "out", tmp_path / "logs")
+    first, second = seen
+    assert first["status"] == "incomplete" and first["tests"]["passed"] == 40 and "bench" not in first
+    assert second["status"] == "incomplete" and second["bench"] == {"epoch_s": 0.05}
+    assert first["card"] == FACTS["card"] and first["seconds"]["preflight"] >= 0
+
+
+def test_the_tests_leave_the_benches_their_time(tmp_path, monkeypatch):
+    """A slow test run cannot take the benches' time: the test step's limit leaves their caps."""
+    limits = {}
+    monkeypatch.setattr(gpu_check, "run_preflight", lambda timeout_s: dict(FACTS))
+    monkeypatch.setattr(gpu_check, "run_tests", lambda files, timeout_s, log_dir: limits.update(tests=timeout_s) or {
+        "passed": 40, "failed": 0, "errors": 0, "skipped": 0, "seconds": 1.0, "problems": []})
+    monkeypatch.setattr(gpu_check, "run_bench", lambda args, timeout_s, log_dir, name:
+                        limits.update({name: timeout_s}) or {"epoch_s": 0.05})
+    monkeypatch.setattr(gpu_check, "bench_has_stack", lambda: True)
+    gpu_check.check(tmp_path / "out", tmp_path / "logs", deadline_s=200)
+    caps = gpu_check.CAPS_S
+    assert 200 - caps["bench"] - caps["bench_stack"] - 5 < limits["tests"] <= 200 - caps["bench"] - caps["bench_stack"]
+    assert limits["bench"] == caps["bench"] and limits["bench_stack"] == caps["bench_stack"]
+
+
+NVRTC_LOG = ('/usr/local/lib/python3.12/site-packages/cupy/_core/include/cupy/_cuda/cuda-12.2/cuda_fp16.h(128): '
+             'catastrophic error: cannot open source file "vector_types.h"\n  #include "vector_types.h"\n'
+             '                         ^\n\n1 catastrophic error detected in the compilation of "kern.cu".\n'
+             'Compilation terminated.\n')
+
+
+@pytest.mark.parametrize("message, want", [
+    (NVRTC_LOG, "CUDA headers missing: NVRTC cannot open 'vector_types.h'"),
+    ("first line\nsecond line\n", "RuntimeError: first line"),
+])
+def test_a_failing_kernel_is_one_line_and_missing_headers_are_named(monkeypatch, capsys, message, want):
+    """The preflight's reason is its last line of output: a many-line NVRTC log must come
+    out as one line, and a missing CUDA header say so."""
+    import types
+
+    import xpmlp
+
+    def broken(*args):
+        raise RuntimeError(message)
+
+    backend = stand_in_cuda_backend(types.SimpleNamespace(**{name: broken for name in gpu_check.PREFLIGHT_ARGS}))
+    monkeypatch.setattr(xpmlp, "get_backend", lambda name: backend)
+    with pytest.raises(SystemExit) as exited:
+        gpu_check.preflight()
+    reason = str(exited.value.code)
+    assert "\n" not in reason and reason.startswith("fused kernel sgd_step (float32) failed: " + want), reason

@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import backend_or_reason
+from helpers import backend_or_reason, sgd_by_layer_reference
 
 import xpmlp
 from xpmlp.core.layers import Sigmoid
@@ -43,6 +43,29 @@ def test_sgd_step_equals_the_formula(backend, dtype):
     # there are no subnormals here for CuPy's -ftz to flush.
     np.testing.assert_array_equal(backend.to_numpy(v_dev), want_v)
     np.testing.assert_array_equal(backend.to_numpy(p_dev), want_p)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_step_by_layer_gives_each_model_its_own_step(backend, dtype):
+    """K = 3 models' buffers laid out parameter by parameter (sizes 7 and 5 a model), each
+    value updated with its own model's hyperparameters, model 1 frozen: the same bits as the
+    formula (one launch on CUDA, without FMA contraction)."""
+    if not hasattr(backend.kernels, "sgd_step_by_layer"):
+        pytest.skip(f"{backend.name}: the CPU keeps stacked buffers a row a model (no such kernel)")
+    rng = np.random.default_rng(8)
+    sizes = np.array([7, 5])
+    starts = np.array([0, 21, 36])  # 3 models' 7 values, then their 5: 36 in all
+    p, g, v = (rng.normal(size=36).astype(dtype) for _ in range(3))
+    lr, m, wd = (np.array(h, dtype=dtype) for h in ([0.1, 0.2, 0.3], [0.9, 0.5, 0.0], [5e-4, 0.0, 1e-3]))
+    active = np.array([True, False, True])
+    want_p, want_v = p.copy(), v.copy()
+    sgd_by_layer_reference(want_p, g, want_v, lr, m, wd, active, starts, sizes)
+    p_dev, v_dev = backend.asarray(p), backend.asarray(v)
+    backend.kernels.sgd_step_by_layer(p_dev, backend.asarray(g), v_dev, *(backend.asarray(a) for a in
+                                                                            (lr, m, wd, active, starts, sizes)))
+    np.testing.assert_array_equal(backend.to_numpy(p_dev), want_p)
+    np.testing.assert_array_equal(backend.to_numpy(v_dev), want_v)
+    assert not np.array_equal(want_p, p) and np.array_equal(want_p[7:14], p[7:14]), "model 1 frozen, others moved"
 
 
 LOSSES = pytest.mark.parametrize("kernel,loss_class,scale", [
@@ -121,6 +144,34 @@ def test_fused_loss_gives_a_label_out_of_range_no_target_and_writes_nothing_outs
     np.testing.assert_array_equal(backend.to_numpy(buffer[5:]), 7.0)
 
 
+@LOSSES
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shared_labels", [True, False], ids=["shared-labels", "own-labels"])
+def test_stacked_fused_loss_gives_each_model_its_own_bits(backend, kernel, loss_class, scale, dtype, shared_labels):
+    """K stacked models' loss (one launch on CUDA, a block a model) writes each model's loss
+    and accuracy into its slot of a step's record row, and its gradient, exactly as that
+    model's own one-model launch does."""
+    models, rows = 3, 300  # more rows than CUDA threads in a block
+    rng = np.random.default_rng(7)
+    logits = (rng.normal(size=(models, rows, 10)) * scale).astype(dtype)
+    labels = rng.integers(0, 10, rows if shared_labels else (models, rows))
+    fused = ops_for(backend, "fused")
+    records = backend.xp.zeros((2, 4, models), dtype=dtype)  # losses, accuracies: 4 steps of K models
+    out = (records[0, 2:3], records[1, 2:3])  # step 2's row
+    loss, acc, grad = getattr(fused, kernel)(backend.asarray(logits), backend.asarray(labels),
+                                             Scratch(backend.xp, dtype), out)
+    assert loss is out[0] and acc is out[1]
+    got_records, got_grad = backend.to_numpy(records), backend.to_numpy(grad)
+    assert not got_records[:, [0, 1, 3]].any(), "written outside step 2's row"
+    for k in range(models):
+        alone = getattr(fused, kernel)(backend.asarray(logits[k]), backend.asarray(labels if shared_labels
+                                                                                   else labels[k]),
+                                       Scratch(backend.xp, dtype))
+        want_loss, want_acc, want_grad = (backend.to_numpy(a) for a in alone)
+        np.testing.assert_array_equal(got_records[:, 2, k], [want_loss, want_acc])
+        np.testing.assert_array_equal(got_grad[k], want_grad)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_backward_passes_the_gradient_where_the_output_is_positive(backend, dtype):
     rng = np.random.default_rng(2)
@@ -150,17 +201,20 @@ def test_fast_sigmoid_layer_matches_the_plain_one(backend, dtype, rtol):
     plain = Sigmoid(xpmlp.get_backend("numpy"), dtype, ops="plain")
     want_y = plain.forward(x)
     grad_y = rng.normal(size=x.shape).astype(dtype)
-    want_grad_x = plain.backward(grad_y)
     fast = Sigmoid(backend, dtype, ops="fused")
     atol = np.finfo(dtype).smallest_normal
     with np.errstate(over="raise", invalid="raise"):  # underflow to 0 is the right answer
         y = fast.forward(backend.asarray(x))
     np.testing.assert_allclose(backend.to_numpy(y), want_y, rtol=rtol, atol=atol)
+    # The backward from the backend's own y: CUDA's exp may differ from the CPU's by 1-3 ulp
+    # (x ~ 4.9 in float32), which 1 - y, where y is near 1, magnifies beyond rtol.
+    own_y = backend.to_numpy(y).copy()
+    want_grad_x = plain.ops.sigmoid_backward(own_y, grad_y, None)
     grad_x = backend.xp.empty(x.shape, dtype=dtype)
     backend.kernels.sigmoid_backward(y, backend.asarray(grad_y), grad_x)
     np.testing.assert_allclose(backend.to_numpy(grad_x), want_grad_x, rtol=rtol, atol=atol)
     # a strided input: the fused ops give the same answer (by the parent's code on NumPy)
-    strided = backend.asarray(np.repeat(want_y, 2, axis=1))[:, ::2]
+    strided = backend.asarray(np.repeat(own_y, 2, axis=1))[:, ::2]
     got = fast.ops.sigmoid_backward(strided, backend.asarray(grad_y), Scratch(backend.xp, dtype))
     np.testing.assert_allclose(backend.to_numpy(got), want_grad_x, rtol=rtol, atol=atol)
 
@@ -254,16 +308,9 @@ def cuda_units():
     ElementwiseKernel body in a kernel, its parameters declared as CuPy declares them, once
     per dtype, one file per set of options.  Returns {name: (source, options)}: "losses",
     then the name of each elementwise kernel with options of its own, then "elementwise"."""
-    from xpmlp.backends.cupy_kernels import (
-        CTYPES,
-        ELEMENTWISE,
-        ELEMENTWISE_OPTIONS,
-        LOSS_KERNELS,
-        LOSS_OPTIONS,
-        LOSS_SOURCE,
-    )
-    loss = [LOSS_SOURCE] + [f"template __global__ void {name}<{t}>(const {t}*, const long long*, {t}*, "
-                            f"{t}*, {t}*, const int, const int);"
+    from xpmlp.backends.cupy_kernels import (CTYPES, ELEMENTWISE, ELEMENTWISE_OPTIONS, LOSS_KERNELS,
+                                             LOSS_OPTIONS, LOSS_PARAMS, LOSS_SOURCE)
+    loss = [LOSS_SOURCE] + [f"template __global__ void {name}<{t}>({', '.join(LOSS_PARAMS).format(t=t)});"
                             for name in LOSS_KERNELS for t in CTYPES.values()]
     units, plain = {"losses": ("\n".join(loss), LOSS_OPTIONS)}, []
     for name, (inputs, outputs, body) in ELEMENTWISE.items():
@@ -271,8 +318,12 @@ def cuda_units():
         outs = [p.split() for p in outputs.split(",")]
         kernels = []
         for t in CTYPES.values():
-            params = ", ".join([f"const {t}* _in_{n}" for _, n in ins] + [f"{t}* _out_{n}" for _, n in outs])
-            loads = " ".join([f"const T {n} = _in_{n}[i];" for _, n in ins] +
+            # "raw TYPE name": a pointer the body indexes itself; "TYPE name": element i
+            ctype = {"T": t, "bool": "bool", "int64": "long long"}
+            params = ", ".join([f"const {ctype[p[1]]}* {p[2]}" for p in ins if p[0] == "raw"] +
+                               [f"const {ctype[p[0]]}* _in_{p[1]}" for p in ins if p[0] != "raw"] +
+                               [f"{t}* _out_{n}" for _, n in outs])
+            loads = " ".join([f"const {ctype[p[0]]} {p[1]} = _in_{p[1]}[i];" for p in ins if p[0] != "raw"] +
                              [f"T& {n} = _out_{n}[i];" for _, n in outs])
             kernels.append(f'extern "C" __global__ void {name}_{t}({params}, const long long size) {{\n'
                            f"  typedef {t} T;\n"
@@ -329,6 +380,9 @@ def test_cuda_sources_compile_for_hopper(tmp_path):
 def test_sgd_kernel_is_compiled_without_fused_multiply_adds(tmp_path):
     """The SGD step's bits equal NumPy's only if no multiply and add are contracted into an
     FMA; the PTX shows it.  Without the option nvcc does contract them (the check can fail)."""
+    for name in ("xpmlp_sgd_step_stacked", "xpmlp_sgd_step_by_layer"):
+        source, options = cuda_units()[name]
+        assert "fma." not in nvcc(tmp_path, name, source, options, "-ptx").read_text(), name
     source, options = cuda_units()["xpmlp_sgd_step"]
     assert "--fmad=false" in options
     ptx = nvcc(tmp_path, "sgd", source, options, "-ptx").read_text()
@@ -376,7 +430,8 @@ def test_cuda_kernels_are_built_with_their_options_and_looked_up_once_per_dtype(
                                  ascontiguousarray=lambda a, dtype=None: np.ascontiguousarray(a, dtype=dtype),
                                  empty=np.empty)
     kernels = CupyKernels(fake)
-    assert built["xpmlp_sgd_step"] == built["xpmlp_sgd_step_stacked"] == ("--fmad=false",)
+    assert built["xpmlp_sgd_step"] == built["xpmlp_sgd_step_stacked"] == built["xpmlp_sgd_step_by_layer"] == \
+        ("--fmad=false",)
     assert all(options == () for name, options in built.items() if not name.startswith("xpmlp_sgd_step"))
     for _ in range(3):
         for dtype in (np.float32, np.float64):

@@ -60,6 +60,14 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 # Idle time before each timed epoch: the previous contender's thread pool (OpenBLAS, OpenMP)
 # keeps spinning for up to ~0.2 s after its last call and would slow the next one down.
 SETTLE_S = 0.5
+# On a GPU the contenders drive the device from one Python thread, with no CPU pool to wind
+# down: a short pause keeps the stacked bench of the one-shot GPU check within its cap.
+CUDA_SETTLE_S = 0.05
+
+
+def settle_s(backend):
+    """The pause before each timed epoch on ``backend``."""
+    return CUDA_SETTLE_S if backend.name == "cupy" else SETTLE_S
 # Steps whose losses JAX's must equal ours: from the same weights on the same batches.
 CHECK_STEPS, CHECK_RTOL = 20, 1e-4
 
@@ -94,13 +102,14 @@ def busy_processes(count):
             proc.stdin.close()
 
 
-def _time_interleaved(contenders, epochs, warmed=(), busy=0):
+def _time_interleaved(contenders, epochs, warmed=(), busy=0, settle=SETTLE_S):
     """Median epoch time of each contender: one warm-up epoch each, then ``epochs`` rounds
     that time one epoch of every contender in turn, in a rotating order, so drift in a
     shared machine's speed hits all of them alike.  ``contenders`` maps a name to
     (run_epoch, synchronize); those named in ``warmed`` had their warm-up already.
     ``busy`` > 0: each round times every contender a second time with that many CPU-bound
-    processes running; those medians come back under "busy:NAME"."""
+    processes running; those medians come back under "busy:NAME".  ``settle``: the pause
+    before each timed epoch, in seconds."""
     for name, (run_epoch, _) in contenders.items():
         if name not in warmed:
             run_epoch()  # warm-up: buffers, kernel caches, BLAS threads
@@ -115,7 +124,7 @@ def _time_interleaved(contenders, epochs, warmed=(), busy=0):
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     run_epoch, synchronize = contenders[name]
                     synchronize()
-                    time.sleep(SETTLE_S)
+                    time.sleep(settle)
                     start = time.perf_counter()
                     run_epoch()
                     synchronize()
@@ -416,7 +425,8 @@ def _run_stack(backend, dtype, epochs, threads, models, ops):
         median = _time_interleaved({"stacked": (stacked, backend.synchronize),
                                     "single": (single, backend.synchronize),
                                     "first_layer_batched": (batched, backend.synchronize),
-                                    "first_layer_wide": (wide, backend.synchronize)}, epochs, warmed=("stacked",))
+                                    "first_layer_wide": (wide, backend.synchronize)}, epochs, warmed=("stacked",),
+                                    settle=settle_s(backend))
     stacked_rate, single_rate = models / median["stacked"], 1 / median["single"]
     return {"model": MODEL, "batch_size": BATCH, "dtype": dtype, "epochs_timed": epochs, "stack": models,
             "stacked_epoch_s": median["stacked"], "epoch_s": median["single"],
@@ -460,7 +470,7 @@ def _run(backend, dtype, epochs, torch_peer, jax_peer, threads, busy, ops):
     if jax is not None:
         contenders["jax"], peer_versions["jax"], jax_check = (jax[0], backend.synchronize), jax[1], jax[2]
         warmed.append("jax")
-    median = _time_interleaved(contenders, epochs, warmed=warmed, busy=busy)
+    median = _time_interleaved(contenders, epochs, warmed=warmed, busy=busy, settle=settle_s(backend))
     epoch_s, gemm_s = median["ours"], median["gemm"]
     torch_s, jax_s, array_s = median.get("torch"), median.get("jax"), median.get("array")
     floor_s = gemm_s + median["gather"] + median["sgd"]

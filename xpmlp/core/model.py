@@ -24,25 +24,42 @@ class FlatBuffers:
     Layers hold views into them, so the optimizer updates every W and b with a
     handful of whole-buffer operations instead of one small kernel each.  With
     ``stack=(K,)`` the buffers are (K, P), one row per stacked model, so per-model
-    hyperparameters broadcast as a (K, 1) column over the whole buffer.
+    hyperparameters broadcast as a (K, 1) column over the whole buffer, and each model's
+    parameters are one contiguous row (the CPU's compiled step runs a model on its row).
+
+    ``by_layer`` (stacked models on a GPU) lays the buffers out parameter by parameter
+    instead: all K models' W of a layer, then their b, and so on, so that each stacked W is
+    one contiguous (K, in, out) block, which CuPy's matmul takes without copying it.  The
+    ops that ask for it (``stack_by_layer``) update the buffers in one pass that finds each
+    value's model from ``blocks``.
     """
 
-    def __init__(self, xp, arrays, dtype, stack=()):
+    def __init__(self, xp, arrays, dtype, stack=(), by_layer=False):
         self.stack = tuple(stack)
+        self.by_layer = bool(by_layer and self.stack)
         lead = len(self.stack)
         self.shapes = [tuple(a.shape) for a in arrays]
         self.sizes = [int(np.prod(s[lead:])) for s in self.shapes]
         total = sum(self.sizes)
-        self.params = xp.empty(self.stack + (total,), dtype=dtype)
-        self.grads = xp.zeros(self.stack + (total,), dtype=dtype)
+        shape = (int(np.prod(self.stack)) * total,) if self.by_layer else self.stack + (total,)
+        self.params = xp.empty(shape, dtype=dtype)
+        self.grads = xp.zeros(shape, dtype=dtype)
+        if self.by_layer:  # on the device once: where each parameter's block starts (then the
+            # buffers' length), and its values a model
+            starts = np.cumsum([0, *self.sizes]) * int(np.prod(self.stack))
+            self.blocks = (xp.asarray(starts, dtype=xp.int64), xp.asarray(self.sizes, dtype=xp.int64))
         for view, a in zip(self.split(self.params), arrays):
             view[...] = a
 
     def split(self, flat):
         """Views of ``flat`` shaped like each parameter, in order."""
         views, start = [], 0
+        models = int(np.prod(self.stack)) if self.by_layer else 1
         for shape, size in zip(self.shapes, self.sizes):
-            views.append(flat[..., start:start + size].reshape(shape))
+            if self.by_layer:
+                views.append(flat[models * start:models * (start + size)].reshape(shape))
+            else:
+                views.append(flat[..., start:start + size].reshape(shape))
             start += size
         return views
 
@@ -77,7 +94,7 @@ class Sequential:
         if self.ops.in_place:
             pairs = self.parameters()
             self.flat = FlatBuffers(self.xp, [getattr(layer, name) for layer, name in pairs], dtype,
-                                    stack=self.stack)
+                                    stack=self.stack, by_layer=getattr(self.ops, "stack_by_layer", False))
             for (layer, name), p, g in zip(pairs, self.flat.split(self.flat.params),
                                            self.flat.split(self.flat.grads)):
                 setattr(layer, name, p)

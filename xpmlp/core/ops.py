@@ -34,6 +34,14 @@ class Scratch:
             buf = self._arrays[key] = self.xp.empty(tuple(shape), dtype=dtype or self.dtype)
         return buf
 
+    def constant(self, name, shape, value, dtype=None):
+        """An array of ``value`` filled once, on first use (not on every step): read it only."""
+        key = (name, tuple(shape))
+        buf = self._arrays.get(key)
+        if buf is None:
+            buf = self._arrays[key] = self.xp.full(tuple(shape), value, dtype=dtype or self.dtype)
+        return buf
+
 
 def matrix_transpose(xp, a):
     # The ndarray method where there is one: NumPy's module function costs ~1 us a call in Python.
@@ -283,34 +291,36 @@ class FusedOps(BufferedOps):
     def euclidean(self, output, labels, scratch, out=None):
         if output.ndim not in (2, 3):
             return super().euclidean(output, labels, scratch, out)
-        return self._fused_loss(self.kernels.euclidean, output, labels, scratch, out)
+        return self._fused_loss("euclidean", output, labels, scratch, out)
 
     def softmax_xent(self, output, labels, scratch, out=None):
         if output.ndim not in (2, 3):
             return super().softmax_xent(output, labels, scratch, out)
-        return self._fused_loss(self.kernels.softmax_xent, output, labels, scratch, out)
+        return self._fused_loss("softmax_xent", output, labels, scratch, out)
 
-    def _fused_loss(self, kernel, output, labels, scratch, out):
+    def _fused_loss(self, name, output, labels, scratch, out):
         grad = scratch.get("dx", output.shape)
         if output.ndim == 2:
-            return tuple(kernel(output, labels, grad, out)) + (grad,)
-        # Stacked models (K, N, C): the one-model kernel on each model's slice, so each
-        # computes exactly what it computes alone.  Labels (N,) are shared by all.
-        models = output.shape[0]
+            return tuple(getattr(self.kernels, name)(output, labels, grad, out)) + (grad,)
         if out is None:
-            out = tuple(self.xp.empty((models,), dtype=output.dtype) for _ in range(2))
-        for k in range(models):
+            out = tuple(self.xp.empty(output.shape[:1], dtype=output.dtype) for _ in range(2))
+        return tuple(self._stacked_loss(name, output, labels, grad, out)) + (grad,)
+
+    def _stacked_loss(self, name, output, labels, grad, out):
+        """Stacked models (K, N, C): the one-model kernel on each model's slice, so each
+        computes exactly what it computes alone.  Labels (N,) are shared by all."""
+        kernel = getattr(self.kernels, name)
+        for k in range(output.shape[0]):
             kernel(output[k], labels if labels.ndim == 1 else labels[k], grad[k],
                    (out[0][..., k:k + 1], out[1][..., k:k + 1]))
-        return tuple(out) + (grad,)
+        return out
 
     def sgd_update(self, p, g, v, lr, momentum, weight_decay, scratch, active=None):
         if p.ndim == 1:
             self.kernels.sgd_step(p, g, v, lr, momentum, weight_decay)  # flat buffers: contiguous
         else:  # K stacked models' flat rows (K, P), (K, 1) hyperparameters; frozen rows skipped
             if active is None:
-                active = scratch.get("sgd_all_active", (p.shape[0], 1), dtype=bool)
-                active[...] = True
+                active = scratch.constant("sgd_all_active", (p.shape[0], 1), True, dtype=bool)
             self.kernels.sgd_step_stacked(p, g, v, *(h.reshape(-1) for h in (lr, momentum, weight_decay, active)))
         return p, v
 
@@ -371,10 +381,28 @@ class NumbaOps(FusedOps):
 
 
 class CudaOps(FusedOps):
-    """CuPy with its CUDA kernels: the losses (one launch each) and the SGD step
+    """CuPy with its CUDA kernels: the losses (one launch each, K stacked models too) and the SGD step
     (``FusedOps``), the ReLU backward and the sigmoid forward and backward (elementwise
     kernels: any shape and layout).  On a GPU a step costs launches, not arithmetic: each
     kernel replaces several.  The loss kernel copies a non-contiguous output itself."""
+
+    # Stacked models' flat buffers parameter by parameter (model.FlatBuffers): each stacked W
+    # one contiguous (K, in, out) block, which CuPy's matmul would otherwise copy every call.
+    # The optimizer then calls sgd_update_by_layer.
+    stack_by_layer = True
+
+    def sgd_update_by_layer(self, flat, p, g, v, lr, momentum, weight_decay, scratch, active=None):
+        """The SGD step of K models' 1-D buffers laid out by ``flat`` (a FlatBuffers), in one
+        launch; (K,) hyperparameters and ``active`` (None: all)."""
+        if active is None:
+            active = scratch.constant("sgd_all_active", lr.shape, True, dtype=bool)
+        self.kernels.sgd_step_by_layer(p, g, v, lr, momentum, weight_decay, active, *flat.blocks)
+        return p, v
+
+    def _stacked_loss(self, name, output, labels, grad, out):
+        # One launch for all K models (a block a model), not one per model: on a GPU each
+        # launch and its Python costs more than the loss itself.
+        return getattr(self.kernels, name + "_stacked")(output, labels, grad, out)
 
     def relu_backward(self, y, grad_y, scratch):
         return _into(self.kernels.relu_backward, y, grad_y, scratch.get("relu_dx", y.shape))

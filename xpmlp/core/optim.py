@@ -101,6 +101,11 @@ class SGD:
         for slot in self.slots:
             def column(h, ndim=slot.param.ndim):  # (K,) -> (K, 1, ...) over the slot's rows
                 return xp.reshape(h, (h.shape[0],) + (1,) * (ndim - 1))
+            if isinstance(slot, FlatSlot) and slot.flat.by_layer:  # CUDA's layout: its own kernel
+                self.ops.sgd_update_by_layer(slot.flat, slot.param, slot.grad, slot.velocity, self.lr,
+                                             self.momentum, self.weight_decay, self.scratch,
+                                             active=None if all(self._active_host) else self.active)
+                continue
             active = None if all(self._active_host) else column(self.active)
             slot.param, slot.velocity = self.ops.sgd_update(
                 slot.param, slot.grad, slot.velocity, column(self.lr), column(self.momentum),
