@@ -416,17 +416,22 @@ def test_the_record_is_written_after_every_step(tmp_path, monkeypatch):
 
 
 def test_the_tests_leave_the_benches_their_time(tmp_path, monkeypatch):
-    """A slow test run cannot take the benches' time: the test step's limit leaves their caps."""
+    """A slow test run cannot take the agreement step's and the benches' time: the test step's
+    limit leaves their caps."""
     limits = {}
     monkeypatch.setattr(gpu_check, "run_preflight", lambda timeout_s: dict(FACTS))
     monkeypatch.setattr(gpu_check, "run_tests", lambda files, timeout_s, log_dir: limits.update(tests=timeout_s) or {
         "passed": 40, "failed": 0, "errors": 0, "skipped": 0, "seconds": 1.0, "problems": []})
     monkeypatch.setattr(gpu_check, "run_bench", lambda args, timeout_s, log_dir, name:
                         limits.update({name: timeout_s}) or {"epoch_s": 0.05})
+    monkeypatch.setattr(gpu_check, "run_agreement", lambda timeout_s: limits.update(agreement=timeout_s) or {
+        "problems": [], "seconds": 1.0})
     monkeypatch.setattr(gpu_check, "bench_has_stack", lambda: True)
     gpu_check.check(tmp_path / "out", tmp_path / "logs", deadline_s=200)
     caps = gpu_check.CAPS_S
-    assert 200 - caps["bench"] - caps["bench_stack"] - 5 < limits["tests"] <= 200 - caps["bench"] - caps["bench_stack"]
+    after_tests = caps["agreement"] + caps["bench"] + caps["bench_stack"]
+    assert 200 - after_tests - 5 < limits["tests"] <= 200 - after_tests
+    assert limits["agreement"] == caps["agreement"]
     assert limits["bench"] == caps["bench"] and limits["bench_stack"] == caps["bench_stack"]
 
 
