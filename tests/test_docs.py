@@ -59,7 +59,7 @@ def anchors(path):
 def links(path):
     for number, line in enumerate(prose(path.read_text(encoding="utf-8")), 1):
         for target in LINK.findall(line):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # http:, https:, mailto:
                 continue
             yield number, target
 
