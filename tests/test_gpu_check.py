@@ -83,10 +83,10 @@ def test_the_listed_test_files_are_the_ones_holding_cupy_tests():
     tests = [line for line in result.stdout.splitlines() if "::" in line]
     files = {line.split("::")[0] for line in tests}
     assert files == set(gpu_check.GPU_TEST_FILES), result.stdout[-2000:] + result.stderr[-2000:]
-    # README's estimate of the check's time counts them: it must name the number they are
-    stated = re.search(r"the (\d+) CuPy tests", (REPO / "README.md").read_text())
+    # docs/gpu_check.md's estimate of the check's time counts them: it must name the number they are
+    stated = re.search(r"the (\d+) CUDA tests \(CuPy's and\s+torch:cuda's\)", (REPO / "docs" / "gpu_check.md").read_text())
     assert stated and int(stated.group(1)) == len(tests), \
-        f"README: {stated and stated.group(0)}; {len(tests)} collected"
+        f"docs/gpu_check.md: {stated and stated.group(0)}; {len(tests)} collected"
 
 
 def numpy_kernels():

@@ -1,6 +1,6 @@
 """`xpmlp bench`: time training epochs of mlp2-relu-sce against PyTorch eager, JAX and the GEMM limit.
 
-Method (the README's "Performance" section says the same):
+Method (docs/performance.md, "Measuring", says the same):
 - MNIST-shaped random data (60000 x 784, 10 classes) on the chosen device; batch 100.
 - One epoch = shuffle on the host, send the permutation, then 600 steps of gather,
   forward, loss, accuracy, backward and SGD (momentum 0.9, weight decay 5e-4), all

@@ -3,7 +3,7 @@
 Default: one.  The products of a batch of 100 are small (at most 100 x 784 x 256), so
 OpenBLAS's second thread buys at most ~1.4x on them, and only on an idle machine; once
 another process keeps a core busy, the two threads wait for each other at every product
-and an epoch becomes 3-15x slower.  One thread is steady (README, Performance, measured
+and an epoch becomes 3-15x slower.  One thread is steady (docs/performance.md, Threads, measured
 with `xpmlp bench --busy 1`).  ``XPMLP_THREADS`` or a command's ``--threads`` overrides it.
 
 The compiled step (xpmlp/compiled.py) does better with two cores: it splits each step
