@@ -1,7 +1,7 @@
 """The compiled training step: a Stepper that hands whole steps to the fused kernels'
 compiled ``mlp_steps`` (NumPy + Numba: backends/numpy_step.py) where the model is one it
 compiles, so no Python runs between a step's operations.  Chosen once per model, as its
-ops are (``make_stepper`` in train.py); the Stepper of the ops stays for everything else.
+ops are (``make_stepper`` in loop.py); the Stepper of the ops stays for everything else.
 
 It keeps the model's own arrays: the layers' W and b stay views into the flat parameter
 buffer, their gradients into the flat gradient buffer, and the optimizer's velocity is

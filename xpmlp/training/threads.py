@@ -6,7 +6,7 @@ another process keeps a core busy, the two threads wait for each other at every 
 and an epoch becomes 3-15x slower.  One thread is steady (docs/performance.md, Threads, measured
 with `xpmlp bench --busy 1`).  ``XPMLP_THREADS`` or a command's ``--threads`` overrides it.
 
-The compiled step (xpmlp/compiled.py) does better with two cores: it splits each step
+The compiled step (xpmlp/training/compiled.py) does better with two cores: it splits each step
 (or, for stacked models, the models) between two threads of its own, each calling BLAS
 with one thread, and goes back to one while that is faster (a busy machine).  It takes two where this process may run on two
 cores, unless ``XPMLP_THREADS`` / ``--threads`` says 1.
