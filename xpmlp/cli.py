@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import rundir
-from .config import TRAJECTORY_KEYS, TrainConfig, TrainError
+from .config import DATASETS, TRAJECTORY_KEYS, TrainConfig, TrainError
 from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS
 
 DEFAULTS = TrainConfig()
@@ -114,8 +114,14 @@ def add_train_flags(p):
     g.add_argument("--dtype", choices=DTYPES, help=f"(default: {d.dtype})")
     g = p.add_argument_group("run")
     g.add_argument("--device", help=f"auto, cpu, numpy, cuda, cuda:N (default: {d.device})")
-    g.add_argument("--data-dir", help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache; "
-                                      "downloaded if absent)")
+    g.add_argument("--data-dir", help="directory of the --dataset's files (default for MNIST: $XPMLP_DATA_DIR; "
+                                      "else a per-user cache; downloaded if absent)")
+    g.add_argument("--dataset", choices=DATASETS,
+                   help=f"a dataset known by name, downloaded and verified against its published sums "
+                        f"(default: {d.dataset})")
+    g.add_argument("--data", metavar="DIR_OR_FILE",
+                   help="your own data: a directory of IDX files (train/t10k images and labels, gzipped or not) or "
+                        "an .npz with x_train, y_train, x_test, y_test; see docs/own-data.md")
     g.add_argument("--out", help="run directory (default: runs/<model>-<timestamp>)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint; "
                                                        "a larger --epochs extends a finished run")
@@ -135,6 +141,10 @@ def config_from_args(args):
         raise UserError("give either --model or --hidden/--activation/--loss, not both")
     if "hidden" in given and ("loss" not in given or (given["hidden"] and "activation" not in given)):
         raise UserError("--hidden needs --loss, and --activation when there are hidden layers")
+    if "data" in given and ("dataset" in given or "data_dir" in given):
+        raise UserError("give either --data (your own) or --dataset/--data-dir (one known by name), not both")
+    if "dataset" in given:  # on a resume, a named dataset replaces the run's own data
+        given["data"] = None
     if not args.resume:
         return TrainConfig(**given).validate()
     run_dir = Path(args.resume)
@@ -202,7 +212,7 @@ def _run_dir(text):
 
 def cmd_train(args):
     from .backends import get_backend
-    from .data import load_mnist
+    from .data import load_data
     from .processes import die_with_parent
     from .training.launch import train
     from .training.threads import blas_threads
@@ -219,7 +229,10 @@ def cmd_train(args):
     log = _log_fn(progress)
     notices = []  # shown once the run starts, so that a mistake found first stays one line
     backend = get_backend(config.device, notice=notices.append)  # fail before any file
-    data = load_mnist(config.data_dir, progress=progress)
+    data = load_data(config.data, config.dataset, config.data_dir, progress=progress)
+    config = config.fit_data(data)
+    if args.resume:
+        rundir.check_data(args.resume, rundir.load_config(args.resume)[1], data.info)
     out, created = _prepare_out(args, config)
     try:
         train(lambda resume: Trainer(config, out, data, resume=resume, progress=progress, log=log,
@@ -253,7 +266,7 @@ def train_seeds(args):
     """``train --seeds LIST``: one stacked group, a run directory per seed under --out and an
     aggregate summary.json; ``train --resume OUT`` of such a directory continues the group."""
     from .backends import get_backend
-    from .data import load_mnist
+    from .data import load_data
     from .training.launch import train
     from .training.stack import StackTrainer, aggregate, group_configs
     from .training.threads import blas_threads
@@ -279,8 +292,11 @@ def train_seeds(args):
     log = _log_fn(progress)
     notices = []
     backend = get_backend(configs[0].device, notice=notices.append)  # fail before any file
-    data = load_mnist(configs[0].data_dir, progress=progress)
-    if not args.resume:
+    data = load_data(configs[0].data, configs[0].dataset, configs[0].data_dir, progress=progress)
+    configs = [c.fit_data(data) for c in configs]
+    if args.resume:
+        rundir.check_data(out, rundir.read_json(run_dirs[0] / rundir.CONFIG), data.info)
+    else:
         out, created = _prepare_out(args, configs[0])
         run_dirs = [out / f"seed={c.seed}" for c in configs]
     seeds = ", ".join(str(c.seed) for c in configs)
@@ -312,13 +328,15 @@ def train_seeds(args):
 
 def cmd_eval(args):
     from .backends import get_backend
-    from .data import load_mnist
     from .training.train import evaluate
 
     run_dir = _run_dir(args.run_dir)
+    config, saved = rundir.load_config(run_dir)
+    if args.plots is not None and config.in_features != 784:
+        raise UserError(f"--plots draws 28x28 images; {run_dir} has {config.in_features} features per sample")
     plots_dir = None if args.plots is None else _writable_dir(args.plots or run_dir, "--plots")
-    config, _ = rundir.load_config(run_dir)
-    data = load_mnist(args.data_dir or _run_data_dir(config), progress=sys.stderr.isatty())
+    data = _run_data(args, config)
+    rundir.check_data(run_dir, saved, data.info)
     notices = []  # shown with the result, so that an error stays one line
     backend = get_backend(args.device or config.device, notice=notices.append)
     model, state = rundir.load_model(run_dir, backend, config)
@@ -345,6 +363,19 @@ def cmd_eval(args):
     return 0
 
 
+def _run_data(args, config):
+    """The data to evaluate a run on: what the flags say, else the run's own."""
+    from .data import load_data
+
+    if args.data and (args.dataset or args.data_dir):
+        raise UserError("give either --data (your own) or --dataset/--data-dir (one known by name), not both")
+    if args.data or (config.data and not args.dataset):
+        return load_data(args.data or config.data)
+    dataset = args.dataset or config.dataset
+    data_dir = args.data_dir or (_run_data_dir(config) if dataset == config.dataset else None)
+    return load_data(None, dataset, data_dir, progress=sys.stderr.isatty())
+
+
 def _run_data_dir(config):
     """The data_dir of a run's config.json, for eval, if nothing here says where MNIST is
     ($XPMLP_DATA_DIR wins) and it holds MNIST already: a run may come from another machine,
@@ -354,7 +385,7 @@ def _run_data_dir(config):
     if os.environ.get("XPMLP_DATA_DIR") or not config.data_dir:
         return None
     try:
-        mnist_files(config.data_dir, download=False, progress=False)
+        mnist_files(config.data_dir, download=False, progress=False, dataset=config.dataset)
     except DataError:
         return None
     return config.data_dir
@@ -538,6 +569,8 @@ def build_parser():
     p.add_argument("run_dir")
     p.add_argument("--device", help="default: the run's device")
     p.add_argument("--data-dir")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the run's")
+    p.add_argument("--data", metavar="DIR_OR_FILE", help="your own data (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plots", nargs="?", const="", metavar="DIR",
                    help="also write a confusion matrix, the most confident mistakes and the first layer's "

@@ -10,11 +10,13 @@ import os
 
 import numpy as np
 
-from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp, build_model
+from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp
 
 # Settings that define the trajectory: a resume must not contradict them.
 TRAJECTORY_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "lr", "momentum",
                    "weight_decay", "init_std", "seed", "dtype")
+# The datasets known by name (data.KNOWN says where they come from and their sums).
+DATASETS = ("mnist", "fashion-mnist", "kmnist")
 
 
 class TrainError(Exception):
@@ -43,6 +45,10 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     data_dir: str | None = None
+    dataset: str = "mnist"           # a dataset known by name (data.KNOWN), downloaded and verified
+    data: str | None = None          # or a user's own: a directory of IDX files or an .npz
+    in_features: int = 784           # the data's, set from it (data.Dataset.info)
+    classes: int = 10
     eval_every: int = 1
     checkpoint_every: int = 1
     log_every: int = 1
@@ -72,7 +78,12 @@ class TrainConfig:
             raise TrainError(f"--init-std must be positive, got {self.init_std}")
         if self.dtype not in DTYPES:
             raise TrainError(f"--dtype must be {one_of(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size > 60000:
+        if self.dataset not in DATASETS:
+            raise TrainError(f"--dataset must be {one_of(DATASETS)}, got {self.dataset!r}")
+        if self.in_features <= 0 or self.classes < 2:
+            raise TrainError(f"in_features must be positive and classes at least 2, got {self.in_features}, "
+                             f"{self.classes}")
+        if self.data is None and self.batch_size > 60000:  # the known datasets' size; one's own: fit_data
             raise TrainError(f"--batch-size {self.batch_size} exceeds the 60000 training images")
         if self.seed < 0:
             raise TrainError(f"--seed must be >= 0, got {self.seed}")
@@ -81,9 +92,17 @@ class TrainConfig:
 
     @property
     def widths(self):
-        """The sizes of every layer's output, input included: [784, *hidden, 10]."""
+        """The sizes of every layer's output, input included: [784, *hidden, 10] on MNIST."""
         hidden = MODELS[self.model][0] if self.hidden is None else self.hidden
-        return [784, *hidden, 10]
+        return [self.in_features, *hidden, self.classes]
+
+    def fit_data(self, data):
+        """These settings with the input width and classes of ``data`` (a data.Dataset),
+        checked against its size."""
+        info = data.info
+        if self.batch_size > info["train"][0]:
+            raise TrainError(f"--batch-size {self.batch_size} exceeds the {info['train'][0]} training samples")
+        return dataclasses.replace(self, in_features=info["train"][1], classes=info["classes"])
 
     @property
     def name(self):
@@ -93,10 +112,11 @@ class TrainConfig:
 
     def build(self, backend, **options):
         """The model these settings describe, on ``backend``; ``options`` go to the builder."""
-        common = dict(backend=backend, dtype=self.dtype, init_std=self.init_std, seed=self.seed, **options)
-        if self.hidden is None:
-            return build_model(self.model, **common)
-        return build_mlp(self.hidden, self.activation, self.loss, **common)
+        common = dict(backend=backend, dtype=self.dtype, init_std=self.init_std, seed=self.seed,
+                      in_features=self.in_features, num_classes=self.classes, **options)
+        hidden, activation, loss = MODELS[self.model] if self.hidden is None else \
+            (self.hidden, self.activation, self.loss)
+        return build_mlp(hidden, activation, loss, **common)
 
     @classmethod
     def from_saved(cls, saved):
@@ -109,10 +129,10 @@ class TrainConfig:
 
 
 # What each setting must be: TOML, config.json and the Python API do not go through argparse.
-_INTEGER = ("epochs", "batch_size", "seed", "eval_every", "checkpoint_every", "log_every")
+_INTEGER = ("epochs", "batch_size", "seed", "eval_every", "checkpoint_every", "log_every", "in_features", "classes")
 _NUMBER = ("lr", "momentum", "weight_decay", "init_std")
-_TEXT = ("model", "dtype", "device")
-_TEXT_OR_NONE = ("activation", "loss", "data_dir")
+_TEXT = ("model", "dtype", "device", "dataset")
+_TEXT_OR_NONE = ("activation", "loss", "data_dir", "data")
 
 
 def _check_types(config):

@@ -137,12 +137,15 @@ def versions():
     return found
 
 
-def write_config(run_dir, config, backend, step=None):
-    """config.json: the settings, the device that ran them, the library versions and ``step``
-    (a dict: which step the run takes, compiled.step_record)."""
+def write_config(run_dir, config, backend, step=None, data=None):
+    """config.json: the settings, the device that ran them, the library versions, ``step``
+    (a dict: which step the run takes, compiled.step_record) and ``data`` (data.Dataset.info:
+    which data, its shapes and content hash, that a resume or an eval must match)."""
     saved = dataclasses.asdict(config)
     saved.update(model=config.name, device_used=backend.describe(), versions=versions(),
                  machine=platform.machine(), platform=platform.platform(), **(step or {}))
+    if data is not None:
+        saved["data_info"] = data
     write_json(Path(run_dir) / CONFIG, saved)
 
 
@@ -157,6 +160,19 @@ def load_config(run_dir):
     except TrainError as exc:
         raise TrainError(f"{path}: {exc}") from None
     return config, saved
+
+
+def check_data(run_dir, saved, info):
+    """Refuse data other than the run's (``saved``: its config.json; ``info``: the data's
+    Dataset.info).  A run from before data was recorded trained on MNIST."""
+    was = saved.get("data_info") or {"name": "mnist", "train": [60000, 784], "test": [10000, 784], "sha256": None}
+    if was["sha256"] in (None, info["sha256"]) and was["train"] == info["train"] and was["test"] == info["test"]:
+        return
+    def say(d):
+        return f"{d['name']} ({d['train'][0]}+{d['test'][0]} samples of {d['train'][1]} features" + \
+            (f", sha256 {d['sha256'][:12]})" if d["sha256"] else ")")
+    raise TrainError(f"{run_dir}: the run was trained on {say(was)}, not on {say(info)}; "
+                     "give the run's data (--data or --dataset)")
 
 
 def is_run(run_dir):

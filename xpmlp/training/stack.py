@@ -22,7 +22,7 @@ import numpy as np
 from .. import rundir
 from ..backends import get_backend
 from ..config import TrainConfig, TrainError
-from ..core.model import build_mlp, build_model
+from ..core.model import MODELS, build_mlp
 from ..core.optim import SGD
 from .compiled import step_record
 from .loop import EpochLoop, write_tensorboard
@@ -30,7 +30,7 @@ from .train import last_epoch_record
 
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.
 GROUP_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "dtype", "epochs", "device",
-              "data_dir", "eval_every", "checkpoint_every", "log_every", "tensorboard")
+              "data_dir", "dataset", "data", "in_features", "classes", "eval_every", "checkpoint_every", "log_every", "tensorboard")
 PER_MODEL_KEYS = ("lr", "momentum", "weight_decay", "init_std", "seed")
 GROUP_FILE, GROUP_CHECKPOINT = rundir.GROUP_FILE, rundir.GROUP_CHECKPOINT
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -46,9 +46,10 @@ def build_stacked(configs, backend):
     first = configs[0]
     per_model = {key: [getattr(c, key) for c in configs] for key in PER_MODEL_KEYS}
     common = dict(backend=backend, dtype=first.dtype, seed=per_model["seed"], init_std=per_model["init_std"],
-                  stack=(len(configs),))
-    model = build_model(first.model, **common) if first.hidden is None else \
-        build_mlp(first.hidden, first.activation, first.loss, **common)
+                  stack=(len(configs),), in_features=first.in_features, num_classes=first.classes)
+    hidden, activation, loss = MODELS[first.model] if first.hidden is None else \
+        (first.hidden, first.activation, first.loss)
+    model = build_mlp(hidden, activation, loss, **common)
     optimizer = SGD(model, lr=per_model["lr"], momentum=per_model["momentum"],
                     weight_decay=per_model["weight_decay"])
     return model, optimizer
@@ -105,7 +106,7 @@ class StackTrainer(EpochLoop):
                            "per_model": {k: [getattr(c, k) for c in self.configs] for k in PER_MODEL_KEYS}})
         for cfg, run_dir in zip(self.configs, self.run_dirs):
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_config(run_dir, cfg, self.backend, step_record(self.stepper))
+            rundir.write_config(run_dir, cfg, self.backend, step_record(self.stepper), self.data.info)
 
     def _load(self):
         params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path, self.model, GROUP_FILE)
