@@ -68,7 +68,7 @@ class Known(NamedTuple):
 
 
 KNOWN = {
-    "mnist": Known("MNIST", MIRRORS, SHA256, "sha256", False),
+    "mnist": Known("MNIST", None, SHA256, "sha256", False),  # mirrors: MIRRORS, looked up when used
     "fashion-mnist": Known("Fashion-MNIST", ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
                            FASHION_MD5, "md5", True),
     "kmnist": Known("KMNIST", ["http://codh.rois.ac.jp/kmnist/dataset/kmnist/"], KMNIST_MD5, "md5", True),
@@ -77,12 +77,21 @@ TIMEOUT = 30  # seconds, per connect and per read, so a dead network fails inste
 _MAGIC = {0x00000803: 3, 0x00000801: 1}  # unsigned-byte images (n, rows, cols) / labels (n,)
 
 
-class Dataset(NamedTuple):
+class _Arrays(NamedTuple):
     train_x: np.ndarray  # (n, features) float32; 8-bit images as (pixel - 128) / 255
     train_y: np.ndarray  # (n,) int64 in [0, classes)
     test_x: np.ndarray   # (m, features) float32
     test_y: np.ndarray   # (m,) int64
-    info: dict | None = None  # name, shapes, classes, scaling and content hash (data_info)
+
+
+class Dataset(_Arrays):
+    """The four arrays (a tuple of them, as MNIST's loader has always returned), and ``info``:
+    the data's name, shapes, classes, scaling and content hash (config.json's data_info)."""
+
+    def __new__(cls, train_x, train_y, test_x, test_y, info=None):
+        self = super().__new__(cls, train_x, train_y, test_x, test_y)
+        self.info = info
+        return self
 
 
 Mnist = Dataset  # its former name
@@ -285,7 +294,8 @@ def mnist_files(data_dir=None, *, download=True, mirrors=None, progress=True, da
     verified."""
     known = KNOWN[dataset]
     dirs = find_data_dir(data_dir, dataset)
-    mirrors = [m.rstrip("/") + "/" for m in (known.mirrors if mirrors is None else mirrors)]
+    published = MIRRORS if known.mirrors is None else known.mirrors
+    mirrors = [m.rstrip("/") + "/" for m in (published if mirrors is None else mirrors)]
     paths = {key: _local(dirs, name) for key, name in FILES.items()}
     if None in paths.values():
         missing = [FILES[k] for k, p in paths.items() if p is None]
@@ -303,7 +313,7 @@ def mnist_files(data_dir=None, *, download=True, mirrors=None, progress=True, da
             raise DataError(
                 f"{known.title} files missing: {', '.join(missing)} (searched {', '.join(map(str, dirs))}); {why}. "
                 f"Pass --data-dir DIR or set XPMLP_DATA_DIR to a directory holding them, or download "
-                f"<name>.gz for each by hand from {(mirrors or known.mirrors)[0]} into {dirs[0]}")
+                f"<name>.gz for each by hand from {(mirrors or published)[0]} into {dirs[0]}")
     return paths
 
 
