@@ -311,7 +311,7 @@ class EpochLoop:
         diverged = [k for k in active if not np.isfinite(losses[:, k]).all()]
         scheduled = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
         test = None
-        if diverged or scheduled:
+        if (diverged or scheduled) and test_data[0].shape[0]:  # an estimator's fit has no test set
             # Diverged models are evaluated too: a network of NaNs predicts class 0 (arg-max of
             # NaNs), the accuracy the report prints for its momentum 1.0 row (class 0's share).
             with np.errstate(all="ignore"):
