@@ -244,3 +244,38 @@ def test_corrupt_mirror_of_known_dataset_lands_nothing(tmp_path, fake_fashion, m
         with pytest.raises(data.DataError, match=r"Fashion-MNIST files missing.*MD5 mismatch"):
             data.load_mnist(dataset="fashion-mnist", mirrors=[url])
     assert not list((tmp_path / "xdg/xpmlp/fashion-mnist").iterdir())
+
+
+# ---------------------------------------------------------------- using a run: xpmlp.load, xpmlp export
+
+def test_load_predicts_on_arrays_as_eval_does(tmp_path, capsys):
+    import xpmlp
+    d = write_idx_dir(tmp_path / "tiny")
+    assert run(capsys, "train", "--data", d, "--epochs", "5", "--out", tmp_path / "run", *FAST)[0] == 0
+    model = xpmlp.load(tmp_path / "run")
+    x, y = tiny_images(30, 1)  # the test images as the files hold them: uint8, scaled as in training
+    pred = model.predict(x)
+    assert type(pred) is np.ndarray and pred.shape == (30,)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert np.mean(pred == y) == pytest.approx(summary["test_acc"])
+    with pytest.raises(ValueError, match="5 features per sample; the network takes 36"):
+        model.predict(np.zeros((2, 5), np.float32))
+
+
+def test_export_is_readable_with_numpy_alone(tmp_path, capsys):
+    import xpmlp
+    path = write_npz(tmp_path / "mine.npz")
+    assert run(capsys, "train", "--data", path, "--epochs", "5", "--out", tmp_path / "run", *FAST)[0] == 0
+    code, out, err = run(capsys, "export", tmp_path / "run", tmp_path / "w.npz")
+    assert code == 0 and "W0 36x16, b0 16, W1 16x3, b1 3" in out, err
+    with np.load(tmp_path / "w.npz", allow_pickle=False) as w:  # the forward pass by hand
+        assert (str(w["activation"]), str(w["output"]), str(w["input_scaling"]), int(w["classes"])) == \
+            ("relu", "softmax", "none", 3)
+        with np.load(path) as npz:
+            x = npz["x_test"]
+        h = np.maximum(x @ w["W0"] + w["b0"], 0)
+        logits = h @ w["W1"] + w["b1"]
+    expected = xpmlp.load(tmp_path / "run").predict_proba(x)
+    got = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(got / got.sum(1, keepdims=True), expected, rtol=1e-5, atol=1e-6)
+    assert run(capsys, "export", tmp_path / "run", tmp_path / "w.txt")[0] == 2

@@ -13,9 +13,12 @@ def __getattr__(name):
     if name == "MLPClassifier":
         from .estimator import MLPClassifier
         return MLPClassifier
+    if name == "load":
+        from .saved import load
+        return load
     raise AttributeError(f"module 'xpmlp' has no attribute {name!r}")
 
 
-__all__ = ["MLPClassifier", "Backend", "BackendUnavailable", "EuclideanLoss", "Linear", "MODELS", "ReLU", "SGD",
+__all__ = ["MLPClassifier", "load", "Backend", "BackendUnavailable", "EuclideanLoss", "Linear", "MODELS", "ReLU", "SGD",
            "Sequential", "Sigmoid", "SoftmaxCrossEntropyLoss", "accuracy", "available_backends",
            "build_mlp", "build_model", "get_backend"]

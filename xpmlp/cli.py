@@ -463,6 +463,19 @@ def cmd_data(args):
     return 0
 
 
+def cmd_export(args):
+    from .saved import export
+
+    run_dir = _run_dir(args.run_dir)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UserError(f"export: {out} should end in .npz (numpy.savez adds it otherwise)")
+    _writable_dir(out.parent, "export")
+    shapes = export(run_dir, out)
+    print(f"wrote {out}: " + ", ".join(f"{k} {'x'.join(map(str, s)) or 'scalar'}" for k, s in shapes.items()))
+    return 0
+
+
 def cmd_sweep(args):
     from .sweep import LocalExecutor, RayExecutor, run_sweep  # neither imports Ray
     ray_flags = {k: v for k, v in dict(address=args.address, cpus_per_run=args.cpus_per_run,
@@ -594,6 +607,13 @@ def build_parser():
     p.add_argument("--dir", "--data-dir", dest="dir",
                    help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("export", help="write a run's weights and biases to an .npz NumPy alone can read",
+                       description="Write RUN's last checkpoint as W0, b0, W1, b1, ... (a layer is x @ W + b), "
+                                   "activation, output, input_scaling and classes: see docs/own-data.md.")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("out", metavar="OUT.npz")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="run a grid of trainings from TOML configs, restartably")
     p.add_argument("configs", nargs="+", help="TOML sweep configs (see experiments/)")

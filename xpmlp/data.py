@@ -405,16 +405,25 @@ def _npz(path: Path):
 
 def _features(x, where, split):
     """(n, features) float32: 8-bit images scaled as MNIST's, any other numbers as they are."""
+    try:
+        return as_inputs(x)
+    except ValueError as e:
+        _fail(where, f"{split} {e}")
+
+
+def as_inputs(x) -> np.ndarray:
+    """Samples as the networks' inputs, (n, features) float32: 8-bit images scaled as MNIST's,
+    (pixel - 128) / 255, any other numbers as they are; ValueError for what is not."""
     x = np.asarray(x)
     if x.ndim < 2:
-        _fail(where, f"{split} features have shape {x.shape}: expected (samples, features...)")
+        raise ValueError(f"features have shape {x.shape}: expected (samples, features...)")
     if x.dtype == np.uint8:
         return to_inputs(x)
     if x.dtype.kind not in "iuf":
-        _fail(where, f"{split} features are {x.dtype}, not numbers")
+        raise ValueError(f"features are {x.dtype}, not numbers")
     out = x.reshape(len(x), -1).astype(np.float32)
     if not np.isfinite(out).all():
-        _fail(where, f"{split} features hold non-finite values (NaN or infinity), or values too large for float32")
+        raise ValueError("features hold non-finite values (NaN or infinity), or values too large for float32")
     return out
 
 
