@@ -60,6 +60,17 @@ _finite_float, _positive_int = _number(float), _number(int, positive=True)
 _nonnegative_int = _number(int, nonnegative=True)
 
 
+def _val(text):
+    """--val: a whole number of samples, or a fraction in (0, 1)."""
+    try:
+        value = int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or a fraction like 0.1: {text!r}") from None
+    if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of samples (1 or more) or a fraction in (0, 1): {text!r}")
+    return value
+
+
 def _hidden(text):
     try:
         return [int(h) for h in text.split(",") if h.strip()]
@@ -108,6 +119,10 @@ def add_train_flags(p):
     g.add_argument("--weight-decay", type=_finite_float, help=f"(default: {d.weight_decay})")
     g.add_argument("--init-std", type=_finite_float, help=f"std of the initial weights (default: {d.init_std})")
     g.add_argument("--seed", type=int, help=f"weights and shuffling (default: {d.seed})")
+    g.add_argument("--val", type=_val, metavar="N|FRACTION",
+                   help="hold N training samples (or a fraction, e.g. 0.1) out as a validation set, the same "
+                        "seeded choice for every run on the same data; its metrics in the records and best.npz, "
+                        "the checkpoint of the best validation accuracy (default: none)")
     g.add_argument("--seeds", type=_seed_list, metavar="LIST",
                    help="train one model per seed as one stacked program, e.g. 0-4 or 0,3,7: a run "
                         "directory per seed under --out, and their mean/std/min/max in --out/summary.json")
@@ -212,7 +227,7 @@ def _run_dir(text):
 
 def cmd_train(args):
     from .backends import get_backend
-    from .data import load_data
+    from .data import load_data, split_validation
     from .processes import die_with_parent
     from .training.launch import train
     from .training.threads import blas_threads
@@ -229,7 +244,7 @@ def cmd_train(args):
     log = _log_fn(progress)
     notices = []  # shown once the run starts, so that a mistake found first stays one line
     backend = get_backend(config.device, notice=notices.append)  # fail before any file
-    data = load_data(config.data, config.dataset, config.data_dir, progress=progress)
+    data = split_validation(load_data(config.data, config.dataset, config.data_dir, progress=progress), config.val)
     config = config.fit_data(data)
     if args.resume:
         rundir.check_data(args.resume, rundir.load_config(args.resume)[1], data.info)
@@ -266,7 +281,7 @@ def train_seeds(args):
     """``train --seeds LIST``: one stacked group, a run directory per seed under --out and an
     aggregate summary.json; ``train --resume OUT`` of such a directory continues the group."""
     from .backends import get_backend
-    from .data import load_data
+    from .data import load_data, split_validation
     from .training.launch import train
     from .training.stack import StackTrainer, aggregate, group_configs
     from .training.threads import blas_threads
@@ -292,7 +307,8 @@ def train_seeds(args):
     log = _log_fn(progress)
     notices = []
     backend = get_backend(configs[0].device, notice=notices.append)  # fail before any file
-    data = load_data(configs[0].data, configs[0].dataset, configs[0].data_dir, progress=progress)
+    data = split_validation(load_data(configs[0].data, configs[0].dataset, configs[0].data_dir, progress=progress),
+                            configs[0].val)
     configs = [c.fit_data(data) for c in configs]
     if args.resume:
         rundir.check_data(out, rundir.read_json(run_dirs[0] / rundir.CONFIG), data.info)
@@ -339,12 +355,12 @@ def cmd_eval(args):
     rundir.check_data(run_dir, saved, data.info)
     notices = []  # shown with the result, so that an error stays one line
     backend = get_backend(args.device or config.device, notice=notices.append)
-    model, state = rundir.load_model(run_dir, backend, config)
+    model, state = rundir.load_model(run_dir, backend, config, args.checkpoint)
     x_test = backend.asarray(data.test_x, dtype=model.dtype)
     loss, acc = evaluate(model, x_test, backend.asarray(data.test_y))
     # A checkpoint taken inside an epoch (Ctrl-C) holds the weights `pos` steps past the last epoch's end.
     pos = state.get("pos", 0)
-    result = {"run": str(run_dir), "epoch": state["epoch"], "iter": state["iter"] + pos,
+    result = {"run": str(run_dir), "checkpoint": args.checkpoint, "epoch": state["epoch"], "iter": state["iter"] + pos,
               "iters_into_next_epoch": pos, "test_loss": loss, "test_acc": acc}
     lines = []
     if plots_dir is not None:
@@ -357,7 +373,8 @@ def cmd_eval(args):
         lines = _per_class_lines(result["per_class"]) + [f"wrote {p}" for p in paths]
     for line in notices:
         print(line, file=sys.stderr)
-    where = f"epoch {result['epoch']}" + (f" + {pos} iterations" if pos else "")
+    where = ("best: " if args.checkpoint == "best" else "") + f"epoch {result['epoch']}" + \
+        (f" + {pos} iterations" if pos else "")
     print(json.dumps(result) if args.json else
           "\n".join([f"{run_dir}: {where}  test loss {loss:.4f}  test accuracy {_pct(acc)}", *lines]))
     return 0
@@ -413,7 +430,7 @@ def cmd_predict(args):
     # (and for --show a small copy of the image), not the decoded image.
     read = [_kept(*read_digit(path), show_dir is not None) for path in args.images]
     notices = []
-    model = load_model(run_dir, args.device, notice=notices.append)
+    model = load_model(run_dir, args.device, notice=notices.append, checkpoint=args.checkpoint)
     x = model.backend.asarray(to_inputs(np.stack([digit for _, digit in read])), dtype=model.dtype)
     probabilities = class_probabilities(model, x)
     results, shown = [], set()
@@ -585,6 +602,8 @@ def build_parser():
     p.add_argument("--dataset", choices=DATASETS, help="default: the run's")
     p.add_argument("--data", metavar="DIR_OR_FILE", help="your own data (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--checkpoint", choices=list(rundir.CHECKPOINTS), default="last",
+                   help="last (default), or best: the epoch of the best validation accuracy (runs trained with --val)")
     p.add_argument("--plots", nargs="?", const="", metavar="DIR",
                    help="also write a confusion matrix, the most confident mistakes and the first layer's "
                         "weights as PNGs into DIR (default: the run directory), and print per-class "
@@ -597,6 +616,8 @@ def build_parser():
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--device", default="cpu", help="default: cpu (a few images need no GPU)")
+    p.add_argument("--checkpoint", choices=list(rundir.CHECKPOINTS), default="last",
+                   help="last (default), or best: the epoch of the best validation accuracy (runs trained with --val)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--show", nargs="?", const=".", metavar="DIR",
                    help="write IMAGE's stem + .seen.png into DIR (default: .): the file beside the "

@@ -14,7 +14,7 @@ from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp
 
 # Settings that define the trajectory: a resume must not contradict them.
 TRAJECTORY_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "lr", "momentum",
-                   "weight_decay", "init_std", "seed", "dtype")
+                   "weight_decay", "init_std", "seed", "dtype", "val")
 # The datasets known by name (data.KNOWN says where they come from and their sums).
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
 
@@ -49,6 +49,7 @@ class TrainConfig:
     data: str | None = None          # or a user's own: a directory of IDX files or an .npz
     in_features: int = 784           # the data's, set from it (data.Dataset.info)
     classes: int = 10
+    val: int | float | None = None   # held out of the training set: N samples, or a fraction in (0, 1)
     eval_every: int = 1
     checkpoint_every: int = 1
     log_every: int = 1
@@ -83,6 +84,9 @@ class TrainConfig:
         if self.in_features <= 0 or self.classes < 2:
             raise TrainError(f"in_features must be positive and classes at least 2, got {self.in_features}, "
                              f"{self.classes}")
+        if self.val is not None and not (isinstance(self.val, int) and self.val >= 1 or
+                                         isinstance(self.val, float) and 0 < self.val < 1):
+            raise TrainError(f"--val must be a number of samples (1 or more) or a fraction in (0, 1), got {self.val}")
         if self.data is None and self.batch_size > 60000:  # the known datasets' size; one's own: fit_data
             raise TrainError(f"--batch-size {self.batch_size} exceeds the 60000 training images")
         if self.seed < 0:
@@ -99,9 +103,10 @@ class TrainConfig:
     def fit_data(self, data):
         """These settings with the input width and classes of ``data`` (a data.Dataset),
         checked against its size."""
-        info = data.info
-        if self.batch_size > info["train"][0]:
-            raise TrainError(f"--batch-size {self.batch_size} exceeds the {info['train'][0]} training samples")
+        info, n = data.info, len(data.train_x)  # n: after the validation split
+        if self.batch_size > n:
+            held = f" (after the {len(data.val_x)} held out by --val)" if data.val_x is not None else ""
+            raise TrainError(f"--batch-size {self.batch_size} exceeds the {n} training samples{held}")
         return dataclasses.replace(self, in_features=info["train"][1], classes=info["classes"])
 
     @property
@@ -153,6 +158,8 @@ def _check_types(config):
         value = getattr(config, name)
         if not isinstance(value, str) and not (value is None and name in _TEXT_OR_NONE):
             fail(name, "a string")
+    if config.val is not None and not (is_int(config.val) or isinstance(config.val, float)):
+        fail("val", "a number of samples or a fraction")
     if config.hidden is not None and not (isinstance(config.hidden, list) and all(map(is_int, config.hidden))):
         fail("hidden", "a list of integers")
     if not isinstance(config.tensorboard, bool):

@@ -88,10 +88,30 @@ class Dataset(_Arrays):
     """The four arrays (a tuple of them, as MNIST's loader has always returned), and ``info``:
     the data's name, shapes, classes, scaling and content hash (config.json's data_info)."""
 
-    def __new__(cls, train_x, train_y, test_x, test_y, info=None):
+    def __new__(cls, train_x, train_y, test_x, test_y, info=None, val=None):
         self = super().__new__(cls, train_x, train_y, test_x, test_y)
         self.info = info
+        self.val_x, self.val_y = val or (None, None)  # a validation split (split_validation)
         return self
+
+
+VAL_SEED = 2  # the split's: the same for every run and seed on the same data, so they compare
+
+
+def split_validation(data: Dataset, val) -> Dataset:
+    """``data`` with ``val`` training samples (a count, or a fraction of them) held out as its
+    validation set: a seeded random choice, the rest in their order.  ``val`` None: as it is."""
+    if val is None:
+        return data
+    n = len(data.train_x)
+    count = val if isinstance(val, int) else round(val * n)
+    if not 1 <= count < n:
+        raise DataError(f"--val {val} holds out {count} of the {n} training samples: "
+                        "give between 1 and one fewer than all of them")
+    held = np.zeros(n, bool)
+    held[np.random.default_rng(VAL_SEED).choice(n, count, replace=False)] = True
+    return Dataset(data.train_x[~held], data.train_y[~held], data.test_x, data.test_y, data.info,
+                   val=(data.train_x[held], data.train_y[held]))
 
 
 Mnist = Dataset  # its former name

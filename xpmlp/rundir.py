@@ -38,7 +38,9 @@ except ImportError:
     import msvcrt
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.npz"
-RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
+BEST = "best.npz"  # with --val: the checkpoint of the epoch of the best validation accuracy
+CHECKPOINTS = {"last": CHECKPOINT, "best": BEST}  # eval/predict --checkpoint
+RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, BEST)
 # A stacked group's directory (stack.py): its members, and its one checkpoint while it trains.
 GROUP_FILE, GROUP_CHECKPOINT = "stack.json", "stack-checkpoint.npz"
 STARTED_FILES = RESULT_FILES + (GROUP_FILE, GROUP_CHECKPOINT)  # what a start leaves, before its checkpoint
@@ -343,15 +345,20 @@ def checkpoint_state(path):
         raise TrainError(f"{path}: unreadable checkpoint ({exc})") from None
 
 
-def load_model(run_dir, backend, config=None):
+def load_model(run_dir, backend, config=None, checkpoint="last"):
     """(model, state): the model of the run's checkpoint on ``backend``, for evaluation, and
     the checkpoint's loop state (``epoch``, ``iter``, and ``pos`` iterations into the next
-    epoch for a checkpoint taken mid-epoch).  ``config``: the run's, when already read."""
+    epoch for a checkpoint taken mid-epoch).  ``config``: the run's, when already read;
+    ``checkpoint``: last, or best (the best validation accuracy's, with --val)."""
     if not is_run(run_dir):
         raise TrainError(f"{run_dir}: holds no run (needs {CONFIG} and {CHECKPOINT})")
     config = config or load_config(run_dir)[0]
+    path = Path(run_dir) / CHECKPOINTS[checkpoint]
+    if not path.is_file():
+        raise TrainError(f"{run_dir}: no {path.name}" + (" (the run has no validation split: train with --val)"
+                                                          if config.val is None else " yet"))
     model = config.build(backend)
-    params, _, state, _ = load_checkpoint(Path(run_dir) / CHECKPOINT, model)
+    params, _, state, _ = load_checkpoint(path, model)
     model.load_state_arrays(params)
     return model, state
 

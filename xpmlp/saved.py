@@ -30,12 +30,13 @@ class TrainedModel:
         return f"TrainedModel({self.config.name}, {self.n_features_in_} features, {self.config.classes} classes)"
 
 
-def load(run_dir, device="cpu"):
-    """The network of ``run_dir``'s last checkpoint on ``device`` (default: cpu)."""
+def load(run_dir, device="cpu", checkpoint="last"):
+    """The network of ``run_dir``'s last checkpoint (or ``checkpoint="best"``: the best
+    validation accuracy's, for a run trained with --val) on ``device`` (default: cpu)."""
     from .backends import get_backend
 
     config, saved = rundir.load_config(run_dir)
-    model, _ = rundir.load_model(run_dir, get_backend(device), config)
+    model, _ = rundir.load_model(run_dir, get_backend(device), config, checkpoint)
     return TrainedModel(model, config, saved.get("data_info"))
 
 

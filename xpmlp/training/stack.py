@@ -30,7 +30,7 @@ from .train import last_epoch_record
 
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.
 GROUP_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "dtype", "epochs", "device",
-              "data_dir", "dataset", "data", "in_features", "classes", "eval_every", "checkpoint_every", "log_every", "tensorboard")
+              "data_dir", "dataset", "data", "in_features", "classes", "val", "eval_every", "checkpoint_every", "log_every", "tensorboard")
 PER_MODEL_KEYS = ("lr", "momentum", "weight_decay", "init_std", "seed")
 GROUP_FILE, GROUP_CHECKPOINT = rundir.GROUP_FILE, rundir.GROUP_CHECKPOINT
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -163,6 +163,9 @@ class StackTrainer(EpochLoop):
     def _line(self, epoch, active, records, diverged):
         text = (f"epoch {epoch:>3}/{self.config.epochs}  {len(active)} models  train loss "
                 f"{_range([r['train_loss'] for r in records], '.4f')}")
+        validated = [r["val_acc"] for r in records if r.get("val_acc") is not None]
+        if validated:
+            text += f"  val acc {_range(validated, '.4f')}"
         tested = [r["test_acc"] for r in records if r["test_acc"] is not None]
         if tested:
             text += f"  test acc {_range(tested, '.4f')}"
