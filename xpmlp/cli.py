@@ -115,6 +115,9 @@ def add_train_flags(p):
     g.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
     g.add_argument("--lr", type=_finite_float, help=f"learning rate (default: {d.lr})")
+    g.add_argument("--lr-schedule", metavar="SCHEDULE",
+                   help="step:EPOCHS:FACTOR (lr times FACTOR every EPOCHS epochs) or cosine (annealed to 0 over "
+                        "--epochs); each epoch's rate is in its record (default: constant lr)")
     g.add_argument("--momentum", type=_finite_float, help=f"in [0, 1] (default: {d.momentum})")
     g.add_argument("--weight-decay", type=_finite_float, help=f"(default: {d.weight_decay})")
     g.add_argument("--init-std", type=_finite_float, help=f"std of the initial weights (default: {d.init_std})")
@@ -181,6 +184,9 @@ def config_from_args(args):
                             f"{done + 1} or more to extend it")
     if config.hidden is None and config.model not in MODELS:
         raise UserError(f"--resume {run_dir}: unknown model {config.model!r} in config.json")
+    if config.lr_schedule == "cosine" and given.get("epochs", config.epochs) != config.epochs:
+        raise UserError(f"--resume {run_dir}: its cosine schedule anneals over its {config.epochs} epochs; "
+                        "a run of another length is another schedule: start one")
     for key, value in given.items():
         old = getattr(config, key)
         if key in TRAJECTORY_KEYS and key != "model" and value != old:

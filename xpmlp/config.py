@@ -14,7 +14,7 @@ from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp
 
 # Settings that define the trajectory: a resume must not contradict them.
 TRAJECTORY_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "lr", "momentum",
-                   "weight_decay", "init_std", "seed", "dtype", "val")
+                   "weight_decay", "init_std", "seed", "dtype", "val", "lr_schedule")
 # The datasets known by name (data.KNOWN says where they come from and their sums).
 DATASETS = ("mnist", "fashion-mnist", "kmnist")
 
@@ -50,6 +50,7 @@ class TrainConfig:
     in_features: int = 784           # the data's, set from it (data.Dataset.info)
     classes: int = 10
     val: int | float | None = None   # held out of the training set: N samples, or a fraction in (0, 1)
+    lr_schedule: str | None = None   # None: lr throughout; "step:EPOCHS:FACTOR" or "cosine" (lr_at)
     eval_every: int = 1
     checkpoint_every: int = 1
     log_every: int = 1
@@ -71,6 +72,7 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise TrainError(f"--lr must be a positive number, got {self.lr}")
+        parse_schedule(self.lr_schedule)
         if not 0 <= self.momentum <= 1:
             raise TrainError(f"--momentum must be in [0, 1], got {self.momentum}")
         if not self.weight_decay >= 0:
@@ -133,11 +135,40 @@ class TrainConfig:
         return config
 
 
+def parse_schedule(text):
+    """("step", EPOCHS, FACTOR), ("cosine",) or None (a constant rate) of --lr-schedule's text."""
+    if text is None:
+        return None
+    if text == "cosine":
+        return ("cosine",)
+    kind, *rest = text.split(":")
+    try:
+        every, factor = int(rest[0]), float(rest[1])
+        ok = kind == "step" and len(rest) == 2 and every > 0 and 0 < factor <= 1
+    except (ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise TrainError(f"--lr-schedule must be step:EPOCHS:FACTOR (EPOCHS a positive integer, FACTOR in (0, 1]) "
+                         f"or cosine, got {text!r}")
+    return ("step", every, factor)
+
+
+def lr_at(config, epoch):
+    """The learning rate of epoch ``epoch`` (1, 2, ...): ``lr`` times FACTOR once every EPOCHS
+    epochs (step), or annealed from ``lr`` towards 0 over ``epochs`` by half a cosine."""
+    schedule = parse_schedule(config.lr_schedule)
+    if schedule is None:
+        return config.lr
+    if schedule[0] == "step":
+        return config.lr * schedule[2] ** ((epoch - 1) // schedule[1])
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
+
+
 # What each setting must be: TOML, config.json and the Python API do not go through argparse.
 _INTEGER = ("epochs", "batch_size", "seed", "eval_every", "checkpoint_every", "log_every", "in_features", "classes")
 _NUMBER = ("lr", "momentum", "weight_decay", "init_std")
 _TEXT = ("model", "dtype", "device", "dataset")
-_TEXT_OR_NONE = ("activation", "loss", "data_dir", "data")
+_TEXT_OR_NONE = ("activation", "loss", "data_dir", "data", "lr_schedule")
 
 
 def _check_types(config):

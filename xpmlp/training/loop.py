@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..config import lr_at
 from ..core.ops import Scratch
 from .compiled import CompiledStepper, StackedCompiledStepper, compiled_steps
 from .threads import step_threads
@@ -187,6 +188,10 @@ class EpochLoop:
     def _finish(self, last):
         raise NotImplementedError
 
+    def _configs(self):
+        """Each model's settings (its learning rate schedule)."""
+        return [self.config]
+
     # -- the loop: run -> epochs -> (step loop, end of epoch | interrupt) -> finish
 
     def log(self, line):
@@ -251,6 +256,7 @@ class EpochLoop:
         be, dtype, xp = self.backend, self.model.dtype, self.model.xp
         n, batch = train[0].shape[0], self.config.batch_size
         epoch, iters = self.state["epoch"] + 1, n // batch  # a remainder of n is dropped
+        self._schedule(epoch)
         epoch_rngs = self._rng_states()  # a checkpoint mid-epoch replays this permutation
         perm = self._permutation(n)
         losses = xp.zeros((iters, *self.model.stack), dtype=dtype)  # read once per epoch
@@ -280,6 +286,15 @@ class EpochLoop:
         self.optimizer.flush_denormals()
         self._end_epoch(epoch, iters, be.to_numpy(losses), be.to_numpy(accs), test, last, elapsed)
         return True
+
+    def _schedule(self, epoch):
+        """Give the optimizer each model's learning rate of ``epoch``: a function of the epoch
+        alone, so a resumed run takes the rates it would have.  No schedule: lr untouched."""
+        configs = self._configs()
+        self._rates = None
+        if any(c.lr_schedule is not None for c in configs):
+            self._rates = [lr_at(c, epoch) for c in configs]
+            self.optimizer.set_lr(self._rates if self.model.stack else self._rates[0])
 
     def _after_step(self, bar, losses, accs, iters, flag):
         """What the step loop does after each step: the progress bar, and stopping at a signal."""
@@ -328,6 +343,8 @@ class EpochLoop:
                       "test_loss": None, "test_acc": None, "train_time_s": self.state["train_time_s"]}
             if test is not None and (k in diverged or scheduled):
                 record["test_loss"], record["test_acc"] = float(test[0][k]), float(test[1][k])
+            if self._rates is not None and self._configs()[k].lr_schedule is not None:
+                record["lr"] = self._rates[k]  # only with a schedule, as val: other records as they were
             if self._val is not None:  # only then: the records of a run without one are as they were
                 record["val_loss"], record["val_acc"] = (float(val[0][k]), float(val[1][k])) if val else (None, None)
             iter_records = [{"kind": "iter", "epoch": epoch, "iter": first_iter + i,

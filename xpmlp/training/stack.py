@@ -31,7 +31,7 @@ from .train import last_epoch_record
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.
 GROUP_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "dtype", "epochs", "device",
               "data_dir", "dataset", "data", "in_features", "classes", "val", "eval_every", "checkpoint_every", "log_every", "tensorboard")
-PER_MODEL_KEYS = ("lr", "momentum", "weight_decay", "init_std", "seed")
+PER_MODEL_KEYS = ("lr", "momentum", "weight_decay", "init_std", "seed", "lr_schedule")
 GROUP_FILE, GROUP_CHECKPOINT = rundir.GROUP_FILE, rundir.GROUP_CHECKPOINT
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -150,6 +150,9 @@ class StackTrainer(EpochLoop):
         rundir.save_checkpoint(self.run_dirs[k] / rundir.CHECKPOINT, member_arrays(self.model, self.model.state_arrays(), k),
                                member_arrays(self.model, self.optimizer.state(), k), state)
 
+    def _configs(self):
+        return self.configs
+
     def _write_epoch(self, k, iter_records, record):
         rundir.append_metrics(self.run_dirs[k], iter_records + [record])
         write_tensorboard(self.writers[k], iter_records, record)
@@ -235,7 +238,9 @@ def group_configs(group_dir):
     saved = rundir.read_json(path)
     try:
         members = [Path(os.path.normpath(group_dir / d)) for d in saved["members"]]
-        configs = [TrainConfig(**saved["group"], **{k: saved["per_model"][k][i] for k in PER_MODEL_KEYS})
+        # a key of PER_MODEL_KEYS that an older stack.json lacks: the default
+        configs = [TrainConfig(**saved["group"], **{k: saved["per_model"][k][i] for k in PER_MODEL_KEYS
+                                                    if k in saved["per_model"]})
                    for i in range(len(members))]
         for config in configs:
             config.validate()

@@ -104,8 +104,8 @@ class Trainer(EpochLoop):
 
     def _line(self, epoch, active, records, diverged):
         rec = records[0]
-        text = (f"epoch {epoch:>3}/{self.config.epochs}  train loss {fmt(rec['train_loss'], '.4f')} "
-                f"acc {fmt(rec['train_acc'], '.4f')}")
+        text = (f"epoch {epoch:>3}/{self.config.epochs}" + (f"  lr {rec['lr']:.4g}" if "lr" in rec else "") +
+                f"  train loss {fmt(rec['train_loss'], '.4f')} acc {fmt(rec['train_acc'], '.4f')}")
         if rec.get("val_loss") is not None:
             text += f"  val loss {fmt(rec['val_loss'], '.4f')} acc {fmt(rec['val_acc'], '.4f')}"
         if rec["test_loss"] is not None:
