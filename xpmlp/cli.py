@@ -524,6 +524,10 @@ def cmd_report(args):
         run_dirs += sorted(str(p.parent) for p in Path(root).glob(f"**/{rundir.CONFIG}"))
     if not run_dirs:
         raise UserError("report: no run directories given (RUN_DIRS... or --runs-under DIR)")
+    if args.published is None:
+        return _own_report(run_dirs, args)
+    if args.out is None:
+        raise UserError("report: --published needs --out DIR for its tables and figures")
     if not Path(args.published).is_file():
         raise UserError(f"report: no reference tables at {args.published} "
                         "(the report's are experiments/published.toml in the source tree)")
@@ -534,6 +538,24 @@ def cmd_report(args):
         run_dirs = export_records(run_dirs, args.out)
         print(f"wrote the records of {len(run_dirs)} runs to {Path(args.out) / 'runs'}")
     for path in make_report(run_dirs, args.out, args.published, ignore=tuple(args.ignore or ())):
+        print(path)
+    return 0
+
+
+def _own_report(run_dirs, args):
+    """A table of any runs, printed, and written to OUT/runs.md with --out."""
+    from .report import load_runs, runs_table
+
+    if args.copy_runs or args.ignore:
+        raise UserError("report: --copy-runs and --ignore go with --published")
+    runs = load_runs(run_dirs)
+    if not runs:
+        raise UserError(f"report: none of the {len(run_dirs)} directories holds a run ({rundir.CONFIG})")
+    table = runs_table(runs)
+    print(table, end="")
+    if args.out:
+        path = _writable_dir(args.out, "--out") / "runs.md"
+        rundir.atomic_write_bytes(path, f"# Runs\n\n{table}".encode())
         print(path)
     return 0
 
@@ -670,11 +692,14 @@ def build_parser():
                         "temporary directory on its worker and sends its files back here at every checkpoint")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="tables and figures from run directories")
+    p = sub.add_parser("report", help="tables and figures from run directories",
+                       description="Without --published: one table of the runs (the settings that differ, final "
+                                   "and best metrics, time), printed and, with --out, written to OUT/runs.md.  With "
+                                   "--published: the runs matched to reference tables, with figures, into --out.")
     p.add_argument("run_dirs", nargs="*")
     p.add_argument("--runs-under", action="append", metavar="DIR", help="use every run below DIR")
-    p.add_argument("--out", required=True)
-    p.add_argument("--published", metavar="TOML", required=True,
+    p.add_argument("--out", help="directory to write into (needed with --published)")
+    p.add_argument("--published", metavar="TOML",
                    help="the reference tables, e.g. the report's experiments/published.toml")
     p.add_argument("--copy-runs", action="store_true",
                    help="also write each run's record (config, summary, epoch records, compact "
