@@ -279,3 +279,11 @@ def test_export_is_readable_with_numpy_alone(tmp_path, capsys):
     got = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(got / got.sum(1, keepdims=True), expected, rtol=1e-5, atol=1e-6)
     assert run(capsys, "export", tmp_path / "run", tmp_path / "w.txt")[0] == 2
+
+
+def test_data_command_fetches_a_known_dataset(tmp_path, capsys, fake_fashion, monkeypatch):
+    with serve(fake_fashion) as (url, log):
+        monkeypatch.setitem(data.KNOWN, "fashion-mnist", data.KNOWN["fashion-mnist"]._replace(mirrors=[url]))
+        code, out, err = run(capsys, "data", "--dataset", "fashion-mnist")
+    assert code == 0, err
+    assert out.splitlines()[0] == f"Fashion-MNIST is in {tmp_path / 'xdg/xpmlp/fashion-mnist'} (4 files, MD5 verified):"

@@ -405,7 +405,7 @@ def _run_data_dir(config):
     and its path is never created or downloaded into (None: the usual places)."""
     from .data import DataError, mnist_files
 
-    if os.environ.get("XPMLP_DATA_DIR") or not config.data_dir:
+    if (os.environ.get("XPMLP_DATA_DIR") and config.dataset == "mnist") or not config.data_dir:
         return None
     try:
         mnist_files(config.data_dir, download=False, progress=False, dataset=config.dataset)
@@ -475,12 +475,14 @@ SHOW_SIDE = 512
 
 
 def cmd_data(args):
-    from .data import load_verified, mnist_files
+    from .data import KNOWN, load_verified, mnist_files
 
-    paths = mnist_files(args.dir, progress=sys.stderr.isatty())
-    arrays = load_verified(paths)
+    paths = mnist_files(args.dir, progress=sys.stderr.isatty(), dataset=args.dataset)
+    arrays = load_verified(paths, args.dataset)
     folders = sorted({str(p.parent) for p in paths.values()})
-    print(f"MNIST is in {', '.join(folders)} (4 files, SHA-256 verified):")
+    known = KNOWN[args.dataset]
+    print(f"{known.title} is in {', '.join(folders)} (4 files, {known.algorithm.upper().replace('SHA', 'SHA-')} "
+          "verified):")
     for key, path in paths.items():
         print(f"  {path.name}  {' x '.join(map(str, arrays[key].shape))}")
     return 0
@@ -652,9 +654,10 @@ def build_parser():
                         "28x28 digit the network saw")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="find or download MNIST, verify it and say where it is")
+    p = sub.add_parser("data", help="find or download MNIST (or --dataset), verify it and say where it is")
     p.add_argument("--dir", "--data-dir", dest="dir",
-                   help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache)")
+                   help="its directory (default for MNIST: $XPMLP_DATA_DIR; else a per-user cache)")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("export", help="write a run's weights and biases to an .npz NumPy alone can read",
