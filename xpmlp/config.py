@@ -105,10 +105,13 @@ class TrainConfig:
     def fit_data(self, data):
         """These settings with the input width and classes of ``data`` (a data.Dataset),
         checked against its size."""
-        info, n = data.info, len(data.train_x)  # n: after the validation split
+        info, n = getattr(data, "info", None), len(data.train_x)  # n: after the validation split
         if self.batch_size > n:
-            held = f" (after the {len(data.val_x)} held out by --val)" if data.val_x is not None else ""
+            held = f" (after the {len(data.val_x)} held out by --val)" if getattr(data, "val_x", None) is not None \
+                else ""
             raise TrainError(f"--batch-size {self.batch_size} exceeds the {n} training samples{held}")
+        if info is None:  # arrays made by hand (Dataset(...) without info): as the settings say
+            return self
         return dataclasses.replace(self, in_features=info["train"][1], classes=info["classes"])
 
     @property

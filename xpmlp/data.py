@@ -103,6 +103,8 @@ def split_validation(data: Dataset, val) -> Dataset:
     validation set: a seeded random choice, the rest in their order.  ``val`` None: as it is."""
     if val is None:
         return data
+    if not isinstance(data, Dataset):  # arrays made by hand: as a Dataset without info
+        data = Dataset(*data)
     n = len(data.train_x)
     count = val if isinstance(val, int) else round(val * n)
     if not 1 <= count < n:

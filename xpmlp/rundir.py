@@ -40,10 +40,10 @@ except ImportError:
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.npz"
 BEST = "best.npz"  # with --val: the checkpoint of the epoch of the best validation accuracy
 CHECKPOINTS = {"last": CHECKPOINT, "best": BEST}  # eval/predict --checkpoint
-RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, BEST)
+RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)  # what every run leaves (and BEST, a run with --val)
 # A stacked group's directory (stack.py): its members, and its one checkpoint while it trains.
 GROUP_FILE, GROUP_CHECKPOINT = "stack.json", "stack-checkpoint.npz"
-STARTED_FILES = RESULT_FILES + (GROUP_FILE, GROUP_CHECKPOINT)  # what a start leaves, before its checkpoint
+STARTED_FILES = RESULT_FILES + (BEST, GROUP_FILE, GROUP_CHECKPOINT)  # what a start leaves, before its checkpoint
 EPOCHS_COPY = "epochs.jsonl"
 LOCK = ".lock"
 TEMP_SUFFIX = ".tmp"  # of atomic writes in progress; a killed writer's are removed by the next
@@ -166,7 +166,10 @@ def load_config(run_dir):
 
 def check_data(run_dir, saved, info):
     """Refuse data other than the run's (``saved``: its config.json; ``info``: the data's
-    Dataset.info).  A run from before data was recorded trained on MNIST."""
+    Dataset.info; None: arrays made by hand, unchecked).  A run from before data was
+    recorded trained on MNIST."""
+    if info is None:
+        return
     was = saved.get("data_info") or {"name": "mnist", "train": [60000, 784], "test": [10000, 784], "sha256": None}
     if was["sha256"] in (None, info["sha256"]) and was["train"] == info["train"] and was["test"] == info["test"]:
         return

@@ -106,7 +106,8 @@ class StackTrainer(EpochLoop):
                            "per_model": {k: [getattr(c, k) for c in self.configs] for k in PER_MODEL_KEYS}})
         for cfg, run_dir in zip(self.configs, self.run_dirs):
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_config(run_dir, cfg, self.backend, step_record(self.stepper), self.data.info)
+            rundir.write_config(run_dir, cfg, self.backend, step_record(self.stepper),
+                                getattr(self.data, "info", None))  # None: data without a record (tests)
 
     def _load(self):
         params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path, self.model, GROUP_FILE)

@@ -53,7 +53,8 @@ class Trainer(EpochLoop):
     def write_config(self):
         if self._resumed:  # the records first: a bad one stops the resume before any file changes
             rundir.truncate_metrics(self.run_dir, self.state["epoch"])
-        rundir.write_config(self.run_dir, self.config, self.backend, step_record(self.stepper), self.data.info)
+        rundir.write_config(self.run_dir, self.config, self.backend, step_record(self.stepper),
+                                getattr(self.data, "info", None))  # None: data without a record (tests)
 
     def run(self):
         """Train to ``config.epochs`` as the run directory's one writer; returns summary.json's
