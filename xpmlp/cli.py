@@ -481,8 +481,7 @@ def cmd_data(args):
     arrays = load_verified(paths, args.dataset)
     folders = sorted({str(p.parent) for p in paths.values()})
     known = KNOWN[args.dataset]
-    print(f"{known.title} is in {', '.join(folders)} (4 files, {known.algorithm.upper().replace('SHA', 'SHA-')} "
-          "verified):")
+    print(f"{known.title} is in {', '.join(folders)} (4 files, {known.check} verified):")
     for key, path in paths.items():
         print(f"  {path.name}  {' x '.join(map(str, arrays[key].shape))}")
     return 0

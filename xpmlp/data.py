@@ -66,6 +66,11 @@ class Known(NamedTuple):
     algorithm: str
     of_gz: bool
 
+    @property
+    def check(self):
+        """Its sums' name in messages: SHA-256, MD5."""
+        return {"sha256": "SHA-256", "md5": "MD5"}[self.algorithm]
+
 
 KNOWN = {
     "mnist": Known("MNIST", None, SHA256, "sha256", False),  # mirrors: MIRRORS, looked up when used
@@ -231,8 +236,8 @@ def _load_verified(path: Path, name: str, dataset="mnist") -> np.ndarray:
         raise DataError(f"{path} is uncompressed, but {known.title}'s published sums are of its .gz files: keep "
                         f"the .gz, or train on it unchecked with --data {path.parent}")
     if not _digest(known, name, raw, data):
-        raise DataError(f"{path} fails its {known.algorithm.upper().replace('SHA', 'SHA-')} check (corrupt, or not "
-                        f"the official {known.title} {name}){REDOWNLOAD}")
+        raise DataError(f"{path} fails its {known.check} check (corrupt, or not the official {known.title} "
+                        f"{name}){REDOWNLOAD}")
     return array
 
 
@@ -276,7 +281,7 @@ def _fetch(url: str, name: str, progress: bool, dataset="mnist") -> bytes:
     except (DataError, zlib.error):
         ok = False
     if not ok:
-        raise _MirrorFailed(f"{name}.gz is corrupt ({KNOWN[dataset].algorithm.upper().replace('SHA', 'SHA-')} mismatch)")
+        raise _MirrorFailed(f"{name}.gz is corrupt ({KNOWN[dataset].check} mismatch)")
     return body
 
 

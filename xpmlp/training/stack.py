@@ -30,7 +30,8 @@ from .train import last_epoch_record
 
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.
 GROUP_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "dtype", "epochs", "device",
-              "data_dir", "dataset", "data", "in_features", "classes", "val", "eval_every", "checkpoint_every", "log_every", "tensorboard")
+              "data_dir", "dataset", "data", "in_features", "classes", "val", "eval_every", "checkpoint_every",
+              "log_every", "tensorboard")
 PER_MODEL_KEYS = ("lr", "momentum", "weight_decay", "init_std", "seed", "lr_schedule")
 GROUP_FILE, GROUP_CHECKPOINT = rundir.GROUP_FILE, rundir.GROUP_CHECKPOINT
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
