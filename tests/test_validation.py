@@ -99,11 +99,20 @@ def test_resume_with_other_val_is_refused(tmp_path, capsys):
     assert code == 2 and "--val 30 contradicts the run's 20" in err
 
 
-def test_stacked_seeds_record_val(tmp_path, capsys):
+def test_stacked_seeds_leave_what_their_single_runs_leave(tmp_path, capsys):
     d = write_npz(tmp_path / "m.npz")
-    code, out, err = run(capsys, "train", "--data", d, "--val", "20", "--seeds", "0-1", *FAST, "--epochs", "2",
-                         "--out", tmp_path / "group")
+    argv = ["train", "--data", d, "--val", "20", *FAST, "--lr", "0.5", "--epochs", "5"]
+    code, out, err = run(capsys, *argv, "--seeds", "0-1", "--out", tmp_path / "group")
     assert code == 0, err
     assert "val acc" in out
     for seed in (0, 1):
-        assert all(r["val_acc"] is not None for r in records(tmp_path / f"group/seed={seed}"))
+        assert run(capsys, *argv, "--seed", seed, "--out", tmp_path / f"alone{seed}")[0] == 0
+        member, alone = tmp_path / f"group/seed={seed}", tmp_path / f"alone{seed}"
+        assert [r["val_acc"] for r in records(member)] == [r["val_acc"] for r in records(alone)]
+        summaries = [json.loads((p / "summary.json").read_text()) for p in (member, alone)]
+        assert [(s["best_val_acc"], s["best_epoch"]) for s in summaries][0] == \
+            (summaries[1]["best_val_acc"], summaries[1]["best_epoch"])
+        got, want = (rundir.load_checkpoint(p / rundir.BEST) for p in (member, alone))
+        assert got[2]["best_epoch"] == want[2]["best_epoch"] == summaries[1]["best_epoch"]
+        for a, b in zip(got[0], want[0]):
+            np.testing.assert_array_equal(a, b)

@@ -145,11 +145,14 @@ class StackTrainer(EpochLoop):
         rundir.save_checkpoint(self.checkpoint_path, [self.backend.to_numpy(a) for a in self.model.state_arrays()],
                                [self.backend.to_numpy(v) for v in self.optimizer.state()], state, partial)
 
-    def _member_checkpoint(self, k):
-        """Model k's own checkpoint.npz, exactly what its single run leaves behind."""
+    def _member_checkpoint(self, k, name=rundir.CHECKPOINT):
+        """Model k's own checkpoint.npz (or best.npz), exactly what its single run leaves behind."""
         state = dict(self.state, status=self.member_status[k], rng=self._rng_states()[0 if self.shared_shuffle else k],
                      pos=0, partial_time_s=0.0)
-        rundir.save_checkpoint(self.run_dirs[k] / rundir.CHECKPOINT, member_arrays(self.model, self.model.state_arrays(), k),
+        best = state.pop("best", None)  # the group's, a [val_acc, epoch] (or None) a model
+        if best and best[k]:
+            state.update(best_val_acc=best[k][0], best_epoch=best[k][1])
+        rundir.save_checkpoint(self.run_dirs[k] / name, member_arrays(self.model, self.model.state_arrays(), k),
                                member_arrays(self.model, self.optimizer.state(), k), state)
 
     def _configs(self):
@@ -158,6 +161,13 @@ class StackTrainer(EpochLoop):
     def _write_epoch(self, k, iter_records, record):
         rundir.append_metrics(self.run_dirs[k], iter_records + [record])
         write_tensorboard(self.writers[k], iter_records, record)
+        acc = record.get("val_acc")
+        if acc is None:  # no validation split (or not evaluated this epoch): no best to keep
+            return
+        best = self.state.setdefault("best", [None] * len(self.configs))
+        if best[k] is None or acc > best[k][0]:
+            best[k] = [acc, record["epoch"]]
+            self._member_checkpoint(k, rundir.BEST)
 
     def _on_diverged(self, k, record):
         """Frozen from now on (its updates masked), with its own checkpoint and summary."""
@@ -205,6 +215,10 @@ class StackTrainer(EpochLoop):
         summary.update(train_time_s=self.state["train_time_s"], epochs_completed=last.get("epoch", 0),
                        iterations=last.get("iter", 0), status=self.member_status[k],
                        epochs=self.config.epochs, model=self.config.name, device=self.backend.device)
+        if self.config.val is not None:
+            best = (self.state.get("best") or [None] * len(self.configs))[k] or [None, None]
+            summary.update(val_loss=last.get("val_loss"), val_acc=last.get("val_acc"), best_val_acc=best[0],
+                           best_epoch=best[1])
         rundir.write_summary(self.run_dirs[k], summary)
 
 
