@@ -619,8 +619,9 @@ def build_parser():
     parser = _Parser(prog="xpmlp", description="Hand-written MLPs on MNIST, on NumPy (CPU) or CuPy (GPU).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train one network on MNIST",
-                       description="Train one network on MNIST into a run directory.")
+    p = sub.add_parser("train", help="train one network on MNIST (or --dataset, or your own --data)",
+                       description="Train one network on MNIST, a dataset known by name (--dataset) or your own "
+                                   "(--data) into a run directory.")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
