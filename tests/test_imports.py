@@ -105,6 +105,7 @@ def test_the_layers_point_one_way():
 
 def test_importing_xpmlp_imports_no_gpu_cluster_or_peer_library(tmp_path):
     code = ("import sys, xpmlp, xpmlp.cli, xpmlp.sweep, xpmlp.training.train, xpmlp.training.stack\n"
-            "print(sorted(m for m in ('cupy', 'torch', 'ray', 'jax', 'array_api_compat') if m in sys.modules))")
+            "print(sorted(m for m in ('cupy', 'torch', 'ray', 'jax', 'array_api_compat', 'sklearn')\n"
+            "             if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

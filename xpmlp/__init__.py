@@ -8,6 +8,18 @@ from .core.optim import SGD
 
 __version__ = "0.1.0"
 
-__all__ = ["Backend", "BackendUnavailable", "EuclideanLoss", "Linear", "MODELS", "ReLU", "SGD",
+
+def __getattr__(name):
+    # Imported when first used: the estimator needs scikit-learn, which ``import xpmlp`` must not.
+    if name == "MLPClassifier":
+        from .estimator import MLPClassifier
+        return MLPClassifier
+    if name == "load":
+        from .saved import load
+        return load
+    raise AttributeError(f"module 'xpmlp' has no attribute {name!r}")
+
+
+__all__ = ["MLPClassifier", "load", "Backend", "BackendUnavailable", "EuclideanLoss", "Linear", "MODELS", "ReLU", "SGD",
            "Sequential", "Sigmoid", "SoftmaxCrossEntropyLoss", "accuracy", "available_backends",
            "build_mlp", "build_model", "get_backend"]

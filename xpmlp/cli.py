@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import rundir
-from .config import TRAJECTORY_KEYS, TrainConfig, TrainError
+from .config import DATASETS, TRAJECTORY_KEYS, TrainConfig, TrainError
 from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS
 
 DEFAULTS = TrainConfig()
@@ -60,6 +60,17 @@ _finite_float, _positive_int = _number(float), _number(int, positive=True)
 _nonnegative_int = _number(int, nonnegative=True)
 
 
+def _val(text):
+    """--val: a whole number of samples, or a fraction in (0, 1)."""
+    try:
+        value = int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or a fraction like 0.1: {text!r}") from None
+    if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of samples (1 or more) or a fraction in (0, 1): {text!r}")
+    return value
+
+
 def _hidden(text):
     try:
         return [int(h) for h in text.split(",") if h.strip()]
@@ -104,18 +115,31 @@ def add_train_flags(p):
     g.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
     g.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
     g.add_argument("--lr", type=_finite_float, help=f"learning rate (default: {d.lr})")
+    g.add_argument("--lr-schedule", metavar="SCHEDULE",
+                   help="step:EPOCHS:FACTOR (lr times FACTOR every EPOCHS epochs) or cosine (annealed to 0 over "
+                        "--epochs); each epoch's rate is in its record (default: constant lr)")
     g.add_argument("--momentum", type=_finite_float, help=f"in [0, 1] (default: {d.momentum})")
     g.add_argument("--weight-decay", type=_finite_float, help=f"(default: {d.weight_decay})")
     g.add_argument("--init-std", type=_finite_float, help=f"std of the initial weights (default: {d.init_std})")
     g.add_argument("--seed", type=int, help=f"weights and shuffling (default: {d.seed})")
+    g.add_argument("--val", type=_val, metavar="N|FRACTION",
+                   help="hold N training samples (or a fraction, e.g. 0.1) out as a validation set, the same "
+                        "seeded choice for every run on the same data; its metrics in the records and best.npz, "
+                        "the checkpoint of the best validation accuracy (default: none)")
     g.add_argument("--seeds", type=_seed_list, metavar="LIST",
                    help="train one model per seed as one stacked program, e.g. 0-4 or 0,3,7: a run "
                         "directory per seed under --out, and their mean/std/min/max in --out/summary.json")
     g.add_argument("--dtype", choices=DTYPES, help=f"(default: {d.dtype})")
     g = p.add_argument_group("run")
     g.add_argument("--device", help=f"auto, cpu, numpy, cuda, cuda:N, torch[:cpu|:cuda|:cuda:N|:mps] (default: {d.device})")
-    g.add_argument("--data-dir", help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache; "
-                                      "downloaded if absent)")
+    g.add_argument("--data-dir", help="directory of the --dataset's files (default for MNIST: $XPMLP_DATA_DIR; "
+                                      "else a per-user cache; downloaded if absent)")
+    g.add_argument("--dataset", choices=DATASETS,
+                   help=f"a dataset known by name, downloaded and verified against its published sums "
+                        f"(default: {d.dataset})")
+    g.add_argument("--data", metavar="DIR_OR_FILE",
+                   help="your own data: a directory of IDX files (train/t10k images and labels, gzipped or not) or "
+                        "an .npz with x_train, y_train, x_test, y_test; see docs/own-data.md")
     g.add_argument("--out", help="run directory (default: runs/<model>-<timestamp>)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint; "
                                                        "a larger --epochs extends a finished run")
@@ -135,6 +159,10 @@ def config_from_args(args):
         raise UserError("give either --model or --hidden/--activation/--loss, not both")
     if "hidden" in given and ("loss" not in given or (given["hidden"] and "activation" not in given)):
         raise UserError("--hidden needs --loss, and --activation when there are hidden layers")
+    if "data" in given and ("dataset" in given or "data_dir" in given):
+        raise UserError("give either --data (your own) or --dataset/--data-dir (one known by name), not both")
+    if "dataset" in given:  # on a resume, a named dataset replaces the run's own data
+        given["data"] = None
     if not args.resume:
         return TrainConfig(**given).validate()
     run_dir = Path(args.resume)
@@ -156,6 +184,9 @@ def config_from_args(args):
                             f"{done + 1} or more to extend it")
     if config.hidden is None and config.model not in MODELS:
         raise UserError(f"--resume {run_dir}: unknown model {config.model!r} in config.json")
+    if config.lr_schedule == "cosine" and given.get("epochs", config.epochs) != config.epochs:
+        raise UserError(f"--resume {run_dir}: its cosine schedule anneals over its {config.epochs} epochs; "
+                        "a run of another length is another schedule: start one")
     for key, value in given.items():
         old = getattr(config, key)
         if key in TRAJECTORY_KEYS and key != "model" and value != old:
@@ -202,7 +233,7 @@ def _run_dir(text):
 
 def cmd_train(args):
     from .backends import get_backend
-    from .data import load_mnist
+    from .data import load_data, split_validation
     from .processes import die_with_parent
     from .training.launch import train
     from .training.threads import blas_threads
@@ -220,7 +251,10 @@ def cmd_train(args):
     notices = []  # shown once the run starts, so that a mistake found first stays one line
     backend = get_backend(config.device, notice=notices.append)  # fail before any file
     backend.dtype(config.dtype)  # one the device lacks (float64 on MPS) too
-    data = load_mnist(config.data_dir, progress=progress)
+    data = split_validation(load_data(config.data, config.dataset, config.data_dir, progress=progress), config.val)
+    config = config.fit_data(data)
+    if args.resume:
+        rundir.check_data(args.resume, rundir.load_config(args.resume)[1], data.info)
     out, created = _prepare_out(args, config)
     try:
         train(lambda resume: Trainer(config, out, data, resume=resume, progress=progress, log=log,
@@ -254,7 +288,7 @@ def train_seeds(args):
     """``train --seeds LIST``: one stacked group, a run directory per seed under --out and an
     aggregate summary.json; ``train --resume OUT`` of such a directory continues the group."""
     from .backends import get_backend
-    from .data import load_mnist
+    from .data import load_data, split_validation
     from .training.launch import train
     from .training.stack import StackTrainer, aggregate, group_configs
     from .training.threads import blas_threads
@@ -281,8 +315,12 @@ def train_seeds(args):
     notices = []
     backend = get_backend(configs[0].device, notice=notices.append)  # fail before any file
     backend.dtype(configs[0].dtype)  # one the device lacks (float64 on MPS) too
-    data = load_mnist(configs[0].data_dir, progress=progress)
-    if not args.resume:
+    data = split_validation(load_data(configs[0].data, configs[0].dataset, configs[0].data_dir, progress=progress),
+                            configs[0].val)
+    configs = [c.fit_data(data) for c in configs]
+    if args.resume:
+        rundir.check_data(out, rundir.read_json(run_dirs[0] / rundir.CONFIG), data.info)
+    else:
         out, created = _prepare_out(args, configs[0])
         run_dirs = [out / f"seed={c.seed}" for c in configs]
     seeds = ", ".join(str(c.seed) for c in configs)
@@ -314,21 +352,23 @@ def train_seeds(args):
 
 def cmd_eval(args):
     from .backends import get_backend
-    from .data import load_mnist
     from .training.train import evaluate
 
     run_dir = _run_dir(args.run_dir)
+    config, saved = rundir.load_config(run_dir)
+    if args.plots is not None and config.in_features != 784:
+        raise UserError(f"--plots draws 28x28 images; {run_dir} has {config.in_features} features per sample")
     plots_dir = None if args.plots is None else _writable_dir(args.plots or run_dir, "--plots")
-    config, _ = rundir.load_config(run_dir)
-    data = load_mnist(args.data_dir or _run_data_dir(config), progress=sys.stderr.isatty())
+    data = _run_data(args, config)
+    rundir.check_data(run_dir, saved, data.info)
     notices = []  # shown with the result, so that an error stays one line
     backend = get_backend(args.device or config.device, notice=notices.append)
-    model, state = rundir.load_model(run_dir, backend, config)
+    model, state = rundir.load_model(run_dir, backend, config, args.checkpoint)
     x_test = backend.asarray(data.test_x, dtype=model.dtype)
     loss, acc = evaluate(model, x_test, backend.asarray(data.test_y))
     # A checkpoint taken inside an epoch (Ctrl-C) holds the weights `pos` steps past the last epoch's end.
     pos = state.get("pos", 0)
-    result = {"run": str(run_dir), "epoch": state["epoch"], "iter": state["iter"] + pos,
+    result = {"run": str(run_dir), "checkpoint": args.checkpoint, "epoch": state["epoch"], "iter": state["iter"] + pos,
               "iters_into_next_epoch": pos, "test_loss": loss, "test_acc": acc}
     lines = []
     if plots_dir is not None:
@@ -341,10 +381,24 @@ def cmd_eval(args):
         lines = _per_class_lines(result["per_class"]) + [f"wrote {p}" for p in paths]
     for line in notices:
         print(line, file=sys.stderr)
-    where = f"epoch {result['epoch']}" + (f" + {pos} iterations" if pos else "")
+    where = ("best: " if args.checkpoint == "best" else "") + f"epoch {result['epoch']}" + \
+        (f" + {pos} iterations" if pos else "")
     print(json.dumps(result) if args.json else
           "\n".join([f"{run_dir}: {where}  test loss {loss:.4f}  test accuracy {_pct(acc)}", *lines]))
     return 0
+
+
+def _run_data(args, config):
+    """The data to evaluate a run on: what the flags say, else the run's own."""
+    from .data import load_data
+
+    if args.data and (args.dataset or args.data_dir):
+        raise UserError("give either --data (your own) or --dataset/--data-dir (one known by name), not both")
+    if args.data or (config.data and not args.dataset):
+        return load_data(args.data or config.data)
+    dataset = args.dataset or config.dataset
+    data_dir = args.data_dir or (_run_data_dir(config) if dataset == config.dataset else None)
+    return load_data(None, dataset, data_dir, progress=sys.stderr.isatty())
 
 
 def _run_data_dir(config):
@@ -353,10 +407,10 @@ def _run_data_dir(config):
     and its path is never created or downloaded into (None: the usual places)."""
     from .data import DataError, mnist_files
 
-    if os.environ.get("XPMLP_DATA_DIR") or not config.data_dir:
+    if (os.environ.get("XPMLP_DATA_DIR") and config.dataset == "mnist") or not config.data_dir:
         return None
     try:
-        mnist_files(config.data_dir, download=False, progress=False)
+        mnist_files(config.data_dir, download=False, progress=False, dataset=config.dataset)
     except DataError:
         return None
     return config.data_dir
@@ -384,7 +438,7 @@ def cmd_predict(args):
     # (and for --show a small copy of the image), not the decoded image.
     read = [_kept(*read_digit(path), show_dir is not None) for path in args.images]
     notices = []
-    model = load_model(run_dir, args.device, notice=notices.append)
+    model = load_model(run_dir, args.device, notice=notices.append, checkpoint=args.checkpoint)
     x = model.backend.asarray(to_inputs(np.stack([digit for _, digit in read])), dtype=model.dtype)
     probabilities = class_probabilities(model, x)
     results, shown = [], set()
@@ -423,14 +477,28 @@ SHOW_SIDE = 512
 
 
 def cmd_data(args):
-    from .data import load_verified, mnist_files
+    from .data import KNOWN, load_verified, mnist_files
 
-    paths = mnist_files(args.dir, progress=sys.stderr.isatty())
-    arrays = load_verified(paths)
+    paths = mnist_files(args.dir, progress=sys.stderr.isatty(), dataset=args.dataset)
+    arrays = load_verified(paths, args.dataset)
     folders = sorted({str(p.parent) for p in paths.values()})
-    print(f"MNIST is in {', '.join(folders)} (4 files, SHA-256 verified):")
+    known = KNOWN[args.dataset]
+    print(f"{known.title} is in {', '.join(folders)} (4 files, {known.check} verified):")
     for key, path in paths.items():
         print(f"  {path.name}  {' x '.join(map(str, arrays[key].shape))}")
+    return 0
+
+
+def cmd_export(args):
+    from .saved import export
+
+    run_dir = _run_dir(args.run_dir)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UserError(f"export: {out} should end in .npz (numpy.savez adds it otherwise)")
+    _writable_dir(out.parent, "export")
+    shapes = export(run_dir, out)
+    print(f"wrote {out}: " + ", ".join(f"{k} {'x'.join(map(str, s)) or 'scalar'}" for k, s in shapes.items()))
     return 0
 
 
@@ -459,6 +527,10 @@ def cmd_report(args):
         run_dirs += sorted(str(p.parent) for p in Path(root).glob(f"**/{rundir.CONFIG}"))
     if not run_dirs:
         raise UserError("report: no run directories given (RUN_DIRS... or --runs-under DIR)")
+    if args.published is None:
+        return _own_report(run_dirs, args)
+    if args.out is None:
+        raise UserError("report: --published needs --out DIR for its tables and figures")
     if not Path(args.published).is_file():
         raise UserError(f"report: no reference tables at {args.published} "
                         "(the report's are experiments/published.toml in the source tree)")
@@ -469,6 +541,24 @@ def cmd_report(args):
         run_dirs = export_records(run_dirs, args.out)
         print(f"wrote the records of {len(run_dirs)} runs to {Path(args.out) / 'runs'}")
     for path in make_report(run_dirs, args.out, args.published, ignore=tuple(args.ignore or ())):
+        print(path)
+    return 0
+
+
+def _own_report(run_dirs, args):
+    """A table of any runs, printed, and written to OUT/runs.md with --out."""
+    from .report import load_runs, runs_table
+
+    if args.copy_runs or args.ignore:
+        raise UserError("report: --copy-runs and --ignore go with --published")
+    runs = load_runs(run_dirs)
+    if not runs:
+        raise UserError(f"report: none of the {len(run_dirs)} directories holds a run ({rundir.CONFIG})")
+    table = runs_table(runs)
+    print(table, end="")
+    if args.out:
+        path = _writable_dir(args.out, "--out") / "runs.md"
+        rundir.atomic_write_bytes(path, f"# Runs\n\n{table}".encode())
         print(path)
     return 0
 
@@ -531,8 +621,9 @@ def build_parser():
     parser = _Parser(prog="xpmlp", description="Hand-written MLPs on MNIST, on NumPy (CPU) or CuPy (GPU).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train one network on MNIST",
-                       description="Train one network on MNIST into a run directory.")
+    p = sub.add_parser("train", help="train one network on MNIST (or --dataset, or your own --data)",
+                       description="Train one network on MNIST, a dataset known by name (--dataset) or your own "
+                                   "(--data) into a run directory.")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -540,7 +631,11 @@ def build_parser():
     p.add_argument("run_dir")
     p.add_argument("--device", help="default: the run's device")
     p.add_argument("--data-dir")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the run's")
+    p.add_argument("--data", metavar="DIR_OR_FILE", help="your own data (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--checkpoint", choices=list(rundir.CHECKPOINTS), default="last",
+                   help="last (default), or best: the epoch of the best validation accuracy (runs trained with --val)")
     p.add_argument("--plots", nargs="?", const="", metavar="DIR",
                    help="also write a confusion matrix, the most confident mistakes and the first layer's "
                         "weights as PNGs into DIR (default: the run directory), and print per-class "
@@ -553,16 +648,26 @@ def build_parser():
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--device", default="cpu", help="default: cpu (a few images need no GPU)")
+    p.add_argument("--checkpoint", choices=list(rundir.CHECKPOINTS), default="last",
+                   help="last (default), or best: the epoch of the best validation accuracy (runs trained with --val)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--show", nargs="?", const=".", metavar="DIR",
                    help="write IMAGE's stem + .seen.png into DIR (default: .): the file beside the "
                         "28x28 digit the network saw")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="find or download MNIST, verify it and say where it is")
+    p = sub.add_parser("data", help="find or download MNIST (or --dataset), verify it and say where it is")
     p.add_argument("--dir", "--data-dir", dest="dir",
-                   help="MNIST directory (default: $XPMLP_DATA_DIR, else a per-user cache)")
+                   help="its directory (default for MNIST: $XPMLP_DATA_DIR; else a per-user cache)")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="default: mnist")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("export", help="write a run's weights and biases to an .npz NumPy alone can read",
+                       description="Write RUN's last checkpoint as W0, b0, W1, b1, ... (a layer is x @ W + b), "
+                                   "activation, output, input_scaling and classes: see docs/own-data.md.")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("out", metavar="OUT.npz")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="run a grid of trainings from TOML configs, restartably")
     p.add_argument("configs", nargs="+", help="TOML sweep configs (see experiments/)")
@@ -592,11 +697,14 @@ def build_parser():
                         "temporary directory on its worker and sends its files back here at every checkpoint")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="tables and figures from run directories")
+    p = sub.add_parser("report", help="tables and figures from run directories",
+                       description="Without --published: one table of the runs (the settings that differ, final "
+                                   "and best metrics, time), printed and, with --out, written to OUT/runs.md.  With "
+                                   "--published: the runs matched to reference tables, with figures, into --out.")
     p.add_argument("run_dirs", nargs="*")
     p.add_argument("--runs-under", action="append", metavar="DIR", help="use every run below DIR")
-    p.add_argument("--out", required=True)
-    p.add_argument("--published", metavar="TOML", required=True,
+    p.add_argument("--out", help="directory to write into (needed with --published)")
+    p.add_argument("--published", metavar="TOML",
                    help="the reference tables, e.g. the report's experiments/published.toml")
     p.add_argument("--copy-runs", action="store_true",
                    help="also write each run's record (config, summary, epoch records, compact "

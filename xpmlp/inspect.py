@@ -10,14 +10,14 @@ NUM_CLASSES = 10
 SIDE = 28  # MNIST images are 28x28
 
 
-def load_model(run_dir, device=None, notice=None):
-    """The network of a run directory's last checkpoint, on ``device`` (default: the
-    run's own), ready to evaluate."""
+def load_model(run_dir, device=None, notice=None, checkpoint="last"):
+    """The network of a run directory's last (or best) checkpoint, on ``device`` (default:
+    the run's own), ready to evaluate."""
     from . import rundir
     from .backends import get_backend
 
     config, _ = rundir.load_config(run_dir)
-    return rundir.load_model(run_dir, get_backend(device or config.device, notice=notice), config)[0]
+    return rundir.load_model(run_dir, get_backend(device or config.device, notice=notice), config, checkpoint)[0]
 
 
 def class_probabilities(model, x, chunk=1000):

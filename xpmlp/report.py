@@ -493,6 +493,54 @@ def make_report(run_dirs, out_dir, reference_path, ignore=(), figures=True) -> l
     return [tables, *(write_figures(reference, seeded, out_dir) if figures else [])]
 
 
+# ----------------------------------------------------------------------------- your own runs
+# Settings of a run that say where or how it was watched, not what it trained.
+NOT_COMPARED = ("device", "data_dir", "eval_every", "checkpoint_every", "log_every", "tensorboard")
+
+
+def _best(run: Run, key: str):
+    """(best value, its epoch) of an epoch metric over a run's records; (nan, None) if none."""
+    found = [(r[key], r["epoch"]) for r in run.epochs if r.get(key) is not None and math.isfinite(r[key])]
+    return max(found, key=lambda p: (p[0], -p[1])) if found else (NAN, None)
+
+
+def _setting(v) -> str:
+    return "—" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def runs_table(runs) -> str:
+    """A markdown table of any runs (a user's own grid): a row each, the settings that differ
+    between them, the final metrics, the best test (and validation) accuracy with its epoch,
+    and the training time."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    keys = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_COMPARED + ("model",)]
+    value = {k: [json.dumps(r.config.get(k, getattr(TrainConfig, k, None))) for r in runs] for k in keys}
+    differ = [k for k in keys if len(set(value[k])) > 1]
+    has_val = any(r.epochs and "val_acc" in r.epochs[-1] for r in runs)
+    head = ["run", "model", *differ, "status", "epochs done", "train loss", "train acc (%)", "test loss",
+            "test acc (%)", "best test acc (%) @ epoch"]
+    if has_val:
+        head += ["val acc (%)", "best val acc (%) @ epoch"]
+    head.append("train time (s)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(runs):
+        shown = [_setting(json.loads(value[k][i])) for k in differ]
+        cells = [f"`{r.path.name}`", str(r.config.get("model", "?")), *shown, r.status,
+                 str(r.summary.get("epochs_completed", len(r.epochs)))]
+        cells += [_fmt(k, r.metric(k)) for k in ("train_loss", "train_acc", "test_loss", "test_acc")]
+        best, epoch = _best(r, "test_acc")
+        cells.append(f"{_fmt('test_acc', best)} @ {epoch}" if epoch else "nan")
+        if has_val:
+            best, epoch = _best(r, "val_acc")
+            cells += [_fmt("val_acc", r.metric("val_acc")), f"{_fmt('val_acc', best)} @ {epoch}" if epoch else "nan"]
+        cells.append(_fmt("train_time_s", r.metric("train_time_s")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- records
 def compact_curve(iters, max_points: int = 6000):
     """The iteration records as an (n, 3) float32 array of window means: the window's last

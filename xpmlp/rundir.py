@@ -38,10 +38,12 @@ except ImportError:
     import msvcrt
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "checkpoint.npz"
-RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)
+BEST = "best.npz"  # with --val: the checkpoint of the epoch of the best validation accuracy
+CHECKPOINTS = {"last": CHECKPOINT, "best": BEST}  # eval/predict --checkpoint
+RESULT_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT)  # what every run leaves (and BEST, a run with --val)
 # A stacked group's directory (stack.py): its members, and its one checkpoint while it trains.
 GROUP_FILE, GROUP_CHECKPOINT = "stack.json", "stack-checkpoint.npz"
-STARTED_FILES = RESULT_FILES + (GROUP_FILE, GROUP_CHECKPOINT)  # what a start leaves, before its checkpoint
+STARTED_FILES = RESULT_FILES + (BEST, GROUP_FILE, GROUP_CHECKPOINT)  # what a start leaves, before its checkpoint
 EPOCHS_COPY = "epochs.jsonl"
 LOCK = ".lock"
 TEMP_SUFFIX = ".tmp"  # of atomic writes in progress; a killed writer's are removed by the next
@@ -137,12 +139,15 @@ def versions():
     return found
 
 
-def write_config(run_dir, config, backend, step=None):
-    """config.json: the settings, the device that ran them, the library versions and ``step``
-    (a dict: which step the run takes, compiled.step_record)."""
+def write_config(run_dir, config, backend, step=None, data=None):
+    """config.json: the settings, the device that ran them, the library versions, ``step``
+    (a dict: which step the run takes, compiled.step_record) and ``data`` (data.Dataset.info:
+    which data, its shapes and content hash, that a resume or an eval must match)."""
     saved = dataclasses.asdict(config)
     saved.update(model=config.name, device_used=backend.describe(), versions=versions(),
                  machine=platform.machine(), platform=platform.platform(), **(step or {}))
+    if data is not None:
+        saved["data_info"] = data
     write_json(Path(run_dir) / CONFIG, saved)
 
 
@@ -157,6 +162,22 @@ def load_config(run_dir):
     except TrainError as exc:
         raise TrainError(f"{path}: {exc}") from None
     return config, saved
+
+
+def check_data(run_dir, saved, info):
+    """Refuse data other than the run's (``saved``: its config.json; ``info``: the data's
+    Dataset.info; None: arrays made by hand, unchecked).  A run from before data was
+    recorded trained on MNIST."""
+    if info is None:
+        return
+    was = saved.get("data_info") or {"name": "mnist", "train": [60000, 784], "test": [10000, 784], "sha256": None}
+    if was["sha256"] in (None, info["sha256"]) and was["train"] == info["train"] and was["test"] == info["test"]:
+        return
+    def say(d):
+        return f"{d['name']} ({d['train'][0]}+{d['test'][0]} samples of {d['train'][1]} features" + \
+            (f", sha256 {d['sha256'][:12]})" if d["sha256"] else ")")
+    raise TrainError(f"{run_dir}: the run was trained on {say(was)}, not on {say(info)}; "
+                     "give the run's data (--data or --dataset)")
 
 
 def is_run(run_dir):
@@ -327,15 +348,20 @@ def checkpoint_state(path):
         raise TrainError(f"{path}: unreadable checkpoint ({exc})") from None
 
 
-def load_model(run_dir, backend, config=None):
+def load_model(run_dir, backend, config=None, checkpoint="last"):
     """(model, state): the model of the run's checkpoint on ``backend``, for evaluation, and
     the checkpoint's loop state (``epoch``, ``iter``, and ``pos`` iterations into the next
-    epoch for a checkpoint taken mid-epoch).  ``config``: the run's, when already read."""
+    epoch for a checkpoint taken mid-epoch).  ``config``: the run's, when already read;
+    ``checkpoint``: last, or best (the best validation accuracy's, with --val)."""
     if not is_run(run_dir):
         raise TrainError(f"{run_dir}: holds no run (needs {CONFIG} and {CHECKPOINT})")
     config = config or load_config(run_dir)[0]
+    path = Path(run_dir) / CHECKPOINTS[checkpoint]
+    if not path.is_file():
+        raise TrainError(f"{run_dir}: no {path.name}" + (" (the run has no validation split: train with --val)"
+                                                          if config.val is None else " yet"))
     model = config.build(backend)
-    params, _, state, _ = load_checkpoint(Path(run_dir) / CHECKPOINT, model)
+    params, _, state, _ = load_checkpoint(path, model)
     model.load_state_arrays(params)
     return model, state
 

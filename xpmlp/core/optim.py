@@ -74,6 +74,10 @@ class SGD:
                           for layer, name in model.parameters()]
         self.scratch = Scratch(xp, model.dtype)
 
+    def set_lr(self, lr):
+        """The learning rate from the next step on: one value, or one a stacked model."""
+        self.lr = self._per_model(lr) if self.stacked else lr
+
     def _per_model(self, value):
         """One hyperparameter as a (K,) device array of the model's dtype."""
         host = np.broadcast_to(np.asarray(value, dtype=np.float64), self.model.stack)

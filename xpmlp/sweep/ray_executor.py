@@ -632,6 +632,7 @@ def unpack(run_dir, files, atomic=False):
             rundir.atomic_write_bytes(run_dir / name, files[name])
         else:
             (run_dir / name).write_bytes(files[name])
-    for path in [*(run_dir / name for name in rundir.RESULT_FILES), *run_dir.glob("events.out.tfevents.*")]:
+    for path in [*(run_dir / name for name in (*rundir.RESULT_FILES, rundir.BEST)),
+                 *run_dir.glob("events.out.tfevents.*")]:
         if path.name not in files:
             path.unlink(missing_ok=True)

@@ -40,7 +40,7 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
     from tqdm import tqdm
 
     from ..backends import get_backend
-    from ..data import load_mnist
+    from ..data import load_data, split_validation
     from ..training.launch import train
     from ..training.stack import StackTrainer
 
@@ -50,13 +50,16 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
     threads = None if cores is None else step_threads(min(cores, step_threads()))
     run_dirs = [d for d, _ in members]
     first = configs[0]
-    if first.data_dir not in _LOADED:
-        _LOADED[first.data_dir] = load_mnist(first.data_dir, progress=sys.stderr.isatty())
+    which = ("data", first.data, first.dataset, first.data_dir, first.val)  # a group's members share these
+    if which not in _LOADED:
+        _LOADED[which] = split_validation(load_data(first.data, first.dataset, first.data_dir,
+                                                    progress=sys.stderr.isatty()), first.val)
+    configs = [c.fit_data(_LOADED[which]) for c in configs]
     if first.device not in _LOADED:
         _LOADED[first.device] = get_backend(first.device, notice=tqdm.write)
     say = f"stack  {group_dir} ({state}): {len(run_dirs)} runs as one program: " + ", ".join(d.name for d in run_dirs)
     try:
-        trainer = train(lambda resume: StackTrainer(configs, run_dirs, _LOADED[first.data_dir], group_dir,
+        trainer = train(lambda resume: StackTrainer(configs, run_dirs, _LOADED[which], group_dir,
                                                     resume=resume, progress=sys.stderr.isatty(), log=tqdm.write,
                                                     backend=_LOADED[first.device], device_data=_DEVICE_DATA,
                                                     threads=threads, stop_flag=stop_flag),

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..config import lr_at
 from ..core.ops import Scratch
 from .compiled import CompiledStepper, StackedCompiledStepper, compiled_steps
 from .threads import step_threads
@@ -187,6 +188,10 @@ class EpochLoop:
     def _finish(self, last):
         raise NotImplementedError
 
+    def _configs(self):
+        """Each model's settings (its learning rate schedule)."""
+        return [self.config]
+
     # -- the loop: run -> epochs -> (step loop, end of epoch | interrupt) -> finish
 
     def log(self, line):
@@ -208,14 +213,17 @@ class EpochLoop:
         be, dtype, data = self.backend, self.model.dtype, self.data
         key = (be.name, str(be.device), str(dtype))
         if self.device_data.get(key, (None,))[0] is not data:  # sent to the device once
+            val_x = getattr(data, "val_x", None)
             self.device_data[key] = (data, (be.asarray(data.train_x, dtype=dtype), be.asarray(data.train_y)),
-                                     (be.asarray(data.test_x, dtype=dtype), be.asarray(data.test_y)))
+                                     (be.asarray(data.test_x, dtype=dtype), be.asarray(data.test_y)),
+                                     None if val_x is None else (be.asarray(val_x, dtype=dtype),
+                                                                 be.asarray(data.val_y)))
         return self.device_data[key][1:]
 
     def _loop(self):
         """The epochs from where the state says to ``config.epochs``; returns ``_finish``'s value."""
         cfg = self.config
-        train, test = self._on_device()
+        train, test, self._val = self._on_device()
         if self.state["epoch"] < cfg.epochs:
             self._warm_up(train)
         last = [{} for _ in self.member_status]
@@ -248,6 +256,7 @@ class EpochLoop:
         be, dtype, xp = self.backend, self.model.dtype, self.model.xp
         n, batch = train[0].shape[0], self.config.batch_size
         epoch, iters = self.state["epoch"] + 1, n // batch  # a remainder of n is dropped
+        self._schedule(epoch)
         epoch_rngs = self._rng_states()  # a checkpoint mid-epoch replays this permutation
         perm = self._permutation(n)
         losses = xp.zeros((iters, *self.model.stack), dtype=dtype)  # read once per epoch
@@ -277,6 +286,15 @@ class EpochLoop:
         self.optimizer.flush_denormals()
         self._end_epoch(epoch, iters, be.to_numpy(losses), be.to_numpy(accs), test, last, elapsed)
         return True
+
+    def _schedule(self, epoch):
+        """Give the optimizer each model's learning rate of ``epoch``: a function of the epoch
+        alone, so a resumed run takes the rates it would have.  No schedule: lr untouched."""
+        configs = self._configs()
+        self._rates = None
+        if any(c.lr_schedule is not None for c in configs):
+            self._rates = [lr_at(c, epoch) for c in configs]
+            self.optimizer.set_lr(self._rates if self.model.stack else self._rates[0])
 
     def _after_step(self, bar, losses, accs, iters, flag):
         """What the step loop does after each step: the progress bar, and stopping at a signal."""
@@ -310,18 +328,25 @@ class EpochLoop:
         active = self.active()
         diverged = [k for k in active if not np.isfinite(losses[:, k]).all()]
         scheduled = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-        test = None
-        if diverged or scheduled:
+        test = val = None
+        if (diverged or scheduled) and test_data[0].shape[0]:  # an estimator's fit has no test set
             # Diverged models are evaluated too: a network of NaNs predicts class 0 (arg-max of
             # NaNs), the accuracy the report prints for its momentum 1.0 row (class 0's share).
             with np.errstate(all="ignore"):
                 test = [np.atleast_1d(m) for m in evaluate(self.model, *test_data)]
+        if (diverged or scheduled) and self._val is not None:
+            with np.errstate(all="ignore"):
+                val = [np.atleast_1d(m) for m in evaluate(self.model, *self._val)]
         for k in active:
             record = {"kind": "epoch", "epoch": epoch, "iter": self.state["iter"],
                       "train_loss": float(np.mean(losses[:, k])), "train_acc": float(np.mean(accs[:, k])),
                       "test_loss": None, "test_acc": None, "train_time_s": self.state["train_time_s"]}
             if test is not None and (k in diverged or scheduled):
                 record["test_loss"], record["test_acc"] = float(test[0][k]), float(test[1][k])
+            if self._rates is not None and self._configs()[k].lr_schedule is not None:
+                record["lr"] = self._rates[k]  # only with a schedule, as val: other records as they were
+            if self._val is not None:  # only then: the records of a run without one are as they were
+                record["val_loss"], record["val_acc"] = (float(val[0][k]), float(val[1][k])) if val else (None, None)
             iter_records = [{"kind": "iter", "epoch": epoch, "iter": first_iter + i,
                              "loss": float(losses[i, k]), "acc": float(accs[i, k])}
                             for i in range(0, iters, cfg.log_every)]
@@ -355,8 +380,8 @@ def write_tensorboard(writer, iter_records, record):
     for rec in iter_records:
         writer.add_scalar("train/loss_iter", rec["loss"], rec["iter"])
         writer.add_scalar("train/acc_iter", rec["acc"], rec["iter"])
-    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-        if record[key] is not None:
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc"):
+        if record.get(key) is not None:
             writer.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
     writer.flush()
 

@@ -22,7 +22,7 @@ import numpy as np
 from .. import rundir
 from ..backends import get_backend
 from ..config import TrainConfig, TrainError
-from ..core.model import build_mlp, build_model
+from ..core.model import MODELS, build_mlp
 from ..core.optim import SGD
 from .compiled import step_record
 from .loop import EpochLoop, write_tensorboard
@@ -30,8 +30,9 @@ from .train import last_epoch_record
 
 # What models of one group must share; the rest (PER_MODEL_KEYS) each model has its own.
 GROUP_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "dtype", "epochs", "device",
-              "data_dir", "eval_every", "checkpoint_every", "log_every", "tensorboard")
-PER_MODEL_KEYS = ("lr", "momentum", "weight_decay", "init_std", "seed")
+              "data_dir", "dataset", "data", "in_features", "classes", "val", "eval_every", "checkpoint_every",
+              "log_every", "tensorboard")
+PER_MODEL_KEYS = ("lr", "momentum", "weight_decay", "init_std", "seed", "lr_schedule")
 GROUP_FILE, GROUP_CHECKPOINT = rundir.GROUP_FILE, rundir.GROUP_CHECKPOINT
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
@@ -46,9 +47,10 @@ def build_stacked(configs, backend):
     first = configs[0]
     per_model = {key: [getattr(c, key) for c in configs] for key in PER_MODEL_KEYS}
     common = dict(backend=backend, dtype=first.dtype, seed=per_model["seed"], init_std=per_model["init_std"],
-                  stack=(len(configs),))
-    model = build_model(first.model, **common) if first.hidden is None else \
-        build_mlp(first.hidden, first.activation, first.loss, **common)
+                  stack=(len(configs),), in_features=first.in_features, num_classes=first.classes)
+    hidden, activation, loss = MODELS[first.model] if first.hidden is None else \
+        (first.hidden, first.activation, first.loss)
+    model = build_mlp(hidden, activation, loss, **common)
     optimizer = SGD(model, lr=per_model["lr"], momentum=per_model["momentum"],
                     weight_decay=per_model["weight_decay"])
     return model, optimizer
@@ -105,7 +107,8 @@ class StackTrainer(EpochLoop):
                            "per_model": {k: [getattr(c, k) for c in self.configs] for k in PER_MODEL_KEYS}})
         for cfg, run_dir in zip(self.configs, self.run_dirs):
             run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_config(run_dir, cfg, self.backend, step_record(self.stepper))
+            rundir.write_config(run_dir, cfg, self.backend, step_record(self.stepper),
+                                getattr(self.data, "info", None))  # None: data without a record (tests)
 
     def _load(self):
         params, velocity, state, self._partial = rundir.load_checkpoint(self.checkpoint_path, self.model, GROUP_FILE)
@@ -142,16 +145,29 @@ class StackTrainer(EpochLoop):
         rundir.save_checkpoint(self.checkpoint_path, [self.backend.to_numpy(a) for a in self.model.state_arrays()],
                                [self.backend.to_numpy(v) for v in self.optimizer.state()], state, partial)
 
-    def _member_checkpoint(self, k):
-        """Model k's own checkpoint.npz, exactly what its single run leaves behind."""
+    def _member_checkpoint(self, k, name=rundir.CHECKPOINT):
+        """Model k's own checkpoint.npz (or best.npz), exactly what its single run leaves behind."""
         state = dict(self.state, status=self.member_status[k], rng=self._rng_states()[0 if self.shared_shuffle else k],
                      pos=0, partial_time_s=0.0)
-        rundir.save_checkpoint(self.run_dirs[k] / rundir.CHECKPOINT, member_arrays(self.model, self.model.state_arrays(), k),
+        best = state.pop("best", None)  # the group's, a [val_acc, epoch] (or None) a model
+        if best and best[k]:
+            state.update(best_val_acc=best[k][0], best_epoch=best[k][1])
+        rundir.save_checkpoint(self.run_dirs[k] / name, member_arrays(self.model, self.model.state_arrays(), k),
                                member_arrays(self.model, self.optimizer.state(), k), state)
+
+    def _configs(self):
+        return self.configs
 
     def _write_epoch(self, k, iter_records, record):
         rundir.append_metrics(self.run_dirs[k], iter_records + [record])
         write_tensorboard(self.writers[k], iter_records, record)
+        acc = record.get("val_acc")
+        if acc is None:  # no validation split (or not evaluated this epoch): no best to keep
+            return
+        best = self.state.setdefault("best", [None] * len(self.configs))
+        if best[k] is None or acc > best[k][0]:
+            best[k] = [acc, record["epoch"]]
+            self._member_checkpoint(k, rundir.BEST)
 
     def _on_diverged(self, k, record):
         """Frozen from now on (its updates masked), with its own checkpoint and summary."""
@@ -162,6 +178,9 @@ class StackTrainer(EpochLoop):
     def _line(self, epoch, active, records, diverged):
         text = (f"epoch {epoch:>3}/{self.config.epochs}  {len(active)} models  train loss "
                 f"{_range([r['train_loss'] for r in records], '.4f')}")
+        validated = [r["val_acc"] for r in records if r.get("val_acc") is not None]
+        if validated:
+            text += f"  val acc {_range(validated, '.4f')}"
         tested = [r["test_acc"] for r in records if r["test_acc"] is not None]
         if tested:
             text += f"  test acc {_range(tested, '.4f')}"
@@ -196,6 +215,10 @@ class StackTrainer(EpochLoop):
         summary.update(train_time_s=self.state["train_time_s"], epochs_completed=last.get("epoch", 0),
                        iterations=last.get("iter", 0), status=self.member_status[k],
                        epochs=self.config.epochs, model=self.config.name, device=self.backend.device)
+        if self.config.val is not None:
+            best = (self.state.get("best") or [None] * len(self.configs))[k] or [None, None]
+            summary.update(val_loss=last.get("val_loss"), val_acc=last.get("val_acc"), best_val_acc=best[0],
+                           best_epoch=best[1])
         rundir.write_summary(self.run_dirs[k], summary)
 
 
@@ -231,7 +254,9 @@ def group_configs(group_dir):
     saved = rundir.read_json(path)
     try:
         members = [Path(os.path.normpath(group_dir / d)) for d in saved["members"]]
-        configs = [TrainConfig(**saved["group"], **{k: saved["per_model"][k][i] for k in PER_MODEL_KEYS})
+        # a key of PER_MODEL_KEYS that an older stack.json lacks: the default
+        configs = [TrainConfig(**saved["group"], **{k: saved["per_model"][k][i] for k in PER_MODEL_KEYS
+                                                    if k in saved["per_model"]})
                    for i in range(len(members))]
         for config in configs:
             config.validate()

@@ -53,7 +53,8 @@ class Trainer(EpochLoop):
     def write_config(self):
         if self._resumed:  # the records first: a bad one stops the resume before any file changes
             rundir.truncate_metrics(self.run_dir, self.state["epoch"])
-        rundir.write_config(self.run_dir, self.config, self.backend, step_record(self.stepper))
+        rundir.write_config(self.run_dir, self.config, self.backend, step_record(self.stepper),
+                                getattr(self.data, "info", None))  # None: data without a record (tests)
 
     def run(self):
         """Train to ``config.epochs`` as the run directory's one writer; returns summary.json's
@@ -93,14 +94,21 @@ class Trainer(EpochLoop):
     def _write_epoch(self, k, iter_records, record):
         rundir.append_metrics(self.run_dir, iter_records + [record])
         write_tensorboard(self.writer, iter_records, record)
+        if record.get("val_acc") is not None and record["val_acc"] > self.state.get("best_val_acc", -1.0):
+            self.state.update(best_val_acc=record["val_acc"], best_epoch=record["epoch"])
+            state = dict(self.state, rng=self._rng_states()[0], pos=0, partial_time_s=0.0)
+            rundir.save_checkpoint(self.run_dir / rundir.BEST, self.model.state_arrays(),
+                                   [self.backend.to_numpy(v) for v in self.optimizer.state()], state)
 
     def _on_diverged(self, k, record):
         self.state["status"] = "diverged"  # the final checkpoint and summary: _finish
 
     def _line(self, epoch, active, records, diverged):
         rec = records[0]
-        text = (f"epoch {epoch:>3}/{self.config.epochs}  train loss {fmt(rec['train_loss'], '.4f')} "
-                f"acc {fmt(rec['train_acc'], '.4f')}")
+        text = (f"epoch {epoch:>3}/{self.config.epochs}" + (f"  lr {rec['lr']:.4g}" if "lr" in rec else "") +
+                f"  train loss {fmt(rec['train_loss'], '.4f')} acc {fmt(rec['train_acc'], '.4f')}")
+        if rec.get("val_loss") is not None:
+            text += f"  val loss {fmt(rec['val_loss'], '.4f')} acc {fmt(rec['val_acc'], '.4f')}"
         if rec["test_loss"] is not None:
             text += f"  test loss {fmt(rec['test_loss'], '.4f')} acc {fmt(rec['test_acc'], '.4f')}"
         return text + ("  DIVERGED (non-finite loss)" if diverged else "")
@@ -123,6 +131,9 @@ class Trainer(EpochLoop):
         summary.update(train_time_s=self.state["train_time_s"], epochs_completed=self.state["epoch"],
                        iterations=self.state["iter"], status=self.state["status"],
                        epochs=self.config.epochs, model=self.config.name, device=self.backend.device)
+        if self.config.val is not None:
+            summary.update(val_loss=last.get("val_loss"), val_acc=last.get("val_acc"),
+                           best_val_acc=self.state.get("best_val_acc"), best_epoch=self.state.get("best_epoch"))
         rundir.write_summary(self.run_dir, summary)
 
 
