@@ -32,6 +32,13 @@ class NumpyBackend(Backend):
             self._steps[dtype] = mlp_steps(dtype)
         return self._steps[dtype]
 
+    def compiles_first(self):
+        """Whether the first step will compile the CPU kernels (Numba's cache is cold)."""
+        if self.kernels is None:
+            return False
+        from .numpy_step import compiled_before
+        return not compiled_before()
+
     def take_rows(self, a, indices, out=None):
         # mode="clip" skips the buffered bounds check that mode="raise" does with out=;
         # the indices are a permutation, always in range.

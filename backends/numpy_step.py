@@ -482,3 +482,14 @@ def mlp_steps(dtype):
         return None, "Numba is not installed"
     gemm, why = find_gemm(dtype)
     return (None, why) if gemm is None else (MLPSteps(gemm, dtype), None)
+
+
+def compiled_before():
+    """Whether Numba's disk cache holds the compiled step and the fused kernels already (else
+    the first step compiles them: ~10 s).  True where it cannot tell (Numba's cache layout
+    is its own: read through its private attributes, guarded)."""
+    from .numpy_kernels import sgd_step as kernel
+    try:
+        return all(os.path.exists(fn._cache._cache_file._index_path) for fn in (steps, kernel))
+    except AttributeError:
+        return True

@@ -16,3 +16,17 @@ def test_the_library_never_reaches_up_into_experiments():
                     or re.search(r"parents\[\d\]", code)):
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_no_run_directory_is_committed_outside_the_results():
+    """Run files belong under experiments/results/runs (light records) or a test's tmp_path;
+    one a test once left at the repository root was committed with the code."""
+    import subprocess
+    run_files = {"config.json", "metrics.jsonl", "summary.json", "checkpoint.npz", "stack.json", ".lock",
+                 "stack-checkpoint.npz", "epochs.jsonl"}
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.splitlines()
+    if not tracked:  # not a git checkout (an unpacked sdist): nothing to check
+        return
+    stray = [p for p in tracked if Path(p).name in run_files and not p.startswith("experiments/results/runs/")
+             and not p.startswith("tests/fixtures/")]
+    assert stray == []

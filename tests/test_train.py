@@ -495,3 +495,26 @@ def test_records_skip_a_torn_last_line_and_truncate_to_an_epoch(tmp_path):
     rundir.truncate_metrics(tmp_path, 1)
     assert rundir.read_records(tmp_path) == [{"kind": "iter", "epoch": 1, "iter": 1, "loss": None}]
     assert no_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_a_cold_kernel_cache_is_announced_before_the_warm_up(tmp_path, synthetic, monkeypatch, cold):
+    """The first run after installing [fast] compiles for ~10 s: it says so first, once."""
+    from xpmlp.backends.numpy_backend import NumpyBackend
+    monkeypatch.setattr(NumpyBackend, "compiles_first", lambda self: cold)
+    lines = []
+    (tmp_path / "run").mkdir()
+    Trainer(config(epochs=1), tmp_path / "run", synthetic, progress=False, log=lines.append).run()
+    said = [line for line in lines if line.startswith("compiling the CPU kernels")]
+    assert said == (["compiling the CPU kernels (first run only, ~10 s)"] if cold else [])
+    if cold:
+        assert lines[0] == said[0], "said before the first epoch"
+
+
+def test_the_kernel_cache_is_warm_once_a_step_has_compiled(tmp_path, synthetic):
+    from xpmlp.backends import numpy_step
+    if get_backend("numpy").kernels is None:
+        pytest.skip("needs Numba")
+    train_run(config(epochs=1), tmp_path / "run", synthetic)  # compiles, or finds it compiled
+    assert numpy_step.compiled_before() is True
+    assert get_backend("numpy").compiles_first() is False

@@ -225,6 +225,8 @@ class EpochLoop:
         cfg = self.config
         train, test, self._val = self._on_device()
         if self.state["epoch"] < cfg.epochs:
+            if getattr(self.backend, "compiles_first", lambda: False)():
+                self.log("compiling the CPU kernels (first run only, ~10 s)")
             self._warm_up(train)
         last = [{} for _ in self.member_status]
         stop = StopFlag() if self.stop_flag is None else contextlib.nullcontext(self.stop_flag)
