@@ -215,3 +215,28 @@ def test_a_lock_link_is_not_followed(three_epochs, tmp_path):
     assert_user_error(xpmlp("train", "--resume", "run", "--epochs", "4", "--quiet", cwd=tmp_path),
                       ".lock is a symbolic link")
     assert target.read_text() == "keep me\n"
+
+
+def test_a_sweep_group_whose_stack_json_names_a_stranger_is_one_line(tmp_path, capsys):
+    """A hand-edited stack.json in a sweep's .stacks/ naming a run that is not a point of the
+    sweep: one line, nothing trained or cleared (it used to be a KeyError)."""
+    from xpmlp.config import TrainConfig, TrainError
+    from xpmlp.sweep import plan_stacks, run_state
+    from xpmlp.sweep.plan import load_grid
+    from xpmlp.training.stack import GROUP_KEYS, PER_MODEL_KEYS
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'out = "{tmp_path / "runs"}"\n[defaults]\nmodel = "mlp0-sce"\nepochs = 1\n[grid]\nlr = [0.1, 0.2]\n')
+    points = load_grid(grid)[0]
+    todo = [(tmp_path / "runs" / name, s, run_state(tmp_path / "runs" / name)) for name, s in points]
+    (group_dir, members, state), = plan_stacks(todo, None, None)[0]
+    assert state == "new"
+    configs = [TrainConfig(**s) for _, s in members]
+    group_dir.mkdir(parents=True)
+    (group_dir / "stack.json").write_text(json.dumps({
+        "members": ["../../" + members[0][0].name, "../../stranger"], "shared_shuffle": True,
+        "group": {k: getattr(configs[0], k) for k in GROUP_KEYS},
+        "per_model": {k: [getattr(c, k) for c in configs] for k in PER_MODEL_KEYS}}))
+    (group_dir / "stack-checkpoint.npz").write_bytes(b"PK damaged")  # a group to resume
+    with pytest.raises(TrainError, match="names .*stranger, which is not a point of this sweep"):
+        plan_stacks(todo, None, None)
+    assert (group_dir / "stack-checkpoint.npz").read_bytes() == b"PK damaged"
