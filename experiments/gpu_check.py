@@ -48,9 +48,9 @@ TAIL_LINES = 60
 XDIST_WORKERS = 4
 # The test files that hold CUDA tests, CuPy's and torch:cuda's (tests/test_gpu_check.py checks
 # this list against a collection of `-m gpu` over the whole suite).
-GPU_TEST_FILES = ("tests/test_backends.py", "tests/test_cross_backend.py", "tests/test_gradients.py",
-                  "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_stack.py", "tests/test_torch_backend.py",
-                  "tests/test_train.py")
+GPU_TEST_FILES = ("tests/test_backends.py", "tests/test_cross_backend.py", "tests/test_estimator.py",
+                  "tests/test_gradients.py", "tests/test_kernels.py", "tests/test_oracle.py", "tests/test_stack.py",
+                  "tests/test_torch_backend.py", "tests/test_train.py")
 STACK_MODELS = 17
 # The agreement step: the GPU paths it compares with NumPy float64, and the largest difference
 # it accepts, relative to each array's largest value (the cross-backend tests' tolerances).

@@ -240,3 +240,21 @@ def test_a_sweep_group_whose_stack_json_names_a_stranger_is_one_line(tmp_path, c
     with pytest.raises(TrainError, match="names .*stranger, which is not a point of this sweep"):
         plan_stacks(todo, None, None)
     assert (group_dir / "stack-checkpoint.npz").read_bytes() == b"PK damaged"
+
+
+@pytest.mark.parametrize("failure", [PermissionError(13, "Permission denied", "run/.lock"),
+                                     IsADirectoryError(21, "Is a directory", "run/summary.json")])
+def test_a_run_directory_that_cannot_be_written_is_one_line(three_epochs, tmp_path, monkeypatch, capsys, failure):
+    """A read-only run directory (root, who runs the tests, can write anywhere: the OS's
+    refusal is simulated where the resume first writes)."""
+    from xpmlp import cli, rundir
+    run = copy_of(three_epochs, tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(rundir, "_lock_file", refuse)
+    monkeypatch.setenv("XPMLP_DATA_DIR", str(env()["XPMLP_DATA_DIR"]))
+    assert cli.main(["train", "--resume", str(run), "--epochs", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"xpmlp: error: {failure.filename}: {failure.strerror}"

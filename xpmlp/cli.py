@@ -752,6 +752,12 @@ def main(argv=None):
     except BrokenPipeError:  # the reader of our output went away: nothing more to say
         _drop_closed_pipes()
         return 1
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+        # A place the user pointed us at that cannot be written or read as a file (a
+        # read-only run directory, a path under a file): theirs to fix, so one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"xpmlp: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     if code == 130 and threading.current_thread() is threading.main_thread():
         # The user asked us to stop and we are on our way out: a further Ctrl-C would land in
         # the interpreter's shutdown (thread joins, Numba's and tqdm's finalizers) as an
