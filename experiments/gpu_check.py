@@ -100,11 +100,20 @@ def run_with_timeout(command, timeout_s, log_path=None, env=None):
         except subprocess.TimeoutExpired:
             timed_out = True
             proc.send_signal(signal.SIGINT)
-            try:
-                output, _ = proc.communicate(timeout=SIGINT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                output, _ = proc.communicate()
+            grace_ends = time.monotonic() + SIGINT_GRACE_S
+            while True:
+                try:
+                    output, _ = proc.communicate(timeout=1)
+                    break
+                except subprocess.TimeoutExpired:
+                    # Once the command has gone (or its grace is spent), a child that still holds
+                    # its output open (an xdist worker) would keep communicate() waiting: end
+                    # the whole group first.
+                    if proc.poll() is not None or time.monotonic() > grace_ends:
+                        proc.kill()
+                        _end_group(proc.pid)
+                        output, _ = proc.communicate()
+                        break
     finally:
         if proc is not None:  # also on Ctrl-C of the check: its own group no longer gets it
             if proc.poll() is None:

@@ -360,18 +360,24 @@ def test_a_timeout_ends_the_commands_whole_process_group(tmp_path):
     """pytest-xdist's workers outlive a controller that the timeout stopped, and would compete
     with the benches: the check ends the command's whole process group.  Here the 'worker'
     ignores SIGINT, as a busy one would."""
-    pid_file = tmp_path / "worker.pid"
-    controller = tmp_path / "controller.py"
+    pid_file, slept = tmp_path / "worker.pid", tmp_path / "worker.slept"
+    worker, controller = tmp_path / "worker.py", tmp_path / "controller.py"
+    worker.write_text("import signal, time\n"
+                      "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                      "time.sleep(40)\n"
+                      f"open({str(slept)!r}, 'w').close()\n")
     controller.write_text(
         "import subprocess, sys, time\n"
-        "worker = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-        "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(300)'])\n"
+        f"worker = subprocess.Popen([sys.executable, {str(worker)!r}])\n"
         f"open({str(pid_file)!r}, 'w').write(str(worker.pid))\n"
         "time.sleep(300)\n")
     _, timed_out, _ = gpu_check.run_with_timeout([sys.executable, str(controller)], 3)
     pid = int(pid_file.read_text())
     try:
         assert timed_out
+        # The worker holds the command's output pipe: waiting for the pipe to close would
+        # wait for the worker to end by itself (the check hung until it did).
+        assert not slept.exists(), "the check waited for the worker instead of ending it"
         deadline = time.monotonic() + 5  # a SIGKILLed process takes a moment to die
         while running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
