@@ -19,19 +19,22 @@ from test_train import synthetic  # noqa: F401 (a fixture)
 from xpmlp.training import loop
 
 
+def trained(factory, name, *flags):
+    """A finished run (or seeds group) made by the CLI; tests copy it before they change it."""
+    cwd = factory.mktemp(name)
+    rc, out, err = xpmlp("train", *FAST, *flags, "--quiet", "--out", name, cwd=cwd)
+    assert rc == 0, out + err
+    return cwd / name
+
+
+def copy_of(directory, tmp_path):
+    import shutil
+    return Path(shutil.copytree(directory, tmp_path / directory.name))
+
+
 @pytest.fixture(scope="module")
 def three_epochs(tmp_path_factory):
-    """A finished 3-epoch run; tests copy it before they change it."""
-    cwd = tmp_path_factory.mktemp("three")
-    rc, out, err = xpmlp("train", *FAST, "--epochs", "3", "--quiet", "--out", "run", cwd=cwd)
-    assert rc == 0, out + err
-    return cwd / "run"
-
-
-def copy_of(run, tmp_path):
-    import shutil
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
+    return trained(tmp_path_factory, "run", "--epochs", "3")
 
 
 def test_resume_with_fewer_epochs_than_done_is_refused_and_changes_nothing(three_epochs, tmp_path):
@@ -87,20 +90,11 @@ def test_ctrl_c_after_the_output_pipe_closed_still_saves_and_summarises(tmp_path
 
 @pytest.fixture(scope="module")
 def seeds_group(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("seeds")
-    rc, out, err = xpmlp("train", *FAST, "--epochs", "2", "--seeds", "0-1", "--quiet", "--out", "g", cwd=cwd)
-    assert rc == 0, out + err
-    return cwd / "g"
-
-
-def group_copy(group, tmp_path):
-    import shutil
-    shutil.copytree(group, tmp_path / "g")
-    return tmp_path / "g"
+    return trained(tmp_path_factory, "g", "--epochs", "2", "--seeds", "0-1")
 
 
 def test_a_damaged_group_checkpoint_is_refused_not_started_again(seeds_group, tmp_path):
-    group = group_copy(seeds_group, tmp_path)
+    group = copy_of(seeds_group, tmp_path)
     checkpoint = group / "stack-checkpoint.npz"
     checkpoint.write_bytes(checkpoint.read_bytes()[:500])
     before = snapshot(group)
@@ -111,7 +105,7 @@ def test_a_damaged_group_checkpoint_is_refused_not_started_again(seeds_group, tm
 @pytest.mark.parametrize("members", [["../elsewhere", "seed=1"], ["/tmp/xpmlp-not-mine", "seed=1"],
                                      ["seed=0/../../elsewhere", "seed=1"]])
 def test_group_members_outside_the_group_are_refused(seeds_group, tmp_path, members):
-    group = group_copy(seeds_group, tmp_path)
+    group = copy_of(seeds_group, tmp_path)
     description = json.loads((group / "stack.json").read_text())
     (group / "stack.json").write_text(json.dumps(dict(description, members=members)))
     before = snapshot(group)
@@ -121,7 +115,7 @@ def test_group_members_outside_the_group_are_refused(seeds_group, tmp_path, memb
 
 
 def test_a_group_member_dropped_from_stack_json_is_one_line(seeds_group, tmp_path):
-    group = group_copy(seeds_group, tmp_path)
+    group = copy_of(seeds_group, tmp_path)
     description = json.loads((group / "stack.json").read_text())
     description["members"] = description["members"][:1]
     description["per_model"] = {k: v[:1] for k, v in description["per_model"].items()}

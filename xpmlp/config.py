@@ -214,3 +214,24 @@ def _check_memory(config):
     if need > have:
         raise TrainError(f"the model needs about {need / 2**30:.1f} GiB for its weights, gradients and "
                          f"momenta, more than this machine's {have / 2**30:.1f} GiB of memory")
+
+
+def read_toml(path, what):
+    """The TOML file at ``path`` as a dict (``what``: how a message names it, e.g. "sweep
+    config"); a file that cannot be read as TOML is one TrainError naming it."""
+    import tomllib
+
+    name = f"{what} {path}"
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise TrainError(f"{name} not found") from None
+    except IsADirectoryError:
+        raise TrainError(f"{name} is a directory, not a TOML file") from None
+    except UnicodeDecodeError:
+        raise TrainError(f"{name}: not a text file (TOML is UTF-8)") from None
+    except OSError as exc:
+        raise TrainError(f"{name}: cannot read it ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TrainError(f"{name}: not valid TOML ({exc})") from None

@@ -25,12 +25,11 @@ import io
 import json
 import math
 import statistics
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import rundir
-from .config import TrainError
+from .config import TrainError, read_toml
 
 METRICS = ("train_time_s", "train_loss", "train_acc", "test_loss", "test_acc")
 COLUMNS = {"train_time_s": "Train Time (s)", "train_loss": "Train Loss",
@@ -71,15 +70,7 @@ def _num(v) -> float:
 def load_reference(path) -> dict:
     """The reference tables (e.g. a report's published numbers) from a TOML file, checked
     for the shape this module reads: anything else is a TrainError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            reference = tomllib.load(f)
-    except UnicodeDecodeError:
-        raise TrainError(f"{path}: not a text file (TOML is UTF-8)") from None
-    except OSError as exc:
-        raise TrainError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TrainError(f"{path}: not valid TOML ({exc})") from None
+    reference = read_toml(path, "reference tables")
     problem = _reference_problem(reference)
     if problem:
         raise TrainError(f"{path}: {problem}")

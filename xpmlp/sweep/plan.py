@@ -4,11 +4,10 @@ import dataclasses
 import hashlib
 import itertools
 import sys
-import tomllib
 from pathlib import Path
 
 from .. import rundir
-from ..config import TrainConfig, TrainError
+from ..config import TrainConfig, TrainError, read_toml
 
 # Settings that do not change what a run computes: kept out of directory names.
 _NOT_IN_NAME = {"model", "device", "data_dir", "eval_every", "checkpoint_every", "log_every",
@@ -18,19 +17,7 @@ _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 def load_grid(path):
     """The list of (run name, TrainConfig settings) of one TOML config, and its output root."""
-    try:
-        with open(path, "rb") as f:
-            spec = tomllib.load(f)
-    except FileNotFoundError:
-        raise TrainError(f"sweep config {path} not found") from None
-    except IsADirectoryError:
-        raise TrainError(f"sweep config {path} is a directory, not a TOML file") from None
-    except UnicodeDecodeError:
-        raise TrainError(f"sweep config {path}: not a text file (TOML is UTF-8)") from None
-    except OSError as exc:
-        raise TrainError(f"sweep config {path}: cannot read it ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TrainError(f"sweep config {path}: {exc}") from None
+    spec = read_toml(path, "sweep config")
     defaults, grid = spec.get("defaults", {}), spec.get("grid", {})
     rules = spec.get("overrides", [])
     if not isinstance(defaults, dict) or not isinstance(grid, dict):
