@@ -1,5 +1,5 @@
-"""A whole training step of a ReLU MLP compiled with Numba: the CPU's answer to XLA's
-compiled epoch.
+"""A whole training step of an MLP (ReLU or Sigmoid hidden layers) compiled with Numba:
+the CPU's answer to XLA's compiled epoch.
 
 One call runs any number of steps (gather, forward, loss and accuracy, backward, SGD)
 with no Python between the operations.  The matrix products go to NumPy's own BLAS,
@@ -10,8 +10,8 @@ elementwise pass is fused into the loop over the rows the product just wrote, wh
 are still in cache.
 
 A step is two phases, each of one task or of two halves that two threads can take:
-  rows      gather, h = relu(a @ W + b) layer by layer, the loss terms and gradient
-            (softmax cross-entropy, or sigmoid + Euclidean), g_prev = (g @ W^T) * [h > 0]:
+  rows      gather, h = act(a @ W + b) layer by layer, the loss terms and gradient
+            (softmax cross-entropy, or sigmoid + Euclidean), g_prev = (g @ W^T) * act'(h):
             all row by row, so the batch's rows split in two halves that never meet;
   features  each layer's dW = a^T g, db = column sums of g and its SGD update, split by the
             rows of W (the layer's input features), which only the thread owning them reads
@@ -21,13 +21,19 @@ A task waits only for the tasks of the previous phase; tasks are claimed, not as
 calling thread takes every task nobody has claimed, and waits only for a task in progress.
 The halves are cut where the products return the same bits as a whole product (checked
 by compiled.py), so one thread and two give the same training, bit for bit.
-Only ReLU hidden layers are compiled: Numba's scalar exp is ~20x slower than NumPy's
-vectorised one, so Sigmoid hidden layers keep the array path (see numpy_kernels.py).
+Hidden layers are ReLU or Sigmoid.  Numba's scalar exp is a call per element (~20x
+slower than NumPy's vectorised one), so Sigmoid hidden layers use an exp of our own
+(``_exp_nonpositive``): a polynomial with no calls and no branches, which LLVM vectorises.
+It agrees with NumPy's to a few units in the last place, not bit for bit.  The output
+Sigmoid of a Euclidean network keeps the scalar exp: ten columns, and the bits the
+compiled step has always given those networks.
 """
 import ctypes
 import ctypes.util
 import dataclasses
+import decimal
 import importlib
+import math
 import os
 
 import numpy as np
@@ -52,8 +58,9 @@ else:  # numpy_kernels.load() gives no kernels without Numba: nothing here is ca
 
 # CBLAS enumerations (cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-# Loss codes of the compiled step
+# Loss and hidden-activation codes of the compiled step
 SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1
+RELU, SIGMOID = 0, 1
 # The words of the ``sync`` array two threads share: (call generation << 32) | next task
 # to claim, and the number of tasks done.
 CLAIM, DONE = 0, 1
@@ -316,6 +323,92 @@ def sigmoid(h):
             h[r, c] = (one if x >= 0 else e) / (one + e)
 
 
+# Loops of elementwise float arithmetic vectorise only without Python's division check
+# (a ZeroDivisionError test per element); IEEE division gives the same numbers.
+vector_jit = numba.njit(cache=True, nogil=True, error_model="numpy") if numba is not None else (lambda fn: fn)
+
+
+def _ln2_parts():
+    """ln 2 as hi + lo in float64: hi with its last 32 bits of mantissa zero, so n * hi is
+    exact for any exponent n here; lo the rest, from a 40-digit ln 2."""
+    hi = np.array(math.log(2)).view(np.int64) & ~np.int64(0xFFFFFFFF)
+    hi = float(np.array(hi).view(np.float64))
+    with decimal.localcontext() as context:
+        context.prec = 40
+        return hi, float(decimal.Decimal(2).ln() - decimal.Decimal(hi))
+
+
+LN2_HI, LN2_LO = _ln2_parts()
+LOG2E = 1 / math.log(2)
+# e^r = sum r^k / k!: for |r| <= ln2 / 2 the terms past r^13 are below 2e-17 (float64);
+# past r^7, below 6e-9, under float32's rounding.
+TAYLOR = tuple(1 / math.factorial(k) for k in range(14))
+
+
+@intrinsic
+def _double_from_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 ``bits`` (a bitcast, which vectorises)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(context.cast(builder, args[0], signature.args[0], types.int64), ir.DoubleType())
+
+    return types.float64(bits), codegen
+
+
+@vector_jit
+def _exp_nonpositive(x, short):
+    # e^x for x <= 0 in float64 (``short``: to float32's precision, seven terms fewer):
+    # x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series, 2^n built from its bits
+    # as 2^(n/2) 2^(n - n/2), so that results below 2^-1022 come out subnormal, as NumPy's.
+    # Below -746 (e^x rounds to 0) x is taken as -746, and so is NaN (the caller puts it back).
+    x = x if x > -746.0 else -746.0
+    n = np.floor(x * LOG2E + 0.5)
+    r = (x - n * LN2_HI) - n * LN2_LO
+    c = TAYLOR
+    if short:
+        p = (((((c[7] * r + c[6]) * r + c[5]) * r + c[4]) * r + c[3]) * r + c[2]) * r + c[1]
+    else:
+        p = c[13] * r + c[12]
+        for k in (11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1):
+            p = p * r + c[k]
+    half = np.int64(n) >> 1
+    rest = np.int64(n) - half
+    return (p * r + c[0]) * _double_from_bits((half + 1023) << 52) * _double_from_bits((rest + 1023) << 52)
+
+
+@vector_jit
+def sigmoid_vectorised(h):
+    # Eq. (8) in place, from e^-|x| (no overflow), in float64 and rounded once to h's dtype;
+    # NaN stays NaN.  The row loop has no calls, so LLVM vectorises it.
+    short = h.itemsize == 4
+    for r in range(h.shape[0]):
+        row = h[r]
+        for c in range(row.shape[0]):
+            x = row[c]
+            xd = np.float64(x)
+            e = _exp_nonpositive(-abs(xd), short)
+            s = (1.0 if xd >= 0 else e) / (1.0 + e)
+            row[c] = s if x == x else x
+
+
+@jit
+def bias_act(h, b, act):
+    # h = act(h + b) in place: the bias, then ReLU (bias_relu) or Sigmoid.
+    if act == RELU:
+        bias_relu(h, b, True)
+    else:
+        bias_relu(h, b, False)
+        sigmoid_vectorised(h)
+
+
+@jit
+def act_backward(g, h, act):
+    # g = dL/d(pre-activation) from dL/dh in place: the ReLU mask (Eq. 7) or g h (1 - h) (Eq. 9).
+    if act == RELU:
+        relu_mask(g, h)
+    else:
+        sigmoid_backward(h, g, g, h.dtype.type(1))
+
+
 @jit
 def relu_mask(g, h):
     # g = g * [h > 0] in place (Eq. 7).
@@ -335,7 +428,7 @@ def _half(j, parts, cut, size):
 
 
 @jit
-def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_loss, row_hit):
+def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit):
     # Phase one of step s for the batch rows [lo, hi): gather, forward, loss terms and
     # gradient, backward down to the first layer's output gradient.
     batch = xb.shape[0]
@@ -348,7 +441,10 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_los
     for k in range(last + 1):
         h = hs[k][lo:hi]
         matmul(gemm, a, False, Ws[k], False, h)
-        bias_relu(h, bs[k], k < last)
+        if k < last:
+            bias_act(h, bs[k], act)
+        else:
+            bias_relu(h, bs[k], False)
         a = h
     out, g = hs[last], gs[last]
     if loss_code == SOFTMAX_XENT:
@@ -362,7 +458,7 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_los
         sigmoid_backward(out[lo:hi], g[lo:hi], g[lo:hi], one)  # in place
     for k in range(last, 0, -1):
         matmul(gemm, gs[k][lo:hi], False, Ws[k], True, gs[k - 1][lo:hi])
-        relu_mask(gs[k - 1][lo:hi], hs[k - 1][lo:hi])
+        act_backward(gs[k - 1][lo:hi], hs[k - 1][lo:hi], act)
 
 
 @jit
@@ -383,7 +479,7 @@ def _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_b
 
 
 @jit
-def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code,
+def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, act,
           params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs,
           row_loss, row_hit, parts, row_cut, feature_cuts, column_cuts, sync, generation, wait):
     """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
@@ -392,7 +488,8 @@ def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code,
     Returns the number of tasks this call ran.
 
     Ws, bs, grad_Ws, grad_bs: views into the flat params and grads; layer k's W and b
-    are params[offsets[k]:offsets[k + 1]].  hs[k]: layer k's output (after its ReLU),
+    are params[offsets[k]:offsets[k + 1]].  act: the hidden layers' activation (RELU,
+    SIGMOID).  hs[k]: layer k's output (after its activation),
     gs[k]: dL/d(layer k's pre-activation output); xb, yb: the batch; row_loss, row_hit:
     each row's loss term and hit.  Halves: batch rows cut at row_cut, layer k's input
     features at feature_cuts[k], its outputs at column_cuts[k]."""
@@ -409,7 +506,7 @@ def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code,
         s = phase // 2
         if phase % 2 == 0:
             lo, hi = _half(j, parts, row_cut, batch)
-            _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_loss, row_hit)
+            _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit)
         else:
             _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_bs, hs, gs,
                       params, grads, velocity, offsets, lr, momentum, weight_decay)
@@ -459,10 +556,11 @@ def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole):
 
 class MLPSteps:
     """``steps`` bound to a Gemm (find_gemm) for one dtype: call it with steps' other
-    arguments; ``cut(size, products)`` is exact_cut for that gemm.  LOSS_CODES: the
-    ``loss_code`` of each network it compiles, by name."""
+    arguments; ``cut(size, products)`` is exact_cut for that gemm.  LOSS_CODES and
+    ACTIVATION_CODES: the ``loss_code`` and ``act`` of each network it compiles, by name."""
 
     LOSS_CODES = {"softmax_xent": SOFTMAX_XENT, "sigmoid_euclidean": SIGMOID_EUCLIDEAN}
+    ACTIVATION_CODES = {"relu": RELU, "sigmoid": SIGMOID}
 
     def __init__(self, gemm, dtype):
         self.source = gemm  # the Gemm, for what the run records

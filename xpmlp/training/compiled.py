@@ -35,20 +35,23 @@ from ..core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 4
 
 
-def _loss_name(model):
-    """The name (a key of the kernel's LOSS_CODES) of the model's layers and loss, or None
-    where the kernel compiles no such network: Linear (ReLU Linear)* then softmax
+def _network(model):
+    """(loss, activation): the names (keys of the kernel's LOSS_CODES and ACTIVATION_CODES)
+    of the model's loss and hidden activation, or None where the kernel compiles no such
+    network: Linear (Act Linear)* with one Act, ReLU or Sigmoid, throughout, then softmax
     cross-entropy, or then Sigmoid + Euclidean."""
     layers = model.layers
     if isinstance(model.loss, SoftmaxCrossEntropyLoss):
-        name = "softmax_xent"
+        loss = "softmax_xent"
     elif isinstance(model.loss, EuclideanLoss) and layers and isinstance(layers[-1], Sigmoid):
-        name, layers = "sigmoid_euclidean", layers[:-1]
+        loss, layers = "sigmoid_euclidean", layers[:-1]
     else:
         return None
+    acts = {type(layer) for layer in layers[1::2]}
     linear = all(isinstance(layer, Linear) for layer in layers[0::2])
-    relu = all(isinstance(layer, ReLU) for layer in layers[1::2])
-    return name if layers and len(layers) % 2 == 1 and linear and relu else None
+    if not (layers and len(layers) % 2 == 1 and linear and len(acts) <= 1 and acts <= {ReLU, Sigmoid}):
+        return None
+    return loss, "sigmoid" if acts == {Sigmoid} else "relu"
 
 
 _said = set()
@@ -68,7 +71,7 @@ def compiled_steps(model):
     network, is why it has none (no Numba, no GEMM it can call), or where the step calls
     another BLAS than NumPy's, it says so in one line on stderr, once."""
     build = getattr(model.backend, "mlp_steps", None)  # NumPy's backend: backends/numpy_step.py
-    if build is None or model.flat is None or _loss_name(model) is None or len(model.stack) > 1:
+    if build is None or model.flat is None or _network(model) is None or len(model.stack) > 1:
         return None
     kernel, why = build(model.dtype)
     if kernel is None:
@@ -188,7 +191,8 @@ class CompiledStepper:
         self.kernel = kernel or compiled_steps(model)
         if self.kernel is None:
             raise ValueError(f"no compiled step for {model!r} on {model.backend!r}")
-        self.loss_code = self.kernel.LOSS_CODES[_loss_name(model)]
+        loss, activation = _network(model)
+        self.loss_code, self.act = self.kernel.LOSS_CODES[loss], self.kernel.ACTIVATION_CODES[activation]
         self.linears = [layer for layer in model.layers if isinstance(layer, Linear)]
         sizes = [layer.W.size + layer.b.size for layer in self.linears]
         self.offsets = np.cumsum([0] + sizes)
@@ -261,7 +265,7 @@ class CompiledStepper:
         generation = _new_call(self._sync, self._generation)
         args = (x, y, idx, tuple(layer.W for layer in self.linears), tuple(layer.b for layer in self.linears),
                 tuple(layer.grad_W for layer in self.linears), tuple(layer.grad_b for layer in self.linears),
-                outputs, grads, xb, yb, self.loss_code, flat.params, flat.grads, slot.velocity,
+                outputs, grads, xb, yb, self.loss_code, self.act, flat.params, flat.grads, slot.velocity,
                 self.offsets, t(opt.lr), t(opt.momentum), t(opt.weight_decay), loss_out, acc_out,
                 row_loss, row_hit, threads, row_cut, feature_cuts, column_cuts, self._sync, generation)
         if threads == 1:
@@ -364,6 +368,6 @@ class StackedCompiledStepper(CompiledStepper):
         Ws, bs, grad_Ws, grad_bs, params, grads_m, velocity = self._models[m]
         opt, t, none = self.optimizer, np.dtype(self.model.dtype).type, self.offsets[:0]
         self.kernel(x, y, idx if idx.ndim == 1 else idx[m], Ws, bs, grad_Ws, grad_bs, outputs, grads, xb, yb,
-                    self.loss_code, params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
+                    self.loss_code, self.act, params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
                     t(opt.weight_decay[m]), loss_out[:, m], acc_out[:, m], row_loss, row_hit, 1, 0, none, none,
                     sync, _new_call(sync, generation), True)
