@@ -9,18 +9,18 @@ Accelerate name it; else a BLAS xpmlp can load, whose bits may differ); every
 elementwise pass is fused into the loop over the rows the product just wrote, while they
 are still in cache.
 
-A step is two phases, each of one task or of two halves that two threads can take:
+A step is two phases, each of one task or of P parts that P threads can take:
   rows      gather, h = act(a @ W + b) layer by layer, the loss terms and gradient
             (softmax cross-entropy, or sigmoid + Euclidean), g_prev = (g @ W^T) * act'(h):
-            all row by row, so the batch's rows split in two halves that never meet;
+            all row by row, so the batch's rows split in parts that never meet;
   features  each layer's dW = a^T g, db = column sums of g and its SGD update, split by the
             rows of W (the layer's input features), which only the thread owning them reads
             or writes; and the step's mean loss and accuracy from the per-row terms.
 A task waits only for the tasks of the previous phase; tasks are claimed, not assigned
 (``_claim``), so a helper thread that is late or descheduled holds nothing back: the
 calling thread takes every task nobody has claimed, and waits only for a task in progress.
-The halves are cut where the products return the same bits as a whole product (checked
-by compiled.py), so one thread and two give the same training, bit for bit.
+The parts are cut where the products return the same bits as a whole product (checked
+by compiled.py), so one thread and P give the same training, bit for bit.
 Hidden layers are ReLU or Sigmoid.  Numba's scalar exp is a call per element (~20x
 slower than NumPy's vectorised one), so Sigmoid hidden layers use an exp of our own
 (``_exp_nonpositive``): a polynomial with no calls and no branches, which LLVM vectorises.
@@ -419,12 +419,6 @@ def relu_mask(g, h):
                 g[r, c] = 0
 
 
-@jit
-def _half(j, parts, cut, size):
-    # [lo, hi) of half j of range(size) cut at ``cut``; the whole range for one part.
-    if parts == 1:
-        return 0, size
-    return (0, cut) if j == 0 else (cut, size)
 
 
 @jit
@@ -462,14 +456,14 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
 
 
 @jit
-def _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_bs, hs, gs,
+def _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, hs, gs,
               params, grads, velocity, offsets, lr, momentum, weight_decay):
     # Phase two, part j: every layer's weight-gradient rows and bias-gradient columns of this
     # part, and their SGD update (nobody reads W once phase one is done).
     for k in range(len(Ws)):
         fan_in, fan_out = Ws[k].shape
-        f_lo, f_hi = _half(j, parts, feature_cuts[k], fan_in)
-        c_lo, c_hi = _half(j, parts, column_cuts[k], fan_out)
+        f_lo, f_hi = feature_bounds[k, j], feature_bounds[k, j + 1]
+        c_lo, c_hi = column_bounds[k, j], column_bounds[k, j + 1]
         a = xb if k == 0 else hs[k - 1]
         matmul(gemm, a[:, f_lo:f_hi], True, gs[k], False, grad_Ws[k][f_lo:f_hi])
         column_sums(gs[k], grad_bs[k], c_lo, c_hi)
@@ -481,9 +475,9 @@ def _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_b
 @jit
 def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, act,
           params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs,
-          row_loss, row_hit, parts, row_cut, feature_cuts, column_cuts, sync, generation, wait):
+          row_loss, row_hit, row_bounds, feature_bounds, column_bounds, sync, generation, wait):
     """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
-    ``parts`` (1 or 2) per phase claimed through ``sync``; call it from each thread taking
+    P parts per phase claimed through ``sync``; call it from each thread taking
     part, with the same arguments, and ``wait`` True in the one that needs the result.
     Returns the number of tasks this call ran.
 
@@ -491,9 +485,11 @@ def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, 
     are params[offsets[k]:offsets[k + 1]].  act: the hidden layers' activation (RELU,
     SIGMOID).  hs[k]: layer k's output (after its activation),
     gs[k]: dL/d(layer k's pre-activation output); xb, yb: the batch; row_loss, row_hit:
-    each row's loss term and hit.  Halves: batch rows cut at row_cut, layer k's input
-    features at feature_cuts[k], its outputs at column_cuts[k]."""
+    each row's loss term and hit.  Part j: the batch rows [row_bounds[j], row_bounds[j + 1]),
+    layer k's input features [feature_bounds[k, j], feature_bounds[k, j + 1]) and its outputs
+    as column_bounds[k] say (P + 1 bounds each, 0 first and the size last)."""
     batch = xb.shape[0]
+    parts = row_bounds.shape[0] - 1
     total = losses.shape[0] * 2 * parts
     ran = 0
     while True:
@@ -505,10 +501,10 @@ def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, 
         _wait_done(sync, phase * parts)  # the previous phase's tasks
         s = phase // 2
         if phase % 2 == 0:
-            lo, hi = _half(j, parts, row_cut, batch)
+            lo, hi = row_bounds[j], row_bounds[j + 1]
             _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit)
         else:
-            _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_bs, hs, gs,
+            _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, hs, gs,
                       params, grads, velocity, offsets, lr, momentum, weight_decay)
             if j == 0:  # the mean loss and accuracy, the terms added in row order
                 total_loss, hits = 0.0, 0
@@ -530,14 +526,7 @@ def exact_cut(gemm, dtype, size, products, multiple=4):
     half, or None.  BLAS kernels work in blocks of rows, so only some cuts keep the sums
     in the same order (OpenBLAS on AVX-512 here: multiples of 12); the order of a kernel's
     arithmetic does not depend on the data, so random data shows it."""
-    rng = np.random.default_rng(0)
-    arrays = []
-    for k, n, trans_a, trans_b in products:
-        a = rng.standard_normal((k, size) if trans_a else (size, k)).astype(dtype)
-        b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
-        whole = np.empty((size, n), dtype=dtype)
-        matmul(gemm, a, trans_a, b, trans_b, whole)
-        arrays.append((a, b, trans_a, trans_b, whole))
+    arrays = _trials(gemm, dtype, size, products)
     middle = size // 2
     for cut in sorted(range(multiple, size, multiple), key=lambda c: abs(c - middle)):
         if not size // 4 <= cut <= size - size // 4:
@@ -547,16 +536,60 @@ def exact_cut(gemm, dtype, size, products, multiple=4):
     return None
 
 
+def _trials(gemm, dtype, size, products):
+    """(a, b, trans_a, trans_b, whole product) on random data for each product (k, n,
+    trans_a, trans_b) of ``size`` rows."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for k, n, trans_a, trans_b in products:
+        a = rng.standard_normal((k, size) if trans_a else (size, k)).astype(dtype)
+        b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+        whole = np.empty((size, n), dtype=dtype)
+        matmul(gemm, a, trans_a, b, trans_b, whole)
+        arrays.append((a, b, trans_a, trans_b, whole))
+    return arrays
+
+
 def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole):
-    halves = np.empty_like(whole)
-    for lo, hi in ((0, cut), (cut, whole.shape[0])):
-        matmul(gemm, a[:, lo:hi] if trans_a else a[lo:hi], trans_a, b, trans_b, halves[lo:hi])
-    return np.array_equal(halves, whole)
+    return _parts_equal(gemm, [0, cut, whole.shape[0]], a, b, trans_a, trans_b, whole)
+
+
+def _parts_equal(gemm, bounds, a, b, trans_a, trans_b, whole):
+    parts = np.empty_like(whole)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        matmul(gemm, a[:, lo:hi] if trans_a else a[lo:hi], trans_a, b, trans_b, parts[lo:hi])
+    return np.array_equal(parts, whole)
+
+
+def exact_bounds(gemm, dtype, size, products, parts, multiple=4):
+    """[0, c_1, ..., size]: ``size`` rows cut in ``parts`` parts, each giving the bits of the
+    whole product for every product (as exact_cut), or None.  Two parts: exact_cut's cut.
+    More: each cut the nearest to its share (i size / parts), among multiples of
+    ``multiple`` within half a share of it, that splits the whole exactly; then the parts
+    checked together."""
+    if parts == 1:
+        return [0, size]
+    if parts == 2:
+        cut = exact_cut(gemm, dtype, size, products, multiple)
+        return None if cut is None else [0, cut, size]
+    arrays = _trials(gemm, dtype, size, products)
+    share = size / parts
+    bounds = [0]
+    for i in range(1, parts):
+        near = sorted(range(multiple, size, multiple), key=lambda c: abs(c - i * share))
+        cut = next((c for c in near if abs(c - i * share) <= share / 2 and c > bounds[-1]
+                    and all(_halves_equal(gemm, c, *arrays_k) for arrays_k in arrays)), None)
+        if cut is None:
+            return None
+        bounds.append(cut)
+    bounds.append(size)
+    return bounds if all(_parts_equal(gemm, bounds, *arrays_k) for arrays_k in arrays) else None
 
 
 class MLPSteps:
     """``steps`` bound to a Gemm (find_gemm) for one dtype: call it with steps' other
-    arguments; ``cut(size, products)`` is exact_cut for that gemm.  LOSS_CODES and
+    arguments; ``cut(size, products)`` and ``bounds(size, products, parts)`` are exact_cut
+    and exact_bounds for that gemm.  LOSS_CODES and
     ACTIVATION_CODES: the ``loss_code`` and ``act`` of each network it compiles, by name."""
 
     LOSS_CODES = {"softmax_xent": SOFTMAX_XENT, "sigmoid_euclidean": SIGMOID_EUCLIDEAN}
@@ -571,6 +604,9 @@ class MLPSteps:
 
     def cut(self, size, products):
         return exact_cut(self.gemm, self.dtype, size, products)
+
+    def bounds(self, size, products, parts):
+        return exact_bounds(self.gemm, self.dtype, size, products, parts)
 
 
 def mlp_steps(dtype):

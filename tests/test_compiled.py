@@ -481,3 +481,42 @@ def test_one_slow_call_changes_the_way_and_the_other_is_tried_again_soon():
         if call() == [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]:
             break
     assert now[0] - hiccup < PROBE_MIN_S + 0.03 and call() == [(2, 25)]
+
+
+@pytest.mark.parametrize("threads,batch,parts", [(3, 50, 3), (4, 100, 4), (8, 50, 3), (4, 23, 2)])
+def test_more_threads_train_as_one_bit_for_bit(threads, batch, parts):
+    """P threads split a step in up to P parts (one per ROWS_PER_PART batch rows, two at
+    least), each cut where the products keep their bits: the same training as one thread.
+    (Claimed, not assigned: it holds on two cores too, only slower.)"""
+    model = _build("mlp2-relu-sce", np.float32)
+    optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    stepper = CompiledStepper(model, optimizer, threads=threads, adaptive=False)
+    x, y, perm = _data(np.float32, batch * STEPS)
+    losses, accs = np.zeros(STEPS, dtype=np.float32), np.zeros(STEPS, dtype=np.float32)
+    stepper.steps(x, y, perm, losses, accs)
+    assert stepper.parts_for(batch) == parts and len(stepper._batch[-1][0]) == parts + 1, stepper._batch[-1]
+    assert len(stepper._helpers) == parts - 1
+    _, want_model, want_opt, want_losses, want_accs = _train("mlp2-relu-sce", np.float32, compiled=True,
+                                                             batch=batch)
+    np.testing.assert_array_equal(losses, want_losses)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt := optimizer)[key], want, err_msg=key)
+
+
+def test_stacked_models_on_more_threads_train_as_on_one_bit_for_bit():
+    model = xpmlp.build_model("mlp1-relu-sce", backend="numpy", dtype=np.float32, seed=[1, 4, 7, 9],
+                              stack=(4,), ops="fused")
+    optimizer = SGD(model, lr=[0.05, 0.1, 0.01, 0.02], momentum=0.9, weight_decay=5e-4)
+    stepper = StackedCompiledStepper(model, optimizer, threads=3, adaptive=False)
+    want = xpmlp.build_model("mlp1-relu-sce", backend="numpy", dtype=np.float32, seed=[1, 4, 7, 9],
+                             stack=(4,), ops="fused")
+    want_stepper = StackedCompiledStepper(want, SGD(want, lr=[0.05, 0.1, 0.01, 0.02], momentum=0.9,
+                                                    weight_decay=5e-4), threads=1)
+    x, y, perm = _data(np.float32)
+    losses, accs = np.zeros((STEPS, 4), dtype=np.float32), np.zeros((STEPS, 4), dtype=np.float32)
+    want_losses = losses.copy()
+    stepper.steps(x, y, perm, losses, accs)
+    want_stepper.steps(x, y, perm, want_losses, accs.copy())
+    assert len(stepper._helpers) == 2
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(model.flat.params, want.flat.params)

@@ -414,13 +414,14 @@ def bench_jax(weights, x_host, y_host, first_perm, our_first_losses, seed=0, bat
 
 
 def _step_threads(stepper):
-    """The compiled step's threads and, where it had two, the share of its steps (all its
-    epochs, busy ones included) that ran on two."""
+    """The compiled step's threads and, where it had more than one, the share of its steps
+    (all its epochs, busy ones included) that ran split ("two_thread_step_share": on
+    ``step_threads`` threads, two on a two-core machine)."""
     threads = getattr(stepper, "threads", None)
-    if threads != 2:
+    if threads is None or threads < 2:
         return {"step_threads": threads}
     run = stepper.chooser.steps_run
-    return {"step_threads": 2, "two_thread_step_share": run[2] / max(1, run[1] + run[2])}
+    return {"step_threads": threads, "two_thread_step_share": run[threads] / max(1, run[1] + run[threads])}
 
 
 def _peak_memory_mb(backend):
@@ -654,7 +655,8 @@ def format_table(r):
     lines.append(f"our epoch as the trainer runs it: step loop {r['step_loop_s'] * 1000:.1f} ms, then the records "
                  f"(one every {r['log_every']} steps) {r['records_s'] * 1000:.1f} ms ({r['records_share']:.1%})")
     if r.get("two_thread_step_share") is not None:
-        lines.append(f"steps the compiled step ran on two threads: {r['two_thread_step_share']:.0%}")
+        lines.append(f"steps the compiled step ran split on {r['step_threads']} threads: "
+                     f"{r['two_thread_step_share']:.0%}")
     if r.get("torch_note"):
         lines.append(f"PyTorch eager: {r['torch_note']}")
     if r["jax_check"]:
