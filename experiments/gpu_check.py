@@ -9,6 +9,9 @@ stops at the first thing that makes the rest meaningless, and keeps what a revie
      its last lines printed; on its timeout pytest gets SIGINT, so it still prints its
      summary; fails unless at least one CuPy test passed and none failed;
   3. `xpmlp bench --device cuda --json`, and `--stack 17` where the bench has --stack;
+     then, with the time left, the CPU thread-scaling table (`xpmlp bench --device cpu
+     --threads 1,2,4,...` up to the cores, one epoch a row), for what more cores give the
+     compiled CPU step: recorded, never a problem of the check;
   4. one JSON record: into $OUT when set (the device tool brings back what is written
      there), else into experiments/results/gpu/; the logs go beside it ($OUT) or under
      runs/gpu-check/.
@@ -32,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 300 s, about 5.5 minutes at worst with the interruptions: a 15-minute loan then holds the
 # machine's start, the check and a rerun.
 DEADLINE_S = 300
-CAPS_S = {"preflight": 90, "tests": 180, "bench": 60, "bench_stack": 45}
+CAPS_S = {"preflight": 90, "tests": 180, "bench": 60, "bench_stack": 45, "bench_cpu": 45}
 MIN_STEP_S = 10  # a step with less time left than this is not started
 SIGINT_GRACE_S = 20  # after SIGINT, time for pytest to print its summary before a kill
 TAIL_LINES = 60
@@ -262,6 +265,12 @@ def run_tests(files, timeout_s, log_dir, marker="gpu"):
 
 # ---------------------------------------------------------------- 3. the benchmark
 
+def cpu_scaling_args():
+    """The CPU scaling table's bench arguments: 1, 2, 4, ... threads up to the cores."""
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= (os.cpu_count() or 1)]
+    return ["--device", "cpu", "--epochs", "1", "--no-torch", "--no-jax", "--threads", ",".join(map(str, counts))]
+
+
 def bench_has_stack():
     rc, _, output = run_with_timeout(python() + ["-m", "xpmlp", "bench", "--help"], 20)
     return rc == 0 and "--stack" in output
@@ -356,6 +365,12 @@ def check(out_dir, log_dir, deadline_s=DEADLINE_S):
     else:  # HOOK: runs by itself once `xpmlp bench --stack` exists (issue 10)
         record["bench_stack"] = {"problem": "not run: this xpmlp bench has no --stack option yet"}
         print(record["bench_stack"]["problem"])
+    if budget("bench_cpu") < MIN_STEP_S:
+        record["bench_cpu_scaling"] = out_of_time
+    else:
+        t = time.monotonic()
+        record["bench_cpu_scaling"] = run_bench(cpu_scaling_args(), budget("bench_cpu"), log_dir, "bench_cpu")
+        seconds["bench_cpu"] = round(time.monotonic() - t, 1)
     seconds["total"] = round(time.monotonic() - start, 1)
     record["seconds"] = seconds
 
