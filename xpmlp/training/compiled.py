@@ -145,8 +145,8 @@ class _Helper:
 
 
 class Chooser:
-    """One thread or ``threads`` (the split way) for the next steps: the one whose latest run took less time per
-    step, each tried first; a probe of the other one (PROBE_STEPS steps first in a call)
+    """One thread or ``threads`` (the split way) for the next steps: the one whose latest
+    run took less time per step, each tried first; a probe of the other one (PROBE_STEPS steps first in a call)
     when its time comes, by the clock: PROBE_MIN_S after the way changed, twice as long
     after each probe that lost, at most PROBE_MAX_S.  The latest run, not an average:
     after a busy spell one quick probe brings two threads back, and a lucky probe on a busy
