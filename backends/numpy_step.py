@@ -422,9 +422,14 @@ def relu_mask(g, h):
 
 
 @jit
-def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit):
+def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
+          whole_in, whole_out):
     # Phase one of step s for the batch rows [lo, hi): gather, forward, loss terms and
-    # gradient, backward down to the first layer's output gradient.
+    # gradient, backward down to the first layer's output gradient.  With ``whole_in`` (a
+    # batch-sized array of this part's own), the last layer's product is the whole batch's,
+    # this part's rows in it: where no cut keeps its bits (a part's product would take
+    # another BLAS kernel), the whole product's rows do, and the rows of other parts
+    # (stale values here) change nothing in ours.
     batch = xb.shape[0]
     last = len(Ws) - 1
     for r in range(lo, hi):
@@ -434,7 +439,12 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
     a = xb[lo:hi]
     for k in range(last + 1):
         h = hs[k][lo:hi]
-        matmul(gemm, a, False, Ws[k], False, h)
+        if k == last and whole_in.shape[0] > 0:
+            whole_in[lo:hi] = a
+            matmul(gemm, whole_in, False, Ws[k], False, whole_out)
+            h[:] = whole_out[lo:hi]
+        else:
+            matmul(gemm, a, False, Ws[k], False, h)
         if k < last:
             bias_act(h, bs[k], act)
         else:
@@ -475,7 +485,8 @@ def _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, 
 @jit
 def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, act,
           params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs,
-          row_loss, row_hit, row_bounds, feature_bounds, column_bounds, sync, generation, wait):
+          row_loss, row_hit, row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs, sync,
+          generation, wait):
     """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
     P parts per phase claimed through ``sync``; call it from each thread taking
     part, with the same arguments, and ``wait`` True in the one that needs the result.
@@ -487,7 +498,9 @@ def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, 
     gs[k]: dL/d(layer k's pre-activation output); xb, yb: the batch; row_loss, row_hit:
     each row's loss term and hit.  Part j: the batch rows [row_bounds[j], row_bounds[j + 1]),
     layer k's input features [feature_bounds[k, j], feature_bounds[k, j + 1]) and its outputs
-    as column_bounds[k] say (P + 1 bounds each, 0 first and the size last)."""
+    as column_bounds[k] say (P + 1 bounds each, 0 first and the size last).  whole_ins,
+    whole_outs: (P, batch, n) arrays where part j computes the last layer's product whole
+    (on whole_ins[j], into whole_outs[j]: see _rows), else (1, 0, 0)."""
     batch = xb.shape[0]
     parts = row_bounds.shape[0] - 1
     total = losses.shape[0] * 2 * parts
@@ -502,7 +515,9 @@ def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, 
         s = phase // 2
         if phase % 2 == 0:
             lo, hi = row_bounds[j], row_bounds[j + 1]
-            _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit)
+            w = j if whole_ins.shape[1] > 0 else 0  # (1, 0, 0): no whole product
+            _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
+                  whole_ins[w], whole_outs[w])
         else:
             _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, hs, gs,
                       params, grads, velocity, offsets, lr, momentum, weight_decay)

@@ -520,3 +520,18 @@ def test_stacked_models_on_more_threads_train_as_on_one_bit_for_bit():
     assert len(stepper._helpers) == 2
     np.testing.assert_array_equal(losses, want_losses)
     np.testing.assert_array_equal(model.flat.params, want.flat.params)
+
+
+def test_a_last_product_without_an_exact_cut_is_computed_whole_by_each_part():
+    """Hidden width 1024 to 10 classes: OpenBLAS gives the halves of that product another
+    kernel (no cut keeps its bits), so each part computes it whole; two threads still train
+    as one, bit for bit, and the other products are still split."""
+    stepper, model, opt, losses, accs = _two_threads(((1024,), "relu", "sce"), np.float32, batch=100,
+                                                     steps_per_call=STEPS)
+    row_bounds, _, _, whole_ins, whole_outs = stepper._batch[-1]
+    assert len(row_bounds) == 3 and whole_ins.shape == (2, 100, 1024) and whole_outs.shape == (2, 100, 10)
+    _, want_model, want_opt, want_losses, _ = _train(((1024,), "relu", "sce"), np.float32, compiled=True,
+                                                     batch=100)
+    np.testing.assert_array_equal(losses, want_losses)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt)[key], want, err_msg=key)

@@ -38,6 +38,9 @@ PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 4
 # Batch rows a part of a step takes at least, beyond two parts: below ~16 rows a product's
 # share of work no longer pays for another thread's wake-up and waits (two waits a step).
 ROWS_PER_PART = 16
+# The last layer's product may be computed whole by every part (numpy_step._rows) where no
+# cut keeps its bits, if its outputs are this few (the classes): a small share of a step.
+WHOLE_LAST_MAX_OUTPUTS = 16
 
 
 def _network(model):
@@ -218,27 +221,37 @@ class CompiledStepper:
         return max(2, min(self.threads, batch // ROWS_PER_PART))
 
     def _cuts(self, batch):
-        """(row_bounds, feature_bounds, column_bounds) of an exact split of a step of this
-        batch size in as many parts as it is worth (parts_for, else fewer where no exact cut
-        is found), or None: numpy_step.exact_bounds for every product the parts compute."""
+        """(row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs) of an exact
+        split of a step of this batch size in as many parts as it is worth (parts_for, else
+        fewer where no exact cut is found), or None: numpy_step.exact_bounds for every
+        product the parts compute.  Where only the last layer's forward product has no
+        exact cut and it has few outputs, every part computes it whole (whole_ins and
+        whole_outs: a batch-sized input and output a part; else none, as _one_part's)."""
         shapes = [layer.W.shape for layer in self.linears]
-        rows = [(fan_in, fan_out, False, False) for fan_in, fan_out in shapes]  # forward
-        rows += [(fan_out, fan_in, False, True) for fan_in, fan_out in shapes[1:]]  # g @ W^T
+        forward = [(fan_in, fan_out, False, False) for fan_in, fan_out in shapes]
+        backward = [(fan_out, fan_in, False, True) for fan_in, fan_out in shapes[1:]]  # g @ W^T
         with self._one_blas_thread():  # as each part will run
             for parts in range(self.parts_for(batch), 1, -1):
-                row_bounds = self.kernel.bounds(batch, rows, parts)
+                row_bounds, whole = self.kernel.bounds(batch, forward + backward, parts), False
+                if row_bounds is None and shapes[-1][1] <= WHOLE_LAST_MAX_OUTPUTS:
+                    row_bounds, whole = self.kernel.bounds(batch, forward[:-1] + backward, parts), True
                 features = [self.kernel.bounds(fan_in, [(batch, fan_out, True, False)], parts)
                             for fan_in, fan_out in shapes]
                 if row_bounds is not None and None not in features:
                     columns = [[n * j // parts for j in range(parts + 1)] for _, n in shapes]
-                    return tuple(np.array(b, dtype=np.int64) for b in (row_bounds, features, columns))
+                    fan_in, fan_out = shapes[-1]
+                    wholes = ((np.zeros((parts, batch, fan_in), dtype=self.model.dtype),
+                               np.zeros((parts, batch, fan_out), dtype=self.model.dtype)) if whole
+                              else self._one_part(batch)[3:])
+                    return (*(np.array(b, dtype=np.int64) for b in (row_bounds, features, columns)), *wholes)
         return None
 
     def _one_part(self, batch):
-        """The bounds of a step in one part (steps' arguments)."""
+        """The bounds of a step in one part and no whole product (steps' arguments)."""
         shapes = [layer.W.shape[-2:] for layer in self.linears]
+        none = np.zeros((1, 0, 0), dtype=self.model.dtype)
         return (np.array([0, batch], dtype=np.int64), np.array([[0, f] for f, _ in shapes], dtype=np.int64),
-                np.array([[0, n] for _, n in shapes], dtype=np.int64))
+                np.array([[0, n] for _, n in shapes], dtype=np.int64), none, none)
 
     def _new_buffers(self, x, y, batch):
         """A step's work arrays: the batch, every layer's output and gradient, each row's
