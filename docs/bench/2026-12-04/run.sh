@@ -20,6 +20,7 @@ run mlp2-sigmoid-mse_b100 --model mlp2-sigmoid-mse --epochs 3 --threads 1,2
 run mlp0-sce_b100 --model mlp0-sce --epochs 3 --threads 1,2
 run mlp2-relu-sce_b10 --model mlp2-relu-sce --batch-size 10 --epochs 3 --threads 1,2
 run mlp1-relu-mse_b100 --model mlp1-relu-mse --epochs 3 --threads 1,2
+run busy1_mlp2-relu-sce_b100 --model mlp2-relu-sce --epochs 3 --busy 1
 conditions "before the wide network" >> conditions.txt
 run wide-2048-1024-relu-sce_b100 --hidden 2048,1024 --activation relu --loss sce --epochs 1 --threads 1,2
 conditions end >> conditions.txt
