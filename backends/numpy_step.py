@@ -46,6 +46,7 @@ from .numpy_kernels import (
     sgd_step,
     sigmoid_backward,
     softmax_xent_row,
+    vector_jit,
 )
 
 if numba is not None:
@@ -323,9 +324,6 @@ def sigmoid(h):
             h[r, c] = (one if x >= 0 else e) / (one + e)
 
 
-# Loops of elementwise float arithmetic vectorise only without Python's division check
-# (a ZeroDivisionError test per element); IEEE division gives the same numbers.
-vector_jit = numba.njit(cache=True, nogil=True, error_model="numpy") if numba is not None else (lambda fn: fn)
 
 
 def _ln2_parts():
