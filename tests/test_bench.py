@@ -279,14 +279,16 @@ def test_a_scaling_table_runs_one_child_per_count_on_as_many_cores(monkeypatch):
 
     def runner(argv, cores):
         calls.append((argv, cores))
-        n = int(argv[argv.index("--threads") + 1])
-        return {"model": "m", "batch_size": 10, "dtype": "float32", "epoch_s": 1.0 / n, "jax_epoch_s": 0.5,
-                "torch_epoch_s": None, "ratio_jax": 2.0 / n, "peer_threads": n}
+        n = len(calls)  # the rows' work halves each time
+        return {"model": "m", "batch_size": 10, "dtype": "float32", "epoch_s": 2.0 ** -n, "jax_epoch_s": 0.5,
+                "torch_epoch_s": None, "ratio_jax": 2.0 ** -n / 0.5, "peer_threads": None}
 
     r = bench.scaling([1, 2, 4, 8], ["--model", "m"], runner)
     assert [cores for _, cores in calls] == [{0}, {0, 1}, {0, 1, 2, 3}, {0, 1, 2, 3}]
-    assert [argv for argv, _ in calls][1] == ["--model", "m", "--threads", "2"]
+    # one core is --pin's row (one thread each); more, everyone's defaults on those cores
+    assert [argv for argv, _ in calls] == [["--model", "m", "--threads", "1"]] + [["--model", "m"]] * 3
     assert r["thread_counts"] == [1, 2, 4, 8] and [row["cores"] for row in r["scaling"]] == [1, 2, 4, 4]
+    assert [row["thread_count"] for row in r["scaling"]] == [1, 2, 4, 8]
     assert r["speedup"] == pytest.approx([1, 2, 4, 8])
     table = bench.format_scaling(r).splitlines()
     assert len(table) == 2 + 4 and table[-1].split()[:2] == ["8", "4"]
@@ -298,5 +300,6 @@ def test_the_scaling_table_from_the_command_line(tmp_path):
                            "--activation", "sigmoid", "--loss", "mse", "--batch-size", "1000", "--threads", "1,2", "--json", cwd=tmp_path)
     assert code == 0, err
     r = json.loads(out)
-    assert [row["peer_threads"] for row in r["scaling"]] == [1, 2] and len(r["speedup"]) == 2
+    assert [row["peer_threads"] for row in r["scaling"]] == [1, None] and len(r["speedup"]) == 2
+    assert [row["step_threads"] for row in r["scaling"]] == [1, 2] and r["scaling"][1]["threads"] == 1
     assert {row["model"] for row in r["scaling"]} == {"mlp16-sigmoid-mse"}

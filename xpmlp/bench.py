@@ -28,7 +28,8 @@ Method (docs/performance.md says the same):
   peers their own default.  ``--pin`` puts everyone on one core, one thread each.
 - ``--threads 1,2,...`` (several counts): the scaling table, one child bench for each
   count N, confined to N of the cores this process may use (the first N), everyone with
-  N threads; ``scaling`` lists their results, ``speedup`` each one's epoch over the first.
+  its default threads there (N = 1: one thread each, as --pin); ``scaling`` lists their
+  results, ``speedup`` each one's epoch over the first.
 - ``--busy N`` times every contender a second time in each round while N CPU-bound
   processes run: ``ratio_busy`` is our epoch under that load over our idle epoch.
 - The GEMM limit times the same epoch's matrix products alone (forward, weight
@@ -721,15 +722,17 @@ def _run_child(argv, cores):
 
 
 def scaling(counts, argv, runner=_run_child):
-    """The scaling table: for each thread count N, a child bench (``argv`` and --threads N)
-    confined to N of this process's cores (all of them where there are fewer, or where the
-    OS cannot confine a process)."""
+    """The scaling table: for each count N, a child bench (``argv``) confined to N of this
+    process's cores (all of them where there are fewer, or where the OS cannot confine a
+    process), every contender on its defaults there, as a user's run on N cores: ours by
+    xpmlp's policy (the compiled step on N threads, BLAS on one), the peers theirs.  N = 1
+    also says --threads 1 (JAX's XLA then makes no thread pool), so that row is --pin's."""
     cores = sorted(os.sched_getaffinity(0)) if can_pin() else None
     rows = []
     for n in counts:
         mine = set(cores[:n]) if cores is not None else None
-        row = runner(argv + ["--threads", str(n)], mine)
-        rows.append(dict(row, cores=len(mine) if mine is not None else None))
+        row = runner(argv + (["--threads", "1"] if n == 1 else []), mine)
+        rows.append(dict(row, cores=len(mine) if mine is not None else None, thread_count=n))
     first = rows[0]["epoch_s"]
     return {"model": rows[0]["model"], "batch_size": rows[0]["batch_size"], "dtype": rows[0]["dtype"],
             "thread_counts": list(counts), "scaling": rows, "speedup": [first / row["epoch_s"] for row in rows]}
@@ -739,12 +742,12 @@ def format_scaling(r):
     def ms(v):
         return "n/a" if v is None else f"{v * 1000:.1f}"
 
-    lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}: epoch (ms) at each thread count, "
-             "every contender on as many cores",
+    lines = [f"{r['model']}, batch {r['batch_size']}, {r['dtype']}: epoch (ms) on each count of cores, "
+             "every contender with its default threads there",
              f"{'threads':>7} {'cores':>5} {'xpmlp':>9} {'JAX':>9} {'PyTorch':>9} {'ratio_jax':>9} {'speedup':>8}"]
     for row, speedup in zip(r["scaling"], r["speedup"]):
         ratio = "n/a" if row["ratio_jax"] is None else f"{row['ratio_jax']:.2f}"
-        lines.append(f"{row['peer_threads']:>7} {row['cores'] or 'n/a':>5} {ms(row['epoch_s']):>9} "
+        lines.append(f"{row['thread_count']:>7} {row['cores'] or 'n/a':>5} {ms(row['epoch_s']):>9} "
                      f"{ms(row['jax_epoch_s']):>9} {ms(row['torch_epoch_s']):>9} {ratio:>9} {speedup:>8.2f}")
     return "\n".join(lines)
 
