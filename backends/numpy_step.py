@@ -1,5 +1,5 @@
-"""A whole training step of a ReLU MLP compiled with Numba: the CPU's answer to XLA's
-compiled epoch.
+"""A whole training step of an MLP (ReLU or Sigmoid hidden layers) compiled with Numba:
+the CPU's answer to XLA's compiled epoch.
 
 One call runs any number of steps (gather, forward, loss and accuracy, backward, SGD)
 with no Python between the operations.  The matrix products go to NumPy's own BLAS,
@@ -9,25 +9,31 @@ Accelerate name it; else a BLAS xpmlp can load, whose bits may differ); every
 elementwise pass is fused into the loop over the rows the product just wrote, while they
 are still in cache.
 
-A step is two phases, each of one task or of two halves that two threads can take:
-  rows      gather, h = relu(a @ W + b) layer by layer, the loss terms and gradient
-            (softmax cross-entropy, or sigmoid + Euclidean), g_prev = (g @ W^T) * [h > 0]:
-            all row by row, so the batch's rows split in two halves that never meet;
+A step is two phases, each of one task or of P parts that P threads can take:
+  rows      gather, h = act(a @ W + b) layer by layer, the loss terms and gradient
+            (softmax cross-entropy, or sigmoid + Euclidean), g_prev = (g @ W^T) * act'(h):
+            all row by row, so the batch's rows split in parts that never meet;
   features  each layer's dW = a^T g, db = column sums of g and its SGD update, split by the
             rows of W (the layer's input features), which only the thread owning them reads
             or writes; and the step's mean loss and accuracy from the per-row terms.
 A task waits only for the tasks of the previous phase; tasks are claimed, not assigned
 (``_claim``), so a helper thread that is late or descheduled holds nothing back: the
 calling thread takes every task nobody has claimed, and waits only for a task in progress.
-The halves are cut where the products return the same bits as a whole product (checked
-by compiled.py), so one thread and two give the same training, bit for bit.
-Only ReLU hidden layers are compiled: Numba's scalar exp is ~20x slower than NumPy's
-vectorised one, so Sigmoid hidden layers keep the array path (see numpy_kernels.py).
+The parts are cut where the products return the same bits as a whole product (checked
+by compiled.py), so one thread and P give the same training, bit for bit.
+Hidden layers are ReLU or Sigmoid.  Numba's scalar exp is a call per element (~20x
+slower than NumPy's vectorised one), so Sigmoid hidden layers use an exp of our own
+(``_exp_nonpositive``): a polynomial with no calls and no branches, which LLVM vectorises.
+It agrees with NumPy's to a few units in the last place, not bit for bit.  The output
+Sigmoid of a Euclidean network keeps the scalar exp: ten columns, and the bits the
+compiled step has always given those networks.
 """
 import ctypes
 import ctypes.util
 import dataclasses
+import decimal
 import importlib
+import math
 import os
 
 import numpy as np
@@ -40,6 +46,7 @@ from .numpy_kernels import (
     sgd_step,
     sigmoid_backward,
     softmax_xent_row,
+    vector_jit,
 )
 
 if numba is not None:
@@ -52,8 +59,9 @@ else:  # numpy_kernels.load() gives no kernels without Numba: nothing here is ca
 
 # CBLAS enumerations (cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-# Loss codes of the compiled step
+# Loss and hidden-activation codes of the compiled step
 SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1
+RELU, SIGMOID = 0, 1
 # The words of the ``sync`` array two threads share: (call generation << 32) | next task
 # to claim, and the number of tasks done.
 CLAIM, DONE = 0, 1
@@ -316,6 +324,125 @@ def sigmoid(h):
             h[r, c] = (one if x >= 0 else e) / (one + e)
 
 
+
+
+def _ln2_parts():
+    """ln 2 as hi + lo in float64: hi with its last 32 bits of mantissa zero, so n * hi is
+    exact for any exponent n here; lo the rest, from a 40-digit ln 2."""
+    hi = np.array(math.log(2)).view(np.int64) & ~np.int64(0xFFFFFFFF)
+    hi = float(np.array(hi).view(np.float64))
+    with decimal.localcontext() as context:
+        context.prec = 40
+        return hi, float(decimal.Decimal(2).ln() - decimal.Decimal(hi))
+
+
+def _ln2_parts32():
+    """ln 2 as hi + lo in float32: hi with its last 8 bits of mantissa zero (n * hi exact
+    for |n| < 256), lo the rest."""
+    hi = np.array(np.float32(math.log(2))).view(np.int32) & ~np.int32(0xFF)
+    hi = np.array(hi).view(np.float32)[()]
+    return hi, np.float32(math.log(2) - float(hi))
+
+
+LN2_HI, LN2_LO = _ln2_parts()
+LOG2E = 1 / math.log(2)
+# e^r = sum r^k / k!: for |r| <= ln2 / 2 the terms past r^13 are below 2e-17 (float64);
+# past r^7, below 6e-9, under float32's rounding (TAYLOR32).
+TAYLOR = tuple(1 / math.factorial(k) for k in range(14))
+# The same in float32, for float32 arrays: twice the vector lanes of float64.
+LN2_HI32, LN2_LO32 = _ln2_parts32()
+LOG2E32, TAYLOR32 = np.float32(LOG2E), tuple(np.float32(c) for c in TAYLOR[:8])
+LOWEST32, HALF32, ONE32 = np.float32(-104.0), np.float32(0.5), np.float32(1.0)
+
+
+@intrinsic
+def _double_from_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 ``bits`` (a bitcast, which vectorises)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(context.cast(builder, args[0], signature.args[0], types.int64), ir.DoubleType())
+
+    return types.float64(bits), codegen
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(context.cast(builder, args[0], signature.args[0], types.int32), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@vector_jit
+def _exp_nonpositive32(x):
+    # _exp_nonpositive in float32 (to r^7; below -104, where e^x rounds to 0, x is -104).
+    x = x if x > LOWEST32 else LOWEST32
+    n = np.floor(x * LOG2E32 + HALF32)
+    r = (x - n * LN2_HI32) - n * LN2_LO32
+    c = TAYLOR32
+    p = ((((((c[7] * r + c[6]) * r + c[5]) * r + c[4]) * r + c[3]) * r + c[2]) * r + c[1]) * r + c[0]
+    k = np.int32(n)
+    half = k >> 1
+    return p * _float32_from_bits((half + 127) << 23) * _float32_from_bits((k - half + 127) << 23)
+
+
+@vector_jit
+def _exp_nonpositive(x):
+    # e^x for x <= 0 in float64:
+    # x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series, 2^n built from its bits
+    # as 2^(n/2) 2^(n - n/2), so that results below 2^-1022 come out subnormal, as NumPy's.
+    # Below -746 (e^x rounds to 0) x is taken as -746, and so is NaN (the caller puts it back).
+    x = x if x > -746.0 else -746.0
+    n = np.floor(x * LOG2E + 0.5)
+    r = (x - n * LN2_HI) - n * LN2_LO
+    c = TAYLOR
+    p = c[13] * r + c[12]
+    for k in (11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1):
+        p = p * r + c[k]
+    half = np.int64(n) >> 1
+    rest = np.int64(n) - half
+    return (p * r + c[0]) * _double_from_bits((half + 1023) << 52) * _double_from_bits((rest + 1023) << 52)
+
+
+@vector_jit
+def sigmoid_vectorised(h):
+    # Eq. (8) in place, from e^-|x| (no overflow), in h's dtype; NaN stays NaN.  The row
+    # loop has no calls, so LLVM vectorises it (float32: 2.1x the float64 arithmetic).
+    for r in range(h.shape[0]):
+        row = h[r]
+        if h.itemsize == 4:
+            for c in range(row.shape[0]):
+                x = row[c]
+                e = _exp_nonpositive32(-abs(x))
+                s = (ONE32 if x >= 0 else e) / (ONE32 + e)
+                row[c] = s if x == x else x
+        else:
+            for c in range(row.shape[0]):
+                x = row[c]
+                e = _exp_nonpositive(-abs(x))
+                s = (1.0 if x >= 0 else e) / (1.0 + e)
+                row[c] = s if x == x else x
+
+
+@jit
+def bias_act(h, b, act):
+    # h = act(h + b) in place: the bias, then ReLU (bias_relu) or Sigmoid.
+    if act == RELU:
+        bias_relu(h, b, True)
+    else:
+        bias_relu(h, b, False)
+        sigmoid_vectorised(h)
+
+
+@jit
+def act_backward(g, h, act):
+    # g = dL/d(pre-activation) from dL/dh in place: the ReLU mask (Eq. 7) or g h (1 - h) (Eq. 9).
+    if act == RELU:
+        relu_mask(g, h)
+    else:
+        sigmoid_backward(h, g, g, h.dtype.type(1))
+
+
 @jit
 def relu_mask(g, h):
     # g = g * [h > 0] in place (Eq. 7).
@@ -326,18 +453,17 @@ def relu_mask(g, h):
                 g[r, c] = 0
 
 
-@jit
-def _half(j, parts, cut, size):
-    # [lo, hi) of half j of range(size) cut at ``cut``; the whole range for one part.
-    if parts == 1:
-        return 0, size
-    return (0, cut) if j == 0 else (cut, size)
 
 
 @jit
-def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_loss, row_hit):
+def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
+          whole_in, whole_out):
     # Phase one of step s for the batch rows [lo, hi): gather, forward, loss terms and
-    # gradient, backward down to the first layer's output gradient.
+    # gradient, backward down to the first layer's output gradient.  With ``whole_in`` (a
+    # batch-sized array of this part's own), the last layer's product is the whole batch's,
+    # this part's rows in it: where no cut keeps its bits (a part's product would take
+    # another BLAS kernel), the whole product's rows do, and the rows of other parts
+    # (stale values here) change nothing in ours.
     batch = xb.shape[0]
     last = len(Ws) - 1
     for r in range(lo, hi):
@@ -347,8 +473,16 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_los
     a = xb[lo:hi]
     for k in range(last + 1):
         h = hs[k][lo:hi]
-        matmul(gemm, a, False, Ws[k], False, h)
-        bias_relu(h, bs[k], k < last)
+        if k == last and whole_in.shape[0] > 0:
+            whole_in[lo:hi] = a
+            matmul(gemm, whole_in, False, Ws[k], False, whole_out)
+            h[:] = whole_out[lo:hi]
+        else:
+            matmul(gemm, a, False, Ws[k], False, h)
+        if k < last:
+            bias_act(h, bs[k], act)
+        else:
+            bias_relu(h, bs[k], False)
         a = h
     out, g = hs[last], gs[last]
     if loss_code == SOFTMAX_XENT:
@@ -362,18 +496,18 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_los
         sigmoid_backward(out[lo:hi], g[lo:hi], g[lo:hi], one)  # in place
     for k in range(last, 0, -1):
         matmul(gemm, gs[k][lo:hi], False, Ws[k], True, gs[k - 1][lo:hi])
-        relu_mask(gs[k - 1][lo:hi], hs[k - 1][lo:hi])
+        act_backward(gs[k - 1][lo:hi], hs[k - 1][lo:hi], act)
 
 
 @jit
-def _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_bs, hs, gs,
+def _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, hs, gs,
               params, grads, velocity, offsets, lr, momentum, weight_decay):
     # Phase two, part j: every layer's weight-gradient rows and bias-gradient columns of this
     # part, and their SGD update (nobody reads W once phase one is done).
     for k in range(len(Ws)):
         fan_in, fan_out = Ws[k].shape
-        f_lo, f_hi = _half(j, parts, feature_cuts[k], fan_in)
-        c_lo, c_hi = _half(j, parts, column_cuts[k], fan_out)
+        f_lo, f_hi = feature_bounds[k, j], feature_bounds[k, j + 1]
+        c_lo, c_hi = column_bounds[k, j], column_bounds[k, j + 1]
         a = xb if k == 0 else hs[k - 1]
         matmul(gemm, a[:, f_lo:f_hi], True, gs[k], False, grad_Ws[k][f_lo:f_hi])
         column_sums(gs[k], grad_bs[k], c_lo, c_hi)
@@ -383,20 +517,26 @@ def _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_b
 
 
 @jit
-def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code,
+def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, act,
           params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs,
-          row_loss, row_hit, parts, row_cut, feature_cuts, column_cuts, sync, generation, wait):
+          row_loss, row_hit, row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs, sync,
+          generation, wait):
     """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
-    ``parts`` (1 or 2) per phase claimed through ``sync``; call it from each thread taking
+    P parts per phase claimed through ``sync``; call it from each thread taking
     part, with the same arguments, and ``wait`` True in the one that needs the result.
     Returns the number of tasks this call ran.
 
     Ws, bs, grad_Ws, grad_bs: views into the flat params and grads; layer k's W and b
-    are params[offsets[k]:offsets[k + 1]].  hs[k]: layer k's output (after its ReLU),
+    are params[offsets[k]:offsets[k + 1]].  act: the hidden layers' activation (RELU,
+    SIGMOID).  hs[k]: layer k's output (after its activation),
     gs[k]: dL/d(layer k's pre-activation output); xb, yb: the batch; row_loss, row_hit:
-    each row's loss term and hit.  Halves: batch rows cut at row_cut, layer k's input
-    features at feature_cuts[k], its outputs at column_cuts[k]."""
+    each row's loss term and hit.  Part j: the batch rows [row_bounds[j], row_bounds[j + 1]),
+    layer k's input features [feature_bounds[k, j], feature_bounds[k, j + 1]) and its outputs
+    as column_bounds[k] say (P + 1 bounds each, 0 first and the size last).  whole_ins,
+    whole_outs: (P, batch, n) arrays where part j computes the last layer's product whole
+    (on whole_ins[j], into whole_outs[j]: see _rows), else (1, 0, 0)."""
     batch = xb.shape[0]
+    parts = row_bounds.shape[0] - 1
     total = losses.shape[0] * 2 * parts
     ran = 0
     while True:
@@ -408,10 +548,12 @@ def steps(gemm, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code,
         _wait_done(sync, phase * parts)  # the previous phase's tasks
         s = phase // 2
         if phase % 2 == 0:
-            lo, hi = _half(j, parts, row_cut, batch)
-            _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, row_loss, row_hit)
+            lo, hi = row_bounds[j], row_bounds[j + 1]
+            w = j if whole_ins.shape[1] > 0 else 0  # (1, 0, 0): no whole product
+            _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
+                  whole_ins[w], whole_outs[w])
         else:
-            _features(gemm, j, parts, feature_cuts, column_cuts, xb, Ws, grad_Ws, grad_bs, hs, gs,
+            _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, hs, gs,
                       params, grads, velocity, offsets, lr, momentum, weight_decay)
             if j == 0:  # the mean loss and accuracy, the terms added in row order
                 total_loss, hits = 0.0, 0
@@ -433,14 +575,7 @@ def exact_cut(gemm, dtype, size, products, multiple=4):
     half, or None.  BLAS kernels work in blocks of rows, so only some cuts keep the sums
     in the same order (OpenBLAS on AVX-512 here: multiples of 12); the order of a kernel's
     arithmetic does not depend on the data, so random data shows it."""
-    rng = np.random.default_rng(0)
-    arrays = []
-    for k, n, trans_a, trans_b in products:
-        a = rng.standard_normal((k, size) if trans_a else (size, k)).astype(dtype)
-        b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
-        whole = np.empty((size, n), dtype=dtype)
-        matmul(gemm, a, trans_a, b, trans_b, whole)
-        arrays.append((a, b, trans_a, trans_b, whole))
+    arrays = _trials(gemm, dtype, size, products)
     middle = size // 2
     for cut in sorted(range(multiple, size, multiple), key=lambda c: abs(c - middle)):
         if not size // 4 <= cut <= size - size // 4:
@@ -450,19 +585,64 @@ def exact_cut(gemm, dtype, size, products, multiple=4):
     return None
 
 
+def _trials(gemm, dtype, size, products):
+    """(a, b, trans_a, trans_b, whole product) on random data for each product (k, n,
+    trans_a, trans_b) of ``size`` rows."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for k, n, trans_a, trans_b in products:
+        a = rng.standard_normal((k, size) if trans_a else (size, k)).astype(dtype)
+        b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+        whole = np.empty((size, n), dtype=dtype)
+        matmul(gemm, a, trans_a, b, trans_b, whole)
+        arrays.append((a, b, trans_a, trans_b, whole))
+    return arrays
+
+
 def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole):
-    halves = np.empty_like(whole)
-    for lo, hi in ((0, cut), (cut, whole.shape[0])):
-        matmul(gemm, a[:, lo:hi] if trans_a else a[lo:hi], trans_a, b, trans_b, halves[lo:hi])
-    return np.array_equal(halves, whole)
+    return _parts_equal(gemm, [0, cut, whole.shape[0]], a, b, trans_a, trans_b, whole)
+
+
+def _parts_equal(gemm, bounds, a, b, trans_a, trans_b, whole):
+    parts = np.empty_like(whole)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        matmul(gemm, a[:, lo:hi] if trans_a else a[lo:hi], trans_a, b, trans_b, parts[lo:hi])
+    return np.array_equal(parts, whole)
+
+
+def exact_bounds(gemm, dtype, size, products, parts, multiple=4):
+    """[0, c_1, ..., size]: ``size`` rows cut in ``parts`` parts, each giving the bits of the
+    whole product for every product (as exact_cut), or None.  Two parts: exact_cut's cut.
+    More: each cut the nearest to its share (i size / parts), among multiples of
+    ``multiple`` within half a share of it, that splits the whole exactly; then the parts
+    checked together."""
+    if parts == 1:
+        return [0, size]
+    if parts == 2:
+        cut = exact_cut(gemm, dtype, size, products, multiple)
+        return None if cut is None else [0, cut, size]
+    arrays = _trials(gemm, dtype, size, products)
+    share = size / parts
+    bounds = [0]
+    for i in range(1, parts):
+        near = sorted(range(multiple, size, multiple), key=lambda c: abs(c - i * share))
+        cut = next((c for c in near if abs(c - i * share) <= share / 2 and c > bounds[-1]
+                    and all(_halves_equal(gemm, c, *arrays_k) for arrays_k in arrays)), None)
+        if cut is None:
+            return None
+        bounds.append(cut)
+    bounds.append(size)
+    return bounds if all(_parts_equal(gemm, bounds, *arrays_k) for arrays_k in arrays) else None
 
 
 class MLPSteps:
     """``steps`` bound to a Gemm (find_gemm) for one dtype: call it with steps' other
-    arguments; ``cut(size, products)`` is exact_cut for that gemm.  LOSS_CODES: the
-    ``loss_code`` of each network it compiles, by name."""
+    arguments; ``cut(size, products)`` and ``bounds(size, products, parts)`` are exact_cut
+    and exact_bounds for that gemm.  LOSS_CODES and
+    ACTIVATION_CODES: the ``loss_code`` and ``act`` of each network it compiles, by name."""
 
     LOSS_CODES = {"softmax_xent": SOFTMAX_XENT, "sigmoid_euclidean": SIGMOID_EUCLIDEAN}
+    ACTIVATION_CODES = {"relu": RELU, "sigmoid": SIGMOID}
 
     def __init__(self, gemm, dtype):
         self.source = gemm  # the Gemm, for what the run records
@@ -473,6 +653,9 @@ class MLPSteps:
 
     def cut(self, size, products):
         return exact_cut(self.gemm, self.dtype, size, products)
+
+    def bounds(self, size, products, parts):
+        return exact_bounds(self.gemm, self.dtype, size, products, parts)
 
 
 def mlp_steps(dtype):

@@ -11,6 +11,9 @@ stops at the first thing that makes the rest meaningless, and keeps what a revie
   3. agreement: the ten networks' losses and weights over a few SGD steps on CuPy and on
      torch:cuda, float32 and float64, each against NumPy float64 (a few seconds, in a child);
   4. `xpmlp bench --device cuda --json`, and `--stack 17` where the bench has --stack;
+     then, with the time left, the CPU thread-scaling table (`xpmlp bench --device cpu
+     --threads 1,2,4,...` up to the cores, one epoch a row), for what more cores give the
+     compiled CPU step: recorded, never a problem of the check;
   5. one JSON record: into $OUT when set (the device tool brings back what is written
      there), else into experiments/results/gpu/; the logs go beside it ($OUT) or under
      runs/gpu-check/.  It is rewritten after every step (status "incomplete" until the
@@ -37,11 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 # 300 s, about 5.5 minutes at worst with the interruptions: a 15-minute loan then holds the
 # machine's start, the check and a rerun.
 DEADLINE_S = 300
-CAPS_S = {"preflight": 90, "tests": 180, "agreement": 30, "bench": 60, "bench_stack": 60}
+CAPS_S = {"preflight": 90, "tests": 180, "agreement": 30, "bench": 60, "bench_stack": 60, "bench_cpu": 45}
 # What each step must leave for the steps after it (their caps): a slow test run then cannot
-# starve the agreement check and the benches of their results.
+# starve the agreement check and the GPU benches of their results (the CPU scaling table
+# takes what is left).
 RESERVED_AFTER_S = {"preflight": 0, "tests": CAPS_S["agreement"] + CAPS_S["bench"] + CAPS_S["bench_stack"],
-                    "agreement": CAPS_S["bench"] + CAPS_S["bench_stack"], "bench": 0, "bench_stack": 0}
+                    "agreement": CAPS_S["bench"] + CAPS_S["bench_stack"], "bench": 0, "bench_stack": 0,
+                    "bench_cpu": 0}
 MIN_STEP_S = 10  # a step with less time left than this is not started
 SIGINT_GRACE_S = 20  # after SIGINT, time for pytest to print its summary before a kill
 TAIL_LINES = 60
@@ -405,6 +410,12 @@ def run_agreement(timeout_s, devices=AGREEMENT_DEVICES):
 
 # ---------------------------------------------------------------- 4. the benchmark
 
+def cpu_scaling_args():
+    """The CPU scaling table's bench arguments: 1, 2, 4, ... threads up to the cores."""
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= (os.cpu_count() or 1)]
+    return ["--device", "cpu", "--epochs", "1", "--no-torch", "--no-jax", "--threads", ",".join(map(str, counts))]
+
+
 def bench_has_stack():
     rc, _, output = run_with_timeout(python() + ["-m", "xpmlp", "bench", "--help"], 20)
     return rc == 0 and "--stack" in output
@@ -527,6 +538,12 @@ def check(out_dir, log_dir, deadline_s=DEADLINE_S):
     else:  # HOOK: runs by itself once `xpmlp bench --stack` exists (issue 10)
         record["bench_stack"] = {"problem": "not run: this xpmlp bench has no --stack option yet"}
         print(record["bench_stack"]["problem"])
+    if budget("bench_cpu") < MIN_STEP_S:
+        record["bench_cpu_scaling"] = out_of_time
+    else:
+        t = time.monotonic()
+        record["bench_cpu_scaling"] = run_bench(cpu_scaling_args(), budget("bench_cpu"), log_dir, "bench_cpu")
+        seconds["bench_cpu"] = round(time.monotonic() - t, 1)
     seconds["total"] = round(time.monotonic() - start, 1)
     problems = verdict(record)
     path = save("failed" if problems else "passed")

@@ -72,6 +72,11 @@ def test_interleaving_times_each_contender_every_round(small):
 
 
 BAD = [(["--epochs", "0"], ["--epochs", "positive"]), (["--threads", "0"], ["--threads", "positive"]),
+       (["--threads", "1,x"], ["--threads"]), (["--threads", "2,2"], ["each thread count once"]),
+       (["--hidden", "64"], ["--hidden needs --loss"]), (["--loss", "mse"], ["go with --hidden"]),
+       (["--model", "mlp2-relu-sce", "--hidden", "64", "--activation", "relu", "--loss", "sce"], ["either --model"]),
+       (["--model", "mlp9"], ["unknown model"]), (["--batch-size", "0"], ["--batch-size", "positive"]),
+       (["--threads", "1,2", "--pin"], ["no --pin"]), (["--stack", "3", "--batch-size", "10"], ["--stack times"]),
        (["--busy", "-1"], ["--busy", "non-negative"]), (["--threads", "two"], ["--threads", "two"]), (["--dtype", "float16"], ["--dtype"])]
 
 
@@ -165,7 +170,7 @@ def test_jax_check_compares_its_first_losses_with_ours_from_the_same_weights(sma
 
     calls = []
 
-    def fake_jax_epoch(weights, x_host, y_host, batch, lr, momentum, weight_decay):
+    def fake_jax_epoch(weights, x_host, y_host, batch, lr, momentum, weight_decay, **network):
         model = bench.build_model(bench.MODEL, backend="numpy", seed=0)
         for layer, (W, b) in zip([l for l in model.layers if hasattr(l, "W")], weights):
             np.testing.assert_array_equal(layer.W, W)  # our initial weights
@@ -200,3 +205,113 @@ def test_the_pause_before_each_timed_epoch_is_short_on_a_gpu(monkeypatch):
     monkeypatch.setattr(bench.time, "sleep", slept.append)
     bench._time_interleaved({"a": (lambda: None, lambda: None)}, epochs=3, settle=bench.CUDA_SETTLE_S)
     assert slept == [bench.CUDA_SETTLE_S] * 3
+
+
+@pytest.mark.parametrize("net, name, widths, activation, loss", [
+    (dict(model="mlp1-sigmoid-mse", batch_size=10), "mlp1-sigmoid-mse", [784, 256, 10], "sigmoid", "mse"),
+    (dict(hidden=[37, 19], activation="sigmoid", loss="sce", batch_size=23), "mlp37-19-sigmoid-sce",
+     [784, 37, 19, 10], "sigmoid", "sce"),
+    (dict(model="mlp0-sce", batch_size=50), "mlp0-sce", [784, 10], "relu", "sce"),
+])
+def test_the_network_and_batch_asked_for_are_the_ones_timed(small, net, name, widths, activation, loss):
+    """Ours (the compiled step and the array step) and PyTorch get the network asked for and
+    its batch; the result names them."""
+    pytest.importorskip("numba")
+    shapes = []
+    real = bench.bench_torch
+
+    def torch_spy(backend, model, *args, **kwargs):
+        shapes.append(([layer.W.shape for layer in model.layers if hasattr(layer, "W")], kwargs.get("batch")))
+        return "spied"
+
+    bench.bench_torch = torch_spy
+    try:
+        r = bench.run(device="cpu", epochs=1, threads=1, jax_peer=False, net=bench.workload(**net))
+    finally:
+        bench.bench_torch = real
+    assert (r["model"], r["batch_size"]) == (name, net["batch_size"])
+    assert r["network"] == {"widths": widths, "activation": activation, "loss": loss}
+    assert shapes == [(list(zip(widths[:-1], widths[1:])), net["batch_size"])]
+    assert r["compiled_step"] and r["array_path_epoch_s"] > 0 and r["torch_note"] == "spied"
+    assert name in bench.format_table(r)
+
+
+def test_torch_trains_the_same_sigmoid_euclidean_network(small):
+    """PyTorch configured as ours: from our weights on one batch, the same first loss."""
+    torch = pytest.importorskip("torch")
+    net = bench.workload("mlp2-sigmoid-mse", batch_size=10)
+    backend = bench.get_backend("cpu")
+    model = net.build(backend)
+    x_host, y_host = bench._host_data()
+    run_epoch, _, _ = bench.bench_torch(backend, model, x_host, y_host, 1, batch=10)
+    seen = []
+    real_loss = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        seen.append(float(self.detach()))
+        return real_loss(self, *args, **kwargs)
+
+    torch.Tensor.backward = backward
+    try:
+        run_epoch()
+    finally:
+        torch.Tensor.backward = real_loss
+    rows = torch.randperm(bench.N_TRAIN, generator=torch.Generator().manual_seed(0)).numpy()[:10]
+    want = model.loss.forward(model.forward(x_host[rows]), y_host[rows])
+    assert len(seen) == bench.N_TRAIN // 10 and seen[0] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_our_epoch_is_the_trainers_with_its_records(small):
+    """Ours runs EpochLoop's epoch: the records of every --log-every steps go to a run
+    directory; the step loop and the records are reported apart."""
+    seen = []
+    real = bench._BenchLoop._write_epoch
+
+    def spy(self, k, iter_records, record):
+        seen.append((len(iter_records), record["kind"], self.stepper.__class__.__name__))
+        return real(self, k, iter_records, record)
+
+    bench._BenchLoop._write_epoch = spy
+    try:
+        r = bench.run(device="cpu", epochs=2, threads=1, torch_peer=False, jax_peer=False,
+                      net=bench.workload(log_every=3))
+    finally:
+        bench._BenchLoop._write_epoch = real
+    iters = bench.N_TRAIN // bench.BATCH
+    assert {n for n, _, _ in seen} == {len(range(0, iters, 3))} and {k for _, k, _ in seen} == {"epoch"}
+    assert {s for _, _, s in seen} >= {"CompiledStepper", "Stepper"}  # ours, and the array step in the same loop
+    assert r["log_every"] == 3 and r["step_loop_s"] > 0 and r["records_s"] >= 0
+    assert r["records_share"] == pytest.approx(r["records_s"] / (r["step_loop_s"] + r["records_s"]))
+    assert "the records (one every 3 steps)" in bench.format_table(r)
+
+
+def test_a_scaling_table_runs_one_child_per_count_on_as_many_cores(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+
+    def runner(argv, cores):
+        calls.append((argv, cores))
+        n = len(calls)  # the rows' work halves each time
+        return {"model": "m", "batch_size": 10, "dtype": "float32", "epoch_s": 2.0 ** -n, "jax_epoch_s": 0.5,
+                "torch_epoch_s": None, "ratio_jax": 2.0 ** -n / 0.5, "peer_threads": None}
+
+    r = bench.scaling([1, 2, 4, 8], ["--model", "m"], runner)
+    assert [cores for _, cores in calls] == [{0}, {0, 1}, {0, 1, 2, 3}, {0, 1, 2, 3}]
+    # one core is --pin's row (one thread each); more, everyone's defaults on those cores
+    assert [argv for argv, _ in calls] == [["--model", "m", "--threads", "1"]] + [["--model", "m"]] * 3
+    assert r["thread_counts"] == [1, 2, 4, 8] and [row["cores"] for row in r["scaling"]] == [1, 2, 4, 4]
+    assert [row["thread_count"] for row in r["scaling"]] == [1, 2, 4, 8]
+    assert r["speedup"] == pytest.approx([1, 2, 4, 8])
+    table = bench.format_scaling(r).splitlines()
+    assert len(table) == 2 + 4 and table[-1].split()[:2] == ["8", "4"]
+
+
+def test_the_scaling_table_from_the_command_line(tmp_path):
+    """Two real child benches (a small network, one epoch each): the JSON holds a row each."""
+    code, out, err = xpmlp("bench", "--device", "cpu", "--no-torch", "--no-jax", "--epochs", "1", "--hidden", "16",
+                           "--activation", "sigmoid", "--loss", "mse", "--batch-size", "1000", "--threads", "1,2", "--json", cwd=tmp_path)
+    assert code == 0, err
+    r = json.loads(out)
+    assert [row["peer_threads"] for row in r["scaling"]] == [1, None] and len(r["speedup"]) == 2
+    assert [row["step_threads"] for row in r["scaling"]] == [1, 2] and r["scaling"][1]["threads"] == 1
+    assert {row["model"] for row in r["scaling"]} == {"mlp16-sigmoid-mse"}

@@ -1,10 +1,10 @@
 """The compiled training step (Numba + NumPy's BLAS) against the array fast path it replaces.
 
-Both take the same steps from the same weights on the same batches.  With softmax
-cross-entropy the compiled step does the same arithmetic in the same order (the same
-BLAS calls, the same fused loss and SGD loops), so everything must match bit for bit.
-With a Sigmoid output it computes e^x with Numba's scalar exp instead of NumPy's
-vectorised one: last-bit differences, so a float tolerance there.
+Both take the same steps from the same weights on the same batches.  With ReLU hidden
+layers and softmax cross-entropy the compiled step does the same arithmetic in the same
+order (the same BLAS calls, the same fused loss and SGD loops), so everything must match
+bit for bit.  A Sigmoid (the output's: Numba's scalar exp; a hidden layer's: the step's
+own vectorised exp) differs from NumPy's exp in the last bits, so a float tolerance there.
 """
 import queue
 
@@ -36,9 +36,16 @@ def _data(dtype, n=BATCH * STEPS):
     return (rng.random((n, 784)) - 0.5).astype(dtype), rng.integers(0, 10, n), rng.permutation(n)
 
 
+def _build(name, dtype, **kwargs):
+    """One of the report's networks by name, or (hidden, activation, loss) for any other."""
+    if isinstance(name, tuple):
+        return xpmlp.build_mlp(*name, backend="numpy", dtype=dtype, seed=1, init_std=0.1, ops="fused", **kwargs)
+    return xpmlp.build_model(name, backend="numpy", dtype=dtype, seed=1, init_std=0.1, ops="fused", **kwargs)
+
+
 def _train(name, dtype, compiled, steps_per_call=1, batch=BATCH):
     """(stepper, model, optimizer, losses, accuracies) after STEPS steps, on one thread."""
-    model = xpmlp.build_model(name, backend="numpy", dtype=dtype, seed=1, init_std=0.1, ops="fused")
+    model = _build(name, dtype)
     optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
     stepper = make_stepper(model, optimizer, compiled, threads=1)
     x, y, perm = _data(dtype, batch * STEPS)
@@ -70,18 +77,45 @@ def test_compiled_step_equals_the_array_path_bit_for_bit(name, dtype):
     assert 0 < losses[-1] < losses[0]  # it trained
 
 
+# Odd widths (no vector-width multiple) and an odd batch, every activation and loss.
+ODD = [((37, 19), act, loss) for act in ("relu", "sigmoid") for loss in ("sce", "mse")]
+
+
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
-@pytest.mark.parametrize("name", ["mlp0-mse", "mlp1-relu-mse", "mlp2-relu-mse"])
-def test_compiled_sigmoid_euclidean_step_matches_the_array_path(name, dtype, rtol):
-    stepper, model, opt, losses, accs = _train(name, dtype, compiled=True)
+@pytest.mark.parametrize("name,batch", [("mlp0-mse", BATCH), ("mlp1-relu-mse", BATCH), ("mlp2-relu-mse", BATCH),
+                                        ("mlp1-sigmoid-sce", BATCH), ("mlp2-sigmoid-sce", BATCH),
+                                        ("mlp1-sigmoid-mse", BATCH), ("mlp2-sigmoid-mse", BATCH)]
+                         + [(net, 23) for net in ODD], ids=str)
+def test_compiled_step_with_a_sigmoid_matches_the_array_path(name, batch, dtype, rtol):
+    """Every network with a Sigmoid anywhere, and odd shapes of every kind: the losses, the
+    weights, the gradients and the momenta agree to float tolerance, the accuracies exactly."""
+    stepper, model, opt, losses, accs = _train(name, dtype, compiled=True, batch=batch)
     assert isinstance(stepper, CompiledStepper)
-    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=False)
+    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=False, batch=batch)
     np.testing.assert_allclose(losses, want_losses, rtol=rtol)
     np.testing.assert_array_equal(accs, want_accs)
     for key, want in _state(want_model, want_opt).items():
         scale = np.abs(want).max()
         np.testing.assert_allclose(_state(model, opt)[key], want, rtol=rtol, atol=rtol * scale, err_msg=key)
-    assert 0 < losses[-1] < losses[0]
+    assert np.isfinite(losses).all() and not np.array_equal(model.flat.params, _build(name, dtype).flat.params)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_vectorised_sigmoid_is_numpys_to_a_few_ulps_and_keeps_nan(dtype):
+    from xpmlp.backends.numpy_step import sigmoid_vectorised
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(997) * 10, np.linspace(-800, 800, 1001),
+                        [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan]]).astype(dtype).reshape(-1, 1)
+    x = np.tile(x, (1, 3))[:, :-1]  # two columns, the rows a stride of three apart: any layout of a row slice
+    got = x.copy()
+    sigmoid_vectorised(got)
+    e = np.exp(-np.abs(x.astype(np.float64)))
+    want = np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(dtype)
+    finite = ~np.isnan(x)
+    assert np.isnan(got[~finite]).all()
+    ulps = np.abs(got[finite] - want[finite]) / np.spacing(np.maximum(want[finite], np.finfo(dtype).tiny))
+    assert ulps.max() <= 4
 
 
 def test_several_steps_in_one_call_equal_one_call_each():
@@ -147,6 +181,17 @@ def test_compiled_step_of_stacked_models_equals_their_array_path_bit_for_bit(nam
     for k in range(MODELS):
         moved = not np.array_equal(model.flat.params[k], start.flat.params[k])
         assert moved == (k != frozen) and np.array_equal(want_model.flat.params[k], start.flat.params[k]) != moved
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_stacked_sigmoid_models_match_their_array_path(dtype, rtol):
+    stepper, model, opt, losses, accs = _train_stacked("mlp1-sigmoid-mse", dtype, True, "own", frozen=2)
+    assert isinstance(stepper, StackedCompiledStepper)
+    _, want_model, want_opt, want_losses, want_accs = _train_stacked("mlp1-sigmoid-mse", dtype, False, "own", 2)
+    np.testing.assert_allclose(losses[:, :2], want_losses[:, :2], rtol=rtol)
+    np.testing.assert_array_equal(accs[:, :2], want_accs[:, :2])
+    np.testing.assert_allclose(model.flat.params, want_model.flat.params, rtol=rtol,
+                               atol=rtol * np.abs(want_model.flat.params).max())
 
 
 def _stacked_on(threads, shuffle, frozen=None, steps_per_call=3, helper=True):
@@ -242,8 +287,6 @@ def test_a_stepper_no_longer_used_is_collected_and_its_helper_thread_ends(stacke
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("mlp1-sigmoid-sce", {}),            # Sigmoid hidden layers: NumPy's vectorised exp wins
-    ("mlp2-sigmoid-mse", {}),
     ("mlp2-relu-sce", {"ops": "plain"}),  # the plain path stays plain
     ("mlp2-relu-sce", {"ops": "buffered"}),  # the buffered ops: the array code, no kernels
     ("mlp2-relu-sce", {"stack": (2, 3)}),  # models stacked over two axes
@@ -252,6 +295,16 @@ def test_networks_it_does_not_compile_keep_the_array_step(name, kwargs):
     model = xpmlp.build_model(name, backend="numpy", **kwargs)
     assert compiled_steps(model) is None
     assert type(make_stepper(model, SGD(model))) is Stepper
+
+
+def test_mixed_hidden_activations_keep_the_array_step():
+    from xpmlp.core.layers import Sigmoid
+
+    model = xpmlp.build_model("mlp2-relu-sce", backend="numpy")
+    model.layers[3] = Sigmoid(model.backend, model.dtype, ops=model.ops)  # ReLU then Sigmoid
+    assert compiled_steps(model) is None
+    model.layers[1] = Sigmoid(model.backend, model.dtype, ops=model.ops)  # Sigmoid throughout
+    assert compiled_steps(model) is not None
 
 
 def test_without_kernels_there_is_no_compiled_step():
@@ -278,7 +331,7 @@ def test_a_batch_of_another_dtype_is_converted_not_misread():
 def _two_threads(name, dtype, batch=BATCH, steps_per_call=3):
     """(stepper, model, optimizer, losses, accuracies) after STEPS steps, every call split
     between the calling thread and the helper."""
-    model = xpmlp.build_model(name, backend="numpy", dtype=dtype, seed=1, init_std=0.1, ops="fused")
+    model = _build(name, dtype)
     optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
     stepper = CompiledStepper(model, optimizer, threads=2, adaptive=False)
     x, y, perm = _data(dtype, batch * STEPS)
@@ -290,7 +343,8 @@ def _two_threads(name, dtype, batch=BATCH, steps_per_call=3):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", ["mlp0-sce", "mlp2-relu-sce", "mlp1-relu-mse", "mlp2-relu-mse"])
+@pytest.mark.parametrize("name", ["mlp0-sce", "mlp2-relu-sce", "mlp1-relu-mse", "mlp2-relu-mse",
+                                  "mlp1-sigmoid-sce", "mlp2-sigmoid-sce", "mlp2-sigmoid-mse"])
 def test_two_threads_train_as_one_bit_for_bit(name, dtype):
     """The halves are cut where the products return the bits of whole ones, so splitting a
     step between two threads changes nothing (and with softmax cross-entropy, the compiled
@@ -427,3 +481,57 @@ def test_one_slow_call_changes_the_way_and_the_other_is_tried_again_soon():
         if call() == [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]:
             break
     assert now[0] - hiccup < PROBE_MIN_S + 0.03 and call() == [(2, 25)]
+
+
+@pytest.mark.parametrize("threads,batch,parts", [(3, 50, 3), (4, 100, 4), (8, 50, 3), (4, 23, 2)])
+def test_more_threads_train_as_one_bit_for_bit(threads, batch, parts):
+    """P threads split a step in up to P parts (one per ROWS_PER_PART batch rows, two at
+    least), each cut where the products keep their bits: the same training as one thread.
+    (Claimed, not assigned: it holds on two cores too, only slower.)"""
+    model = _build("mlp2-relu-sce", np.float32)
+    optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    stepper = CompiledStepper(model, optimizer, threads=threads, adaptive=False)
+    x, y, perm = _data(np.float32, batch * STEPS)
+    losses, accs = np.zeros(STEPS, dtype=np.float32), np.zeros(STEPS, dtype=np.float32)
+    stepper.steps(x, y, perm, losses, accs)
+    assert stepper.parts_for(batch) == parts and len(stepper._batch[-1][0]) == parts + 1, stepper._batch[-1]
+    assert len(stepper._helpers) == parts - 1
+    _, want_model, want_opt, want_losses, want_accs = _train("mlp2-relu-sce", np.float32, compiled=True,
+                                                             batch=batch)
+    np.testing.assert_array_equal(losses, want_losses)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt := optimizer)[key], want, err_msg=key)
+
+
+def test_stacked_models_on_more_threads_train_as_on_one_bit_for_bit():
+    model = xpmlp.build_model("mlp1-relu-sce", backend="numpy", dtype=np.float32, seed=[1, 4, 7, 9],
+                              stack=(4,), ops="fused")
+    optimizer = SGD(model, lr=[0.05, 0.1, 0.01, 0.02], momentum=0.9, weight_decay=5e-4)
+    stepper = StackedCompiledStepper(model, optimizer, threads=3, adaptive=False)
+    want = xpmlp.build_model("mlp1-relu-sce", backend="numpy", dtype=np.float32, seed=[1, 4, 7, 9],
+                             stack=(4,), ops="fused")
+    want_stepper = StackedCompiledStepper(want, SGD(want, lr=[0.05, 0.1, 0.01, 0.02], momentum=0.9,
+                                                    weight_decay=5e-4), threads=1)
+    x, y, perm = _data(np.float32)
+    losses, accs = np.zeros((STEPS, 4), dtype=np.float32), np.zeros((STEPS, 4), dtype=np.float32)
+    want_losses = losses.copy()
+    stepper.steps(x, y, perm, losses, accs)
+    want_stepper.steps(x, y, perm, want_losses, accs.copy())
+    assert len(stepper._helpers) == 2
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(model.flat.params, want.flat.params)
+
+
+def test_a_last_product_without_an_exact_cut_is_computed_whole_by_each_part():
+    """Hidden width 1024 to 10 classes: OpenBLAS gives the halves of that product another
+    kernel (no cut keeps its bits), so each part computes it whole; two threads still train
+    as one, bit for bit, and the other products are still split."""
+    stepper, model, opt, losses, accs = _two_threads(((1024,), "relu", "sce"), np.float32, batch=100,
+                                                     steps_per_call=STEPS)
+    row_bounds, _, _, whole_ins, whole_outs = stepper._batch[-1]
+    assert len(row_bounds) == 3 and whole_ins.shape == (2, 100, 1024) and whole_outs.shape == (2, 100, 10)
+    _, want_model, want_opt, want_losses, _ = _train(((1024,), "relu", "sce"), np.float32, compiled=True,
+                                                     batch=100)
+    np.testing.assert_array_equal(losses, want_losses)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt)[key], want, err_msg=key)

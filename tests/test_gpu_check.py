@@ -207,7 +207,10 @@ def test_the_check_writes_one_record_and_its_verdict(tmp_path, monkeypatch, fail
     if stack:
         assert benches[1][-2:] == ["--stack", "17"] and record["bench_stack"]["stack"] is True
     else:
-        assert len(benches) == 1 and record["bench_stack"]["problem"].startswith("not run")
+        assert len(benches) == 2 and record["bench_stack"]["problem"].startswith("not run")
+    assert benches[-1][:2] == ["--device", "cpu"] and benches[-1][-2] == "--threads"  # the CPU scaling table
+    assert benches[-1][-1].startswith("1,") or benches[-1][-1] == "1"
+    assert "bench_cpu_scaling" in record
     assert set(record["seconds"]) >= {"preflight", "tests", "agreement", "bench", "total"}
 
 

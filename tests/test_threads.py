@@ -25,14 +25,14 @@ def test_one_blas_thread_by_default_unless_asked(monkeypatch):
     assert blas_threads() == 2 and blas_threads(1) == 1
 
 
-def test_the_compiled_step_takes_two_threads_where_two_cores_are_free_unless_asked(monkeypatch):
+def test_the_compiled_step_takes_a_thread_a_free_core_unless_asked(monkeypatch):
     monkeypatch.delenv("XPMLP_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert step_threads() == 2  # at most two: it splits a step in two
+    assert step_threads() == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # e.g. bench --pin
     assert step_threads() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert step_threads(1) == 1 and step_threads(4) == 2
+    assert step_threads() == 2 and step_threads(1) == 1 and step_threads(4) == 4
     monkeypatch.setenv("XPMLP_THREADS", "1")  # e.g. each run of a sweep of two jobs on two cores
     assert step_threads() == 1
 

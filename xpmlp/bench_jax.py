@@ -1,5 +1,6 @@
 """JAX as a contender of `xpmlp bench` (the `peers` extra installs it): the same network,
-softmax cross-entropy and SGD, a whole epoch compiled by XLA into one call with
+its activation (ReLU or Sigmoid) and loss (softmax cross-entropy, or a Sigmoid output and
+the Euclidean loss) and SGD, a whole epoch compiled by XLA into one call with
 ``lax.scan``.  The optimizer is optax ``add_decayed_weights`` then ``sgd(momentum)``:
 v <- m*v + (g + wd*p); p <- p - lr*v, our update.  JAX is imported here only, and only
 when the bench asks for it.
@@ -7,11 +8,12 @@ when the bench asks for it.
 import numpy as np
 
 
-def jax_epoch(weights, x_host, y_host, batch, lr, momentum, weight_decay):
+def jax_epoch(weights, x_host, y_host, batch, lr, momentum, weight_decay, activation="relu", loss="sce"):
     """(run_epoch(perm) -> (losses, accuracies) as NumPy, version), or None without JAX.
 
-    ``weights``: [(W, b), ...] as NumPy arrays, the network's Linear layers in order, ReLU
-    between them.  Each call continues training from where the last one stopped."""
+    ``weights``: [(W, b), ...] as NumPy arrays, the network's Linear layers in order,
+    ``activation`` ("relu", "sigmoid") between them; ``loss``: "sce" or "mse" (1/(2N) sum
+    ||sigmoid(out) - onehot||^2, as xpmlp's Euclidean networks).  Each call continues training from where the last one stopped."""
     try:
         import jax
         import jax.numpy as jnp
@@ -25,15 +27,21 @@ def jax_epoch(weights, x_host, y_host, batch, lr, momentum, weight_decay):
     optimizer = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
     x, y = jnp.asarray(x_host), jnp.asarray(y_host)
 
+    act = {"relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid}[activation]
+
     def loss_and_accuracy(params, xb, yb):
         h = xb
         for k, (W, b) in enumerate(params):
             h = h @ W + b
             if k < len(params) - 1:
-                h = jax.nn.relu(h)
-        log_prob = jax.nn.log_softmax(h)
-        loss = -jnp.mean(jnp.take_along_axis(log_prob, yb[:, None], axis=1))
-        return loss, jnp.mean((jnp.argmax(h, axis=1) == yb).astype(dtype))
+                h = act(h)
+        if loss == "sce":
+            log_prob = jax.nn.log_softmax(h)
+            value = -jnp.mean(jnp.take_along_axis(log_prob, yb[:, None], axis=1))
+        else:
+            h = jax.nn.sigmoid(h)
+            value = 0.5 * jnp.mean(jnp.sum((h - jax.nn.one_hot(yb, h.shape[1], dtype=dtype)) ** 2, axis=1))
+        return value, jnp.mean((jnp.argmax(h, axis=1) == yb).astype(dtype))
 
     def step(carry, idx):
         params, opt_state = carry

@@ -78,6 +78,14 @@ def _hidden(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 256,128: {text!r}") from None
 
 
+def _thread_counts(text):
+    """'2' or '1,2,4': positive thread counts, each once, in the order given."""
+    counts = [_positive_int(part) for part in text.split(",")]
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"each thread count once: {text!r}")
+    return counts
+
+
 MAX_SEEDS = 64  # one stacked group: K models' weights, velocities and activations in memory
 
 
@@ -566,6 +574,17 @@ def _own_report(run_dirs, args):
 def cmd_bench(args):
     if args.stack and args.epochs < 3:
         raise UserError(f"--stack reports a median of at least 3 epochs: --epochs {args.epochs} is too few")
+    if args.hidden is not None and args.model is not None:
+        raise UserError("give either --model or --hidden/--activation/--loss, not both")
+    if args.hidden is not None and (args.loss is None or (args.hidden and args.activation is None)):
+        raise UserError("--hidden needs --loss, and --activation when there are hidden layers")
+    if (args.activation or args.loss) and args.hidden is None:
+        raise UserError("--activation and --loss go with --hidden (or name a network with --model)")
+    if args.stack and (args.model or args.hidden is not None or args.batch_size or len(args.threads or ()) > 1):
+        raise UserError("--stack times mlp2-relu-sce, batch 100, at one thread count")
+    if len(args.threads or ()) > 1 and (args.pin or args.busy):
+        raise UserError("a scaling table (--threads with several counts) sets each row's cores itself: "
+                        "no --pin or --busy with it")
     from .bench import main as bench_main
     return bench_main(args)
 
@@ -721,9 +740,17 @@ def build_parser():
     p.add_argument("--no-kernels", action="store_true",
                    help="time the buffered ops: our fast path without the backend's fused kernels (Numba / CUDA)")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX comparison (run when jax is installed)")
-    p.add_argument("--threads", type=_positive_int,
+    p.add_argument("--threads", type=_thread_counts,
                    help="CPU threads of every contender (default: ours by xpmlp's policy, 1 unless "
-                        "$XPMLP_THREADS says otherwise; PyTorch and JAX their own default)")
+                        "$XPMLP_THREADS says otherwise; PyTorch and JAX their own default); several, "
+                        "e.g. 1,2,4: a scaling table, each count on as many cores")
+    p.add_argument("--model", help="one of the report's networks (default: mlp2-relu-sce)")
+    p.add_argument("--hidden", type=_hidden, help="custom MLP: hidden sizes, e.g. 2048,1024 (with --activation, --loss)")
+    p.add_argument("--activation", choices=list(ACTIVATIONS), help="custom MLP activation")
+    p.add_argument("--loss", choices=list(LOSSES), help="custom MLP loss")
+    p.add_argument("--batch-size", type=_positive_int, help="(default: 100)")
+    p.add_argument("--log-every", type=_positive_int, default=1,
+                   help="our epoch's iteration records, one every N steps, as train's --log-every (default: 1)")
     p.add_argument("--pin", action="store_true",
                    help="pin every contender to one core (Linux; elsewhere: not pinned), one thread each")
     p.add_argument("--busy", type=_nonnegative_int, default=0, metavar="N",

@@ -7,11 +7,13 @@ It keeps the model's own arrays: the layers' W and b stay views into the flat pa
 buffer, their gradients into the flat gradient buffer, and the optimizer's velocity is
 the one SGD checkpoints, so evaluation, checkpoints and resume see no difference.
 
-With two threads (threads.py's policy: two where this process may run on two cores) each
-step's work is split in halves that a helper thread and the calling one claim
-(numpy_step.py): the batch's rows for the forward and backward passes, each layer's weight
-rows for the gradients and the update.  The halves are cut where the products give the
-same bits as whole ones, so the training is the same, bit for bit, with one thread or two.
+With P threads (threads.py's policy: one a core this process may run on) each step's work
+is split in parts that P - 1 helper threads and the calling one claim (numpy_step.py):
+the batch's rows for the forward and backward passes, each layer's weight rows for the
+gradients and the update.  The parts are cut where the products give the same bits as
+whole ones, so the training is the same, bit for bit, with one thread or P.  Only a
+product big enough to share is split: at most one part per ROWS_PER_PART batch rows
+(and two parts always where the batch allows a cut), so a small batch keeps few threads.
 Stacked models split by model instead (StackedCompiledStepper).  A Chooser times the
 calls and goes back to one thread while that is faster (a busy machine).
 """
@@ -33,22 +35,31 @@ from ..core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 # way for PROBE_STEPS steps: a probe costs little on a busy machine, and the end of a busy
 # spell is seen within PROBE_MAX_S (a fraction of an epoch), whatever the call's length.
 PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 4
+# Batch rows a part of a step takes at least, beyond two parts: below ~16 rows a product's
+# share of work no longer pays for another thread's wake-up and waits (two waits a step).
+ROWS_PER_PART = 16
+# The last layer's product may be computed whole by every part (numpy_step._rows) where no
+# cut keeps its bits, if its outputs are this few (the classes): a small share of a step.
+WHOLE_LAST_MAX_OUTPUTS = 16
 
 
-def _loss_name(model):
-    """The name (a key of the kernel's LOSS_CODES) of the model's layers and loss, or None
-    where the kernel compiles no such network: Linear (ReLU Linear)* then softmax
+def _network(model):
+    """(loss, activation): the names (keys of the kernel's LOSS_CODES and ACTIVATION_CODES)
+    of the model's loss and hidden activation, or None where the kernel compiles no such
+    network: Linear (Act Linear)* with one Act, ReLU or Sigmoid, throughout, then softmax
     cross-entropy, or then Sigmoid + Euclidean."""
     layers = model.layers
     if isinstance(model.loss, SoftmaxCrossEntropyLoss):
-        name = "softmax_xent"
+        loss = "softmax_xent"
     elif isinstance(model.loss, EuclideanLoss) and layers and isinstance(layers[-1], Sigmoid):
-        name, layers = "sigmoid_euclidean", layers[:-1]
+        loss, layers = "sigmoid_euclidean", layers[:-1]
     else:
         return None
+    acts = {type(layer) for layer in layers[1::2]}
     linear = all(isinstance(layer, Linear) for layer in layers[0::2])
-    relu = all(isinstance(layer, ReLU) for layer in layers[1::2])
-    return name if layers and len(layers) % 2 == 1 and linear and relu else None
+    if not (layers and len(layers) % 2 == 1 and linear and len(acts) <= 1 and acts <= {ReLU, Sigmoid}):
+        return None
+    return loss, "sigmoid" if acts == {Sigmoid} else "relu"
 
 
 _said = set()
@@ -68,7 +79,7 @@ def compiled_steps(model):
     network, is why it has none (no Numba, no GEMM it can call), or where the step calls
     another BLAS than NumPy's, it says so in one line on stderr, once."""
     build = getattr(model.backend, "mlp_steps", None)  # NumPy's backend: backends/numpy_step.py
-    if build is None or model.flat is None or _loss_name(model) is None or len(model.stack) > 1:
+    if build is None or model.flat is None or _network(model) is None or len(model.stack) > 1:
         return None
     kernel, why = build(model.dtype)
     if kernel is None:
@@ -137,16 +148,17 @@ class _Helper:
 
 
 class Chooser:
-    """One thread or two for the next steps: the one whose latest run took less time per
-    step, each tried first; a probe of the other one (PROBE_STEPS steps first in a call)
+    """One thread or ``threads`` (the split way) for the next steps: the one whose latest
+    run took less time per step, each tried first; a probe of the other one (PROBE_STEPS steps first in a call)
     when its time comes, by the clock: PROBE_MIN_S after the way changed, twice as long
     after each probe that lost, at most PROBE_MAX_S.  The latest run, not an average:
     after a busy spell one quick probe brings two threads back, and a lucky probe on a busy
     machine costs one slow call (which changes the way back, and probes again soon)."""
 
-    def __init__(self, clock=time.perf_counter):
-        self.per_step = {1: None, 2: None}
-        self.steps_run = {1: 0, 2: 0}  # how many steps each way took
+    def __init__(self, clock=time.perf_counter, threads=2):
+        self.per_step = {1: None, threads: None}
+        self.steps_run = {1: 0, threads: 0}  # how many steps each way took
+        self.split = threads
         self.clock, self.interval, self.next_probe, self.probing = clock, PROBE_MIN_S, None, None
 
     def best(self):
@@ -158,9 +170,10 @@ class Chooser:
         best, now = self.best(), self.clock()
         if None in self.per_step.values() or now < self.next_probe:
             return [(best, steps)]
-        self.next_probe, self.probing = now + self.interval, 3 - best  # until the probe's outcome sets it
+        other = self.split if best == 1 else 1
+        self.next_probe, self.probing = now + self.interval, other  # until the probe's outcome sets it
         probe = min(steps, PROBE_STEPS)
-        return [(3 - best, probe)] + ([(best, steps - probe)] if steps > probe else [])
+        return [(other, probe)] + ([(best, steps - probe)] if steps > probe else [])
 
     def record(self, threads, steps, seconds):
         before, probed, self.probing = self.best(), threads == self.probing, None
@@ -179,38 +192,66 @@ class Chooser:
 
 class CompiledStepper:
     """Stepper's interface (``step``), plus ``steps`` for several batches in one call.
-    ``threads``: 1, or 2 to let a helper thread take half of each step's work where the
-    BLAS allows an exact cut: in the calls where that is faster (Chooser), or in all of
-    them if not ``adaptive``."""
+    ``threads``: 1, or P > 1 to let helper threads take parts of each step's work where the
+    BLAS allows exact cuts (as many parts as the batch is worth, at most P): in the calls
+    where that is faster (Chooser), or in all of them if not ``adaptive``."""
 
     def __init__(self, model, optimizer, kernel=None, threads=1, adaptive=True):
         self.model, self.optimizer = model, optimizer
         self.kernel = kernel or compiled_steps(model)
         if self.kernel is None:
             raise ValueError(f"no compiled step for {model!r} on {model.backend!r}")
-        self.loss_code = self.kernel.LOSS_CODES[_loss_name(model)]
+        loss, activation = _network(model)
+        self.loss_code, self.act = self.kernel.LOSS_CODES[loss], self.kernel.ACTIVATION_CODES[activation]
         self.linears = [layer for layer in model.layers if isinstance(layer, Linear)]
         sizes = [layer.W.size + layer.b.size for layer in self.linears]
         self.offsets = np.cumsum([0] + sizes)
         self.threads, self.adaptive = threads, adaptive
-        self.chooser = Chooser()
+        self.chooser = Chooser(threads=threads)
         self._batch = None
         self._sync = np.zeros(2, dtype=np.int64)  # numpy_step.py's CLAIM and DONE words
         self._generation = [0]  # the kernel calls so far (_new_call)
-        self._helper = self._blas = None
+        self._helpers, self._blas = [], None
+
+    def parts_for(self, batch):
+        """How many parts a step of ``batch`` rows is split in, at most: 1 on one thread; else
+        two, and one more per ROWS_PER_PART rows beyond, up to the threads."""
+        if self.threads == 1 or batch < 8:
+            return 1
+        return max(2, min(self.threads, batch // ROWS_PER_PART))
 
     def _cuts(self, batch):
-        """(row_cut, feature_cuts, column_cuts) of an exact two-way split for this batch
-        size, or None: numpy_step.exact_cut for every product the halves compute."""
+        """(row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs) of an exact
+        split of a step of this batch size in as many parts as it is worth (parts_for, else
+        fewer where no exact cut is found), or None: numpy_step.exact_bounds for every
+        product the parts compute.  Where only the last layer's forward product has no
+        exact cut and it has few outputs, every part computes it whole (whole_ins and
+        whole_outs: a batch-sized input and output a part; else none, as _one_part's)."""
         shapes = [layer.W.shape for layer in self.linears]
-        rows = [(fan_in, fan_out, False, False) for fan_in, fan_out in shapes]  # forward
-        rows += [(fan_out, fan_in, False, True) for fan_in, fan_out in shapes[1:]]  # g @ W^T
-        with self._one_blas_thread():  # as each half will run
-            row_cut = self.kernel.cut(batch, rows) if batch >= 8 else None
-            features = [self.kernel.cut(fan_in, [(batch, fan_out, True, False)]) for fan_in, fan_out in shapes]
-        if row_cut is None or None in features:
-            return None
-        return row_cut, np.array(features, dtype=np.int64), np.array([n // 2 for _, n in shapes], dtype=np.int64)
+        forward = [(fan_in, fan_out, False, False) for fan_in, fan_out in shapes]
+        backward = [(fan_out, fan_in, False, True) for fan_in, fan_out in shapes[1:]]  # g @ W^T
+        with self._one_blas_thread():  # as each part will run
+            for parts in range(self.parts_for(batch), 1, -1):
+                row_bounds, whole = self.kernel.bounds(batch, forward + backward, parts), False
+                if row_bounds is None and shapes[-1][1] <= WHOLE_LAST_MAX_OUTPUTS:
+                    row_bounds, whole = self.kernel.bounds(batch, forward[:-1] + backward, parts), True
+                features = [self.kernel.bounds(fan_in, [(batch, fan_out, True, False)], parts)
+                            for fan_in, fan_out in shapes]
+                if row_bounds is not None and None not in features:
+                    columns = [[n * j // parts for j in range(parts + 1)] for _, n in shapes]
+                    fan_in, fan_out = shapes[-1]
+                    wholes = ((np.zeros((parts, batch, fan_in), dtype=self.model.dtype),
+                               np.zeros((parts, batch, fan_out), dtype=self.model.dtype)) if whole
+                              else self._one_part(batch)[3:])
+                    return (*(np.array(b, dtype=np.int64) for b in (row_bounds, features, columns)), *wholes)
+        return None
+
+    def _one_part(self, batch):
+        """The bounds of a step in one part and no whole product (steps' arguments)."""
+        shapes = [layer.W.shape[-2:] for layer in self.linears]
+        none = np.zeros((1, 0, 0), dtype=self.model.dtype)
+        return (np.array([0, batch], dtype=np.int64), np.array([[0, f] for f, _ in shapes], dtype=np.int64),
+                np.array([[0, n] for _, n in shapes], dtype=np.int64), none, none)
 
     def _new_buffers(self, x, y, batch):
         """A step's work arrays: the batch, every layer's output and gradient, each row's
@@ -223,7 +264,7 @@ class CompiledStepper:
                 outputs, grads, np.empty(batch), np.empty(batch, dtype=np.int64))
 
     def _buffers(self, x, y, batch):
-        """_new_buffers and the halves' cuts (None: one part), allocated once per batch size."""
+        """_new_buffers and the parts' cuts (None: one part), allocated once per batch size."""
         if self._batch is None or self._batch[0].shape[0] != batch:
             self._batch = self._new_buffers(x, y, batch) + (self._cuts(batch) if self.threads > 1 else None,)
         return self._batch
@@ -239,13 +280,13 @@ class CompiledStepper:
     def _chosen(self, split, idx, loss_out, acc_out, run):
         """``run(threads, idx, loss_out, acc_out)`` over parts of the call's steps: on one
         thread unless the work can ``split``, else as the chooser plans (each part timed
-        for it), or on two always if not ``adaptive``."""
+        for it), or split always if not ``adaptive``."""
         n = loss_out.shape[0]
         batch = idx.shape[-1] // n
         if not split:
             return run(1, idx, loss_out, acc_out)
         done = 0
-        for threads, count in self.chooser.plan(n) if self.adaptive else [(2, n)]:
+        for threads, count in self.chooser.plan(n) if self.adaptive else [(self.threads, n)]:
             start = time.perf_counter()
             run(threads, idx[..., done * batch:(done + count) * batch], loss_out[done:done + count],
                 acc_out[done:done + count])
@@ -253,30 +294,44 @@ class CompiledStepper:
             done += count
 
     def _run(self, threads, x, y, idx, loss_out, acc_out, buffers):
-        """The steps in one kernel call, in two parts (this thread and the helper) or one."""
+        """The steps in one kernel call, in parts (this thread and the helpers) or one."""
         xb, yb, outputs, grads, row_loss, row_hit, cuts = buffers
         flat, opt, t = self.model.flat, self.optimizer, np.dtype(self.model.dtype).type
         (slot,) = opt.slots  # the flat buffers' one slot
-        row_cut, feature_cuts, column_cuts = cuts if threads > 1 else (0, self.offsets[:0], self.offsets[:0])
+        bounds = cuts if threads > 1 else self._one_part(xb.shape[0])
         generation = _new_call(self._sync, self._generation)
         args = (x, y, idx, tuple(layer.W for layer in self.linears), tuple(layer.b for layer in self.linears),
                 tuple(layer.grad_W for layer in self.linears), tuple(layer.grad_b for layer in self.linears),
-                outputs, grads, xb, yb, self.loss_code, flat.params, flat.grads, slot.velocity,
+                outputs, grads, xb, yb, self.loss_code, self.act, flat.params, flat.grads, slot.velocity,
                 self.offsets, t(opt.lr), t(opt.momentum), t(opt.weight_decay), loss_out, acc_out,
-                row_loss, row_hit, threads, row_cut, feature_cuts, column_cuts, self._sync, generation)
+                row_loss, row_hit, *bounds, self._sync, generation)
         if threads == 1:
             self.kernel(*args, True)
             return
-        with self._two_threads():  # each half's products on its own thread
-            self._helper.jobs.put((self.kernel, args + (False,)))
+        helpers = len(bounds[0]) - 2  # a helper a part, beyond this thread's
+        with self._with_helpers(helpers):  # each part's products on its own thread
+            for helper in self._helpers[:helpers]:
+                helper.jobs.put((self.kernel, args + (False,)))
             self.kernel(*args, True)
-        self._helper.raise_error()
+        self._raise_helper_error()
+
+    @property
+    def _helper(self):
+        """The first helper thread, or None before any started."""
+        return self._helpers[0] if self._helpers else None
+
+    def _with_helpers(self, count):
+        """``count`` helper threads, started on first use, and BLAS held to one thread each."""
+        while len(self._helpers) < count:
+            self._helpers.append(_Helper(self))
+        return self._one_blas_thread()
 
     def _two_threads(self):
-        """The helper thread, started on first use, and BLAS held to one thread each."""
-        if self._helper is None:
-            self._helper = _Helper(self)
-        return self._one_blas_thread()
+        return self._with_helpers(1)
+
+    def _raise_helper_error(self):
+        for helper in self._helpers:
+            helper.raise_error()
 
     def _one_blas_thread(self):
         if self._blas is None:
@@ -294,11 +349,11 @@ class StackedCompiledStepper(CompiledStepper):
     flat buffers), so each computes exactly what it computes alone; a frozen model
     (SGD.freeze) is not stepped.  A call takes its steps model by model.
 
-    With two threads the models are the tasks: the calling thread and the helper each claim
+    With P threads the models are the tasks: the calling thread and the helpers each claim
     the next model nobody has and run all of the call's steps for it, on work arrays of its
     own.  No product is split, so nothing needs an exact cut and the threads meet once a
-    call; one thread or two give the same bits.  The Chooser picks one or two as for one
-    model (a busy machine)."""
+    call; one thread or P give the same bits.  The Chooser picks one or P as for one model
+    (a busy machine)."""
 
     def __init__(self, model, optimizer, kernel=None, threads=1, adaptive=True):
         super().__init__(model, optimizer, kernel, threads=threads, adaptive=adaptive)
@@ -309,7 +364,7 @@ class StackedCompiledStepper(CompiledStepper):
                          tuple(layer.grad_W[m] for layer in self.linears),
                          tuple(layer.grad_b[m, 0] for layer in self.linears),
                          flat.params[m], flat.grads[m], slot.velocity[m]) for m in range(model.stack[0])]
-        self._lanes = [None, None]  # each thread's (work arrays, sync words), per batch size
+        self._lanes = [None] * threads  # each thread's (work arrays, sync words), per batch size
         self._timed_models = len(self._models)  # how many models the chooser's times are for
 
     def steps(self, x, y, idx, loss_out, acc_out):
@@ -318,7 +373,7 @@ class StackedCompiledStepper(CompiledStepper):
         batch = idx.shape[-1] // loss_out.shape[0]
         models = self.optimizer.active_models()
         if len(models) != self._timed_models:  # a model froze: the times so far were for more
-            self.chooser, self._timed_models = Chooser(), len(models)
+            self.chooser, self._timed_models = Chooser(threads=self.threads), len(models)
         self._chosen(self.threads > 1 and len(models) > 1, idx, loss_out, acc_out,
                      lambda threads, *part: self._run_models(threads, models, x, y, *part, batch))
 
@@ -346,15 +401,17 @@ class StackedCompiledStepper(CompiledStepper):
                         count["finished"] += 1
                         ended.notify()
 
-        with self._two_threads():
-            self._helper.jobs.put((work, (1,)))
+        helpers = min(threads, len(models)) - 1
+        with self._with_helpers(helpers):
+            for lane, helper in enumerate(self._helpers[:helpers], 1):
+                helper.jobs.put((work, (lane,)))
             try:
                 work(0)
-            finally:  # no more claims; the model the helper is stepping, if any, ends first
+            finally:  # no more claims; the models the helpers are stepping, if any, end first
                 with ended:
                     count["open"] = False
                     ended.wait_for(lambda: count["finished"] == count["claimed"])
-        self._helper.raise_error()
+        self._raise_helper_error()
 
     def _step_model(self, lane, m, x, y, idx, loss_out, acc_out, batch):
         """All of the call's steps of model m, on thread ``lane``'s work arrays."""
@@ -362,8 +419,8 @@ class StackedCompiledStepper(CompiledStepper):
             self._lanes[lane] = (self._new_buffers(x, y, batch), np.zeros(2, dtype=np.int64), [0])
         (xb, yb, outputs, grads, row_loss, row_hit), sync, generation = self._lanes[lane]
         Ws, bs, grad_Ws, grad_bs, params, grads_m, velocity = self._models[m]
-        opt, t, none = self.optimizer, np.dtype(self.model.dtype).type, self.offsets[:0]
+        opt, t = self.optimizer, np.dtype(self.model.dtype).type
         self.kernel(x, y, idx if idx.ndim == 1 else idx[m], Ws, bs, grad_Ws, grad_bs, outputs, grads, xb, yb,
-                    self.loss_code, params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
-                    t(opt.weight_decay[m]), loss_out[:, m], acc_out[:, m], row_loss, row_hit, 1, 0, none, none,
+                    self.loss_code, self.act, params, grads_m, velocity, self.offsets, t(opt.lr[m]), t(opt.momentum[m]),
+                    t(opt.weight_decay[m]), loss_out[:, m], acc_out[:, m], row_loss, row_hit, *self._one_part(batch),
                     sync, _new_call(sync, generation), True)

@@ -6,10 +6,11 @@ another process keeps a core busy, the two threads wait for each other at every 
 and an epoch becomes 3-15x slower.  One thread is steady (docs/performance.md, Threads, measured
 with `xpmlp bench --busy 1`).  ``XPMLP_THREADS`` or a command's ``--threads`` overrides it.
 
-The compiled step (xpmlp/training/compiled.py) does better with two cores: it splits each step
-(or, for stacked models, the models) between two threads of its own, each calling BLAS
-with one thread, and goes back to one while that is faster (a busy machine).  It takes two where this process may run on two
-cores, unless ``XPMLP_THREADS`` / ``--threads`` says 1.
+The compiled step (training/compiled.py) does better with more cores: it splits each step
+(or, for stacked models, the models) between threads of its own, each calling BLAS with
+one thread, and goes back to one while that is faster (a busy machine).  It takes one
+thread a core this process may run on, unless ``XPMLP_THREADS`` / ``--threads`` says
+otherwise; a step uses as many as its batch is worth (compiled.ROWS_PER_PART).
 """
 import contextlib
 import os
@@ -34,12 +35,12 @@ def blas_threads(threads=None):
 
 def step_threads(threads=None):
     """Threads of the compiled step: ``threads`` or ``$XPMLP_THREADS`` when given, else the
-    cores this process may run on; at most two (it splits a step in two halves)."""
+    cores this process may run on."""
     if threads is None and os.environ.get("XPMLP_THREADS") is not None:
         threads = blas_threads()
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(2, threads))
+    return max(1, threads)
 
 
 @contextlib.contextmanager
