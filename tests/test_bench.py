@@ -315,3 +315,12 @@ def test_the_scaling_table_from_the_command_line(tmp_path):
     assert [row["peer_threads"] for row in r["scaling"]] == [1, None] and len(r["speedup"]) == 2
     assert [row["step_threads"] for row in r["scaling"]] == [1, 2] and r["scaling"][1]["threads"] == 1
     assert {row["model"] for row in r["scaling"]} == {"mlp16-sigmoid-mse"}
+
+
+def test_no_kernels_on_a_backend_without_buffers_is_one_line(capsys):
+    """The buffered ops need out= buffers (NumPy, CuPy); array-api-strict and torch run the
+    plain ops only: one line, not the ValueError's traceback from inside the bench."""
+    from xpmlp.cli import main
+    assert main(["bench", "--device", "array-api-strict", "--no-kernels", "--no-torch", "--no-jax"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xpmlp: error: --no-kernels") and len(err.splitlines()) == 1, err

@@ -585,6 +585,12 @@ def cmd_bench(args):
     if len(args.threads or ()) > 1 and (args.pin or args.busy):
         raise UserError("a scaling table (--threads with several counts) sets each row's cores itself: "
                         "no --pin or --busy with it")
+    if args.no_kernels:  # the buffered ops need out= buffers: say so before anything runs
+        from .backends import get_backend
+        backend = get_backend(args.device)
+        if not backend.has_out_buffers:
+            raise UserError(f"--no-kernels times the buffered ops, which {backend.name} does not have "
+                            "(it runs the plain ops only)")
     from .bench import main as bench_main
     return bench_main(args)
 
