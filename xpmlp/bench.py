@@ -168,7 +168,7 @@ class _BenchLoop(EpochLoop):
     records (``iter_records``)."""
 
     def __init__(self, net, model, data, run_dir, threads, device_data, compiled):
-        optimizer = SGD(model, lr=net.lr, momentum=net.momentum, weight_decay=net.weight_decay)
+        optimizer = net.optimizer(model)
         super().__init__(net, model, optimizer, data, seeds=[net.seed], progress=False, log=_silent,
                          threads=threads, device_data=device_data)
         if not compiled:

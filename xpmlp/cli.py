@@ -240,11 +240,8 @@ def _run_dir(text):
 
 
 def cmd_train(args):
-    from .backends import get_backend
-    from .data import load_data, split_validation
     from .processes import die_with_parent
     from .training.launch import train
-    from .training.threads import blas_threads
     from .training.train import Trainer
 
     die_with_parent()  # a sweep's run ends with its sweep
@@ -253,14 +250,8 @@ def cmd_train(args):
     if args.resume and not (Path(args.resume) / rundir.CHECKPOINT).exists():
         _refuse_a_group_member(Path(args.resume))
     config = config_from_args(args)
-    threads = blas_threads()  # a bad $XPMLP_THREADS fails here, before any file
-    progress = not args.quiet and sys.stderr.isatty()
-    log = _log_fn(progress)
-    notices = []  # shown once the run starts, so that a mistake found first stays one line
-    backend = get_backend(config.device, notice=notices.append)  # fail before any file
-    backend.dtype(config.dtype)  # one the device lacks (float64 on MPS) too
-    data = split_validation(load_data(config.data, config.dataset, config.data_dir, progress=progress), config.val)
-    config = config.fit_data(data)
+    run, (config,) = _run_setup(args, [config])
+    threads, progress, log, notices, backend, data = run
     if args.resume:
         rundir.check_data(args.resume, rundir.load_config(args.resume)[1], data.info)
     out, created = _prepare_out(args, config)
@@ -279,6 +270,23 @@ def cmd_train(args):
     return {"completed": 0, "diverged": 0}.get(summary["status"], 130)
 
 
+def _run_setup(args, configs):
+    """What a training command needs before any file is written, every mistake found first:
+    ((threads, progress, log, notices, backend, data), the configs fitted to the data).
+    ``notices``: lines shown once the run starts, so that a mistake found first stays one line."""
+    from .backends import get_backend
+    from .data import training_data
+    from .training.threads import blas_threads
+
+    threads = blas_threads()  # a bad $XPMLP_THREADS fails here
+    progress = not args.quiet and sys.stderr.isatty()
+    notices = []
+    backend = get_backend(configs[0].device, notice=notices.append)
+    backend.dtype(configs[0].dtype)  # one the device lacks (float64 on MPS) too
+    data = training_data(configs[0], progress=progress)
+    return (threads, progress, _log_fn(progress), notices, backend, data), [c.fit_data(data) for c in configs]
+
+
 def _refuse_a_group_member(run_dir):
     """A stacked group's member has no checkpoint of its own: resumed alone it would be
     cleared and trained again, losing the group's progress.  Say how to resume it instead."""
@@ -295,11 +303,8 @@ def _refuse_a_group_member(run_dir):
 def train_seeds(args):
     """``train --seeds LIST``: one stacked group, a run directory per seed under --out and an
     aggregate summary.json; ``train --resume OUT`` of such a directory continues the group."""
-    from .backends import get_backend
-    from .data import load_data, split_validation
     from .training.launch import train
     from .training.stack import StackTrainer, aggregate, group_configs
-    from .training.threads import blas_threads
 
     created = False
     if args.resume:
@@ -317,15 +322,8 @@ def train_seeds(args):
             raise UserError("give either --seed or --seeds, not both")
         config = config_from_args(args)
         configs = [dataclasses.replace(config, seed=s) for s in args.seeds]
-    threads = blas_threads()  # a bad $XPMLP_THREADS fails here, before any file
-    progress = not args.quiet and sys.stderr.isatty()
-    log = _log_fn(progress)
-    notices = []
-    backend = get_backend(configs[0].device, notice=notices.append)  # fail before any file
-    backend.dtype(configs[0].dtype)  # one the device lacks (float64 on MPS) too
-    data = split_validation(load_data(configs[0].data, configs[0].dataset, configs[0].data_dir, progress=progress),
-                            configs[0].val)
-    configs = [c.fit_data(data) for c in configs]
+    run, configs = _run_setup(args, configs)
+    threads, progress, log, notices, backend, data = run
     if args.resume:
         rundir.check_data(out, rundir.read_json(run_dirs[0] / rundir.CONFIG), data.info)
     else:

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from .core.model import ACTIVATIONS, DTYPES, LOSSES, MODELS, build_mlp
+from .core.optim import SGD
 
 # Settings that define the trajectory: a resume must not contradict them.
 TRAJECTORY_KEYS = ("model", "hidden", "activation", "loss", "batch_size", "lr", "momentum",
@@ -127,6 +128,10 @@ class TrainConfig:
         hidden, activation, loss = MODELS[self.model] if self.hidden is None else \
             (self.hidden, self.activation, self.loss)
         return build_mlp(hidden, activation, loss, **common)
+
+    def optimizer(self, model):
+        """The SGD these settings describe, for ``model``."""
+        return SGD(model, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     @classmethod
     def from_saved(cls, saved):

@@ -376,6 +376,12 @@ def load_data(data=None, dataset="mnist", data_dir=None, *, download=True, progr
     return load_user_data(data)
 
 
+def training_data(config, *, progress=True) -> Dataset:
+    """The data a run of ``config`` (a TrainConfig) trains on: its own or a named dataset,
+    with its validation split held out."""
+    return split_validation(load_data(config.data, config.dataset, config.data_dir, progress=progress), config.val)
+
+
 def load_user_data(path) -> Dataset:
     """The data at ``path``: a directory of four IDX files (train/t10k or test, images and
     labels, gzipped or not) or an .npz holding x_train, y_train, x_test and y_test."""

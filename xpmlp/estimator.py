@@ -112,12 +112,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         if classes < 2:
             raise ValueError(f"MLPClassifier needs samples of at least 2 classes; got 1 class: {self.classes_[0]}")
         from .backends import get_backend
-        from .core.optim import SGD
 
         config = self._config(*X.shape, classes)
         backend = get_backend(config.device)
         model = config.build(backend)
-        optimizer = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = config.optimizer(model)
         self._loop = _MemoryLoop(config, model, optimizer, None, seeds=[config.seed])
         self.loss_curve_ = []
 
@@ -173,13 +172,12 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.update(state)
         if saved is not None:
             from .backends import get_backend
-            from .core.optim import SGD
-
+    
             config = saved["config"]
             backend = get_backend(config.device)
             model = config.build(backend)
             model.load_state_arrays(saved["params"])
-            optimizer = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+            optimizer = config.optimizer(model)
             optimizer.load_state([backend.asarray(v, dtype=model.dtype) for v in saved["velocity"]])
             self._loop = _MemoryLoop(config, model, optimizer, None, seeds=[config.seed])
             self._loop.rngs[0].bit_generator.state = saved["rng"]

@@ -321,7 +321,7 @@ def load_checkpoint(path, model=None, described_by=CONFIG):
         if model is not None:
             check_checkpoint_sizes(path, model)
         with np.load(path) as npz:
-            state = json.loads(npz["state"].tobytes().decode())
+            state = _state_of(npz)
             params = [npz[f"param_{i}"] for i in range(state["num_params"])]
             velocity = [npz[f"velocity_{i}"] for i in range(state["num_params"])]
             partial = {k[len("partial_"):]: npz[k] for k in npz.files if k.startswith("partial_")}
@@ -343,9 +343,14 @@ def checkpoint_state(path):
         return None
     try:
         with np.load(path) as npz:
-            return json.loads(npz["state"].tobytes().decode())
+            return _state_of(npz)
     except Exception as exc:  # noqa: BLE001 - truncated or foreign file
         raise TrainError(f"{path}: unreadable checkpoint ({exc})") from None
+
+
+def _state_of(npz):
+    """A checkpoint's loop state: JSON, stored as the bytes of its "state" array."""
+    return json.loads(npz["state"].tobytes().decode())
 
 
 def load_model(run_dir, backend, config=None, checkpoint="last"):

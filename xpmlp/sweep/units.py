@@ -40,7 +40,7 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
     from tqdm import tqdm
 
     from ..backends import get_backend
-    from ..data import load_data, split_validation
+    from ..data import training_data
     from ..training.launch import train
     from ..training.stack import StackTrainer
 
@@ -52,8 +52,7 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
     first = configs[0]
     which = ("data", first.data, first.dataset, first.data_dir, first.val)  # a group's members share these
     if which not in _LOADED:
-        _LOADED[which] = split_validation(load_data(first.data, first.dataset, first.data_dir,
-                                                    progress=sys.stderr.isatty()), first.val)
+        _LOADED[which] = training_data(first, progress=sys.stderr.isatty())
     configs = [c.fit_data(_LOADED[which]) for c in configs]
     if first.device not in _LOADED:
         _LOADED[first.device] = get_backend(first.device, notice=tqdm.write)

@@ -56,14 +56,10 @@ def build_stacked(configs, backend):
     return model, optimizer
 
 
-def member_arrays(model, stacked_arrays, k):
-    """Model k's slices of stacked parameter-shaped arrays, in the one-model shapes
-    (W: (in, out), b: (out,)), as host arrays."""
-    out = []
-    for (layer, name), a in zip(model.parameters(), stacked_arrays):
-        a = np.asarray(model.backend.to_numpy(a))[k]
-        out.append(a.reshape(-1) if name == "b" else a)
-    return out
+def member_arrays(model, host_arrays, k):
+    """Model k's slices of stacked parameter-shaped host arrays, in the one-model shapes
+    (W: (in, out), b: (out,))."""
+    return [a[k].reshape(-1) if name == "b" else a[k] for (layer, name), a in zip(model.parameters(), host_arrays)]
 
 
 class StackTrainer(EpochLoop):
@@ -142,18 +138,23 @@ class StackTrainer(EpochLoop):
     def _checkpoint(self, rng_states, pos=0, partial_time_s=0.0, partial=None):
         state = dict(self.state, rngs=rng_states, pos=pos, partial_time_s=partial_time_s,
                      member_status=self.member_status, members=_relative(self.run_dirs, self.group_dir))
-        rundir.save_checkpoint(self.checkpoint_path, [self.backend.to_numpy(a) for a in self.model.state_arrays()],
-                               [self.backend.to_numpy(v) for v in self.optimizer.state()], state, partial)
+        rundir.save_checkpoint(self.checkpoint_path, *self._on_host(), state, partial)
 
-    def _member_checkpoint(self, k, name=rundir.CHECKPOINT):
-        """Model k's own checkpoint.npz (or best.npz), exactly what its single run leaves behind."""
+    def _on_host(self):
+        """(weights, momenta) of every model, copied to the host once."""
+        return self.model.state_arrays(), [self.backend.to_numpy(v) for v in self.optimizer.state()]
+
+    def _member_checkpoint(self, k, name=rundir.CHECKPOINT, host=None):
+        """Model k's own checkpoint.npz (or best.npz), exactly what its single run leaves behind.
+        ``host``: _on_host()'s arrays, when several members are saved at one point of the loop."""
         state = dict(self.state, status=self.member_status[k], rng=self._rng_states()[0 if self.shared_shuffle else k],
                      pos=0, partial_time_s=0.0)
         best = state.pop("best", None)  # the group's, a [val_acc, epoch] (or None) a model
         if best and best[k]:
             state.update(best_val_acc=best[k][0], best_epoch=best[k][1])
-        rundir.save_checkpoint(self.run_dirs[k] / name, member_arrays(self.model, self.model.state_arrays(), k),
-                               member_arrays(self.model, self.optimizer.state(), k), state)
+        params, velocity = host or self._on_host()
+        rundir.save_checkpoint(self.run_dirs[k] / name, member_arrays(self.model, params, k),
+                               member_arrays(self.model, velocity, k), state)
 
     def _configs(self):
         return self.configs
@@ -194,9 +195,10 @@ class StackTrainer(EpochLoop):
     def _finish(self, last):
         interrupted = self.state["status"] == "interrupted"
         if not interrupted:
+            host = self._on_host() if self.active() else None  # one copy for every member's checkpoint
             for k in self.active():
                 self.member_status[k] = "completed"
-                self._member_checkpoint(k)
+                self._member_checkpoint(k, host=host)
             self.state["status"] = "completed"
             if any(last):  # an epoch ran in this call
                 self._checkpoint(self._rng_states())
@@ -272,13 +274,11 @@ def group_configs(group_dir):
 
 def group_state(group_dir):
     """The loop state in a group's checkpoint (``status``, ``epoch``, ...), or None."""
-    path = Path(group_dir) / GROUP_CHECKPOINT
-    if not (path.is_file() and (Path(group_dir) / GROUP_FILE).is_file()):
+    if not (Path(group_dir) / GROUP_FILE).is_file():
         return None
     try:
-        with np.load(path) as npz:
-            return json.loads(npz["state"].tobytes().decode())
-    except Exception:  # noqa: BLE001 - a torn file is no checkpoint
+        return rundir.checkpoint_state(Path(group_dir) / GROUP_CHECKPOINT)
+    except TrainError:  # a torn file is no state to plan by (resuming it is refused by name)
         return None
 
 

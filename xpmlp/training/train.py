@@ -5,7 +5,6 @@ from pathlib import Path
 from .. import rundir
 from ..backends import get_backend
 from ..config import TrainConfig, TrainError  # noqa: F401 (the training API in one import)
-from ..core.optim import SGD
 from .compiled import step_record
 from .loop import (  # noqa: F401
     EpochLoop,
@@ -31,7 +30,7 @@ class Trainer(EpochLoop):
             model = config.build(backend)
         except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError (a subclass)
             raise TrainError(f"not enough memory on {backend.device} for {config.name}") from None
-        optimizer = SGD(model, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = config.optimizer(model)
         super().__init__(config, model, optimizer, data, seeds=[config.seed], progress=progress, log=log,
                          threads=threads)
         self.run_dir = Path(run_dir)
@@ -43,16 +42,21 @@ class Trainer(EpochLoop):
             self.rngs[0].bit_generator.state = state.pop("rng")
             state.pop("num_params")
             self.state.update(state, status="running")
-        self._resumed = resume
+        self._resumed, self._records_dropped = resume, False
         self._saved_state = dict(self.state)  # as of the last checkpoint
         self.writer = None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(logdir=str(self.run_dir), purge_step=self.state["iter"] + 1 if resume else None)
 
-    def write_config(self):
-        if self._resumed:  # the records first: a bad one stops the resume before any file changes
+    def _drop_records_past_the_checkpoint(self):
+        """On resume, once: the records past the checkpoint will be produced again."""
+        if self._resumed and not self._records_dropped:
             rundir.truncate_metrics(self.run_dir, self.state["epoch"])
+            self._records_dropped = True
+
+    def write_config(self):
+        self._drop_records_past_the_checkpoint()  # first: a bad record stops the resume before any file changes
         rundir.write_config(self.run_dir, self.config, self.backend, step_record(self.stepper),
                                 getattr(self.data, "info", None))  # None: data without a record (tests)
 
@@ -61,8 +65,7 @@ class Trainer(EpochLoop):
         path.  A full disk ends the run as interrupted at its last checkpoint (DiskFull)."""
         with rundir.hold_run_dir(self.run_dir):
             try:
-                if self._resumed:  # records past the checkpoint will be produced again
-                    rundir.truncate_metrics(self.run_dir, self.state["epoch"])
+                self._drop_records_past_the_checkpoint()
                 return self._loop()
             except rundir.DiskFull:
                 self._after_disk_full()
@@ -86,19 +89,21 @@ class Trainer(EpochLoop):
     def _checkpoint(self, rng_states, pos=0, partial_time_s=0.0, partial=None):
         """``rng_states``: the shuffle RNG's before the permutation of the epoch in progress;
         ``pos`` > 0 marks a checkpoint taken inside that epoch after ``pos`` iterations."""
-        state = dict(self.state, rng=rng_states[0], pos=pos, partial_time_s=partial_time_s)
-        rundir.save_checkpoint(self.checkpoint_path, self.model.state_arrays(),
-                               [self.backend.to_numpy(v) for v in self.optimizer.state()], state, partial)
+        self._save(self.checkpoint_path, dict(self.state, rng=rng_states[0], pos=pos, partial_time_s=partial_time_s),
+                   partial)
         self._saved_state = dict(self.state)
+
+    def _save(self, path, state, partial=None):
+        rundir.save_checkpoint(path, self.model.state_arrays(),
+                               [self.backend.to_numpy(v) for v in self.optimizer.state()], state, partial)
 
     def _write_epoch(self, k, iter_records, record):
         rundir.append_metrics(self.run_dir, iter_records + [record])
         write_tensorboard(self.writer, iter_records, record)
         if record.get("val_acc") is not None and record["val_acc"] > self.state.get("best_val_acc", -1.0):
             self.state.update(best_val_acc=record["val_acc"], best_epoch=record["epoch"])
-            state = dict(self.state, rng=self._rng_states()[0], pos=0, partial_time_s=0.0)
-            rundir.save_checkpoint(self.run_dir / rundir.BEST, self.model.state_arrays(),
-                                   [self.backend.to_numpy(v) for v in self.optimizer.state()], state)
+            self._save(self.run_dir / rundir.BEST,
+                       dict(self.state, rng=self._rng_states()[0], pos=0, partial_time_s=0.0))
 
     def _on_diverged(self, k, record):
         self.state["status"] = "diverged"  # the final checkpoint and summary: _finish
