@@ -209,18 +209,24 @@ def _epoch_one_done(directory, epochs=3):
 
 
 @pytest.mark.parametrize("shared_fs", [True, False], ids=["shared-fs", "no-shared-fs"])
-def test_a_worker_killed_mid_run_is_retried_and_its_run_resumes(cluster, local_runs, tmp_path, shared_fs):
+def test_a_worker_killed_mid_run_is_retried_and_its_run_resumes(cluster, tmp_path, shared_fs):
     """SIGKILL the Ray worker that trains a run, in its second epoch: Ray retries the task,
     the run resumes from its checkpoint, and every run ends as the local sweep's did; with
-    the workers writing in place, and with the files sent back to the driver."""
+    the workers writing in place, and with the files sent back to the driver.  8 epochs, so
+    that the run is still training when its first checkpoint reaches the driver (with 3, on a
+    busy machine, a run sent back its files and finished before the kill came)."""
+    epochs, names = 8, run_names(8)
+    (tmp_path / "local").mkdir()
+    local = cli("sweep", write_config(tmp_path / "local", TWO, epochs=epochs), "--jobs", "2", cwd=tmp_path / "local")
     runs = tmp_path / "runs"
-    victim = runs / RUNS[0.01]
+    victim = runs / names[0.01]
     work = victim if shared_fs else work_dir(victim.absolute())
-    driver = cli("sweep", write_config(tmp_path, TWO), "--executor", "ray", "--address", cluster,
+    driver = cli("sweep", write_config(tmp_path, TWO, epochs=epochs), "--executor", "ray", "--address", cluster,
                  *([] if shared_fs else ["--no-shared-fs"]), cwd=tmp_path)
     try:
         # in its second epoch, with its first checkpoint on the driver's side (sent back, or written in place)
-        _wait_for(lambda: _epoch_one_done(work) and (victim / rundir.CHECKPOINT).exists(), f"epoch 1 of {work}")
+        _wait_for(lambda: _epoch_one_done(work, epochs) and (victim / rundir.CHECKPOINT).exists(),
+                  f"epoch 1 of {work}")
         trainer = rundir.lock_holder(work)  # the run's `xpmlp train`; its parent is the Ray worker
         assert trainer, "the run ended before it could be killed"
         worker = int(Path(f"/proc/{trainer}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -235,12 +241,14 @@ def test_a_worker_killed_mid_run_is_retried_and_its_run_resumes(cluster, local_r
     if not shared_fs:
         assert "files sent back to this machine" in out
         for lr in TWO:
-            assert not work_dir((runs / RUNS[lr]).absolute()).exists(), "a worker's copy was left behind"
+            assert not work_dir((runs / names[lr]).absolute()).exists(), "a worker's copy was left behind"
     log = (victim / "train.log").read_text()
     first, second = log.split("training mlp0-sce")[1:]  # started twice: the second time...
-    assert "epoch   1/3" in first and "epoch   1/3" not in second, log  # ...from its checkpoint
-    assert "epoch   3/3" in second and "completed" in second, log
-    assert_same_runs(runs, local_runs, TWO)  # ...and ended as if never stopped
+    assert "epoch   1/8" in first and "epoch   1/8" not in second, log  # ...from its checkpoint
+    assert "epoch   8/8" in second and "completed" in second, log
+    code, out, err = finish(local)
+    assert code == 0, out + err
+    assert_same_runs(runs, tmp_path / "local" / "runs", TWO, runs=names)  # ...and ended as if never stopped
 
 
 @pytest.mark.parametrize("shared_fs", [True, False], ids=["shared-fs", "no-shared-fs"])
