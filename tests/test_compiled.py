@@ -426,10 +426,11 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
     chooser, per_step = Chooser(clock=lambda: now[0]), {1: 0.0008, 2: 0.0004}
 
     def call(steps=25):
-        plan = chooser.plan(steps)
-        for threads, count in plan:
+        plan = []
+        for threads, count in chooser.plan(steps):  # each part decided after the last one's record
             now[0] += count * per_step[threads]
             chooser.record(threads, count, count * per_step[threads])
+            plan.append((threads, count))
         return plan, now[0]
 
     probe_one, probe_two = [(1, PROBE_STEPS), (2, 25 - PROBE_STEPS)], [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]
@@ -452,7 +453,7 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
     per_step[2] = 0.0004  # quiet again: the next probe sees it
     quiet = now[0]
     calls = [call() for _ in range(100)]
-    back = next(t for p, t in calls if p == probe_two)
+    back = next(t for p, t in calls if p == [(2, PROBE_STEPS), (2, 25 - PROBE_STEPS)])  # won: the call goes on split
     assert back - quiet < PROBE_MAX_S + 0.03 and calls[-1][0] == [(2, 25)]
     assert call(3)[0] in ([(2, 3)], [(1, 3)])  # a call shorter than a probe is one way
     assert chooser.steps_run[1] + chooser.steps_run[2] == (2 + 200 + 200 + 100) * 25 + 3
@@ -465,10 +466,11 @@ def test_one_slow_call_changes_the_way_and_the_other_is_tried_again_soon():
     chooser, per_step = Chooser(clock=lambda: now[0]), {1: 0.0008, 2: 0.0004}
 
     def call(slow=1.0):
-        plan = chooser.plan(25)
-        for threads, count in plan:
+        plan = []
+        for threads, count in chooser.plan(25):
             now[0] += count * per_step[threads] * slow
             chooser.record(threads, count, count * per_step[threads] * slow)
+            plan.append((threads, count))
         return plan
 
     for _ in range(300):
@@ -478,9 +480,39 @@ def test_one_slow_call_changes_the_way_and_the_other_is_tried_again_soon():
     hiccup = now[0]
     assert chooser.best() == 1
     for _ in range(100):
-        if call() == [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]:
+        if call() == [(2, PROBE_STEPS), (2, 25 - PROBE_STEPS)]:  # the probe won, and its call went on split
             break
     assert now[0] - hiccup < PROBE_MIN_S + 0.03 and call() == [(2, 25)]
+
+
+def test_a_lucky_probe_on_a_busy_machine_does_not_bring_probes_sooner():
+    """On a busy machine a short probe of two threads can win by luck (the neighbour was
+    off its core for those steps): the rest of its call then runs split, loses, and the way
+    goes back to one thread; that counts as a probe that lost, so probes still become
+    rarer, down to one every PROBE_MAX_S, and a lucky probe costs one call's steps."""
+    now = [0.0]
+    chooser = Chooser(clock=lambda: now[0])
+
+    def per_step(threads, count, probe):
+        if threads == 1:
+            return 0.0011
+        return 0.0008 if probe else 0.0015  # every probe lucky, every longer run slow
+
+    calls = []
+    for _ in range(1500):
+        plan = []
+        for threads, count in chooser.plan(25):
+            seconds = count * per_step(threads, count, probe=threads == chooser.probing)
+            now[0] += seconds
+            chooser.record(threads, count, seconds)
+            plan.append((threads, count))
+        calls.append((plan, now[0]))
+    split = [(p, t) for p, t in calls if any(threads == 2 for threads, _ in p)]
+    assert split[-1][0] == [(2, PROBE_STEPS), (2, 25 - PROBE_STEPS)]  # still lucky, still tried
+    gaps = np.diff([t for _, t in split])
+    assert PROBE_MAX_S <= gaps[-1] < PROBE_MAX_S + 0.1  # as rare as a probe that loses
+    assert sum(gaps < PROBE_MAX_S) <= 4  # reached after a few doublings
+    assert chooser.steps_run[2] <= 25 * len(split) and calls[-1][0] == [(1, 25)]
 
 
 @pytest.mark.parametrize("threads,batch,parts", [(3, 50, 3), (4, 100, 4), (8, 50, 3), (4, 23, 2)])

@@ -34,7 +34,9 @@ from ..core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 # up to PROBE_MAX_S apart while the other way keeps losing) a call first tries the other
 # way for PROBE_STEPS steps: a probe costs little on a busy machine, and the end of a busy
 # spell is seen within PROBE_MAX_S (a fraction of an epoch), whatever the call's length.
-PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 4
+# A probe of 4 steps (~3 ms, about one scheduler time slice) often won by luck on a busy
+# machine, and the call after it lost: 8.
+PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 8
 # Batch rows a part of a step takes at least, beyond two parts: below ~16 rows a product's
 # share of work no longer pays for another thread's wake-up and waits (two waits a step).
 ROWS_PER_PART = 16
@@ -152,36 +154,51 @@ class Chooser:
     run took less time per step, each tried first; a probe of the other one (PROBE_STEPS steps first in a call)
     when its time comes, by the clock: PROBE_MIN_S after the way changed, twice as long
     after each probe that lost, at most PROBE_MAX_S.  The latest run, not an average:
-    after a busy spell one quick probe brings two threads back, and a lucky probe on a busy
-    machine costs one slow call (which changes the way back, and probes again soon)."""
+    after a busy spell one quick probe brings two threads back.  A probe that wins runs the
+    rest of its call too, which confirms it or not: on a busy machine a lucky probe costs
+    the rest of one call and counts as a probe that lost, so it does not make probes come
+    sooner."""
 
     def __init__(self, clock=time.perf_counter, threads=2):
         self.per_step = {1: None, threads: None}
         self.steps_run = {1: 0, threads: 0}  # how many steps each way took
         self.split = threads
-        self.clock, self.interval, self.next_probe, self.probing = clock, PROBE_MIN_S, None, None
+        self.clock, self.interval, self.next_probe = clock, PROBE_MIN_S, None
+        self.probing = self.confirming = None  # the way a probe tries; the way a probe just chose
 
     def best(self):
         untried = [t for t, v in self.per_step.items() if v is None]
         return untried[-1] if untried else min(self.per_step, key=self.per_step.get)
 
     def plan(self, steps):
-        """[(threads, steps), ...] for a call of ``steps`` steps."""
+        """(threads, steps) for each part of a call of ``steps`` steps, in turn: each
+        decided after the parts before it were recorded."""
         best, now = self.best(), self.clock()
-        if None in self.per_step.values() or now < self.next_probe:
-            return [(best, steps)]
+        if None in self.per_step.values() or self.confirming or now < self.next_probe:
+            yield best, steps
+            return
         other = self.split if best == 1 else 1
         self.next_probe, self.probing = now + self.interval, other  # until the probe's outcome sets it
         probe = min(steps, PROBE_STEPS)
-        return [(other, probe)] + ([(best, steps - probe)] if steps > probe else [])
+        yield other, probe
+        if steps > probe:
+            yield self.best(), steps - probe
 
     def record(self, threads, steps, seconds):
-        before, probed, self.probing = self.best(), threads == self.probing, None
+        before = self.best()
+        probed, confirmed = threads == self.probing, threads == self.confirming
+        self.probing = self.confirming = None
         self.per_step[threads] = seconds / steps
         self.steps_run[threads] += steps
         if None in self.per_step.values():
             return
-        if self.best() != before or self.next_probe is None:  # a new way: look again soon
+        changed = self.best() != before
+        if probed and changed:  # the probe won: the next steps confirm it, or not
+            self.confirming = threads
+            return
+        if confirmed and changed:  # a probe's luck: as a probe that lost
+            self.interval = min(2 * self.interval, PROBE_MAX_S)
+        elif changed or confirmed or self.next_probe is None:  # a new way: look again soon
             self.interval = PROBE_MIN_S
         elif probed:  # the other way lost again: look again later
             self.interval = min(2 * self.interval, PROBE_MAX_S)
