@@ -16,6 +16,7 @@ from xpmlp.core.optim import SGD
 from xpmlp.training.compiled import (
     PROBE_MAX_S,
     PROBE_MIN_S,
+    PROBE_S,
     PROBE_STEPS,
     Chooser,
     CompiledStepper,
@@ -433,7 +434,7 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
             plan.append((threads, count))
         return plan, now[0]
 
-    probe_one, probe_two = [(1, PROBE_STEPS), (2, 25 - PROBE_STEPS)], [(2, PROBE_STEPS), (1, 25 - PROBE_STEPS)]
+    probe_one = [(1, PROBE_STEPS), (2, 25 - PROBE_STEPS)]
     assert [call()[0], call()[0]] == [[(2, 25)], [(1, 25)]]  # each tried once, two threads first
     calls = [call() for _ in range(int(2 / 0.01))]  # two seconds of two-thread calls (10 ms each)
     probes = [t for p, t in calls if p == probe_one]
@@ -445,7 +446,7 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
     calls = [call() for _ in range(200)]
     start = calls[0][1]
     assert calls[1][0] == [(1, 25)] and calls[-1][0] == [(1, 25)]  # one slow call, then one thread
-    probes = [t for p, t in calls if p == probe_two]
+    probes = [t for p, t in calls if [threads for threads, _ in p] == [2, 1]]  # lost: the call goes on with one
     assert probes and np.diff([start] + probes).max() < PROBE_MAX_S + 0.1
     assert sum(p != [(1, 25)] for p, _ in calls) == len(probes) + 1  # the first call, then probes
     busy = sum(count for p, _ in calls for threads, count in p if threads == 2)
@@ -453,7 +454,7 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
     per_step[2] = 0.0004  # quiet again: the next probe sees it
     quiet = now[0]
     calls = [call() for _ in range(100)]
-    back = next(t for p, t in calls if p == [(2, PROBE_STEPS), (2, 25 - PROBE_STEPS)])  # won: the call goes on split
+    back = next(t for p, t in calls if [threads for threads, _ in p] == [2, 2])  # won: the call goes on split
     assert back - quiet < PROBE_MAX_S + 0.03 and calls[-1][0] == [(2, 25)]
     assert call(3)[0] in ([(2, 3)], [(1, 3)])  # a call shorter than a probe is one way
     assert chooser.steps_run[1] + chooser.steps_run[2] == (2 + 200 + 200 + 100) * 25 + 3
@@ -480,9 +481,25 @@ def test_one_slow_call_changes_the_way_and_the_other_is_tried_again_soon():
     hiccup = now[0]
     assert chooser.best() == 1
     for _ in range(100):
-        if call() == [(2, PROBE_STEPS), (2, 25 - PROBE_STEPS)]:  # the probe won, and its call went on split
+        if [threads for threads, _ in call()] == [2, 2]:  # the probe won, and its call went on split
             break
     assert now[0] - hiccup < PROBE_MIN_S + 0.03 and call() == [(2, 25)]
+
+
+def test_probes_of_long_steps_are_short():
+    """A wide network's steps take ~10-20 ms: a probe is as many as take PROBE_S (one at
+    least), not PROBE_STEPS, so probes stay a small share of the steps."""
+    now = [0.0]
+    chooser, per_step = Chooser(clock=lambda: now[0]), {1: 0.012, 2: 0.007}
+    probes = []
+    while now[0] < 60:
+        for threads, count in chooser.plan(25):
+            now[0] += count * per_step[threads]
+            if threads == chooser.probing:
+                probes.append(count)
+            chooser.record(threads, count, count * per_step[threads])
+    assert set(probes) == {max(1, int(PROBE_S / per_step[1]))} == {1}
+    assert chooser.steps_run[1] <= 0.05 * chooser.steps_run[2]
 
 
 def test_a_lucky_probe_on_a_busy_machine_does_not_bring_probes_sooner():
@@ -508,7 +525,7 @@ def test_a_lucky_probe_on_a_busy_machine_does_not_bring_probes_sooner():
             plan.append((threads, count))
         calls.append((plan, now[0]))
     split = [(p, t) for p, t in calls if any(threads == 2 for threads, _ in p)]
-    assert split[-1][0] == [(2, PROBE_STEPS), (2, 25 - PROBE_STEPS)]  # still lucky, still tried
+    assert [threads for threads, _ in split[-1][0]] == [2, 2]  # still lucky, still tried
     gaps = np.diff([t for _, t in split])
     assert PROBE_MAX_S <= gaps[-1] < PROBE_MAX_S + 0.1  # as rare as a probe that loses
     assert sum(gaps < PROBE_MAX_S) <= 4  # reached after a few doublings

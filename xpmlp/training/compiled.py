@@ -34,9 +34,11 @@ from ..core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 # up to PROBE_MAX_S apart while the other way keeps losing) a call first tries the other
 # way for PROBE_STEPS steps: a probe costs little on a busy machine, and the end of a busy
 # spell is seen within PROBE_MAX_S (a fraction of an epoch), whatever the call's length.
-# A probe of 4 steps (~3 ms, about one scheduler time slice) often won by luck on a busy
-# machine, and the call after it lost: 8.
-PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS = 0.05, 0.4, 8
+# A probe is PROBE_STEPS steps, or as many as take PROBE_S where steps are long (a wide
+# network's take ~20 ms: 8 of them every 0.4 s made 40% of its steps probes): a few time
+# slices, since a probe of 4 steps of mlp2 (~3 ms, about one slice) often won by luck on a
+# busy machine, and the call after it lost.
+PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS, PROBE_S = 0.05, 0.4, 8, 0.008
 # Batch rows a part of a step takes at least, beyond two parts: below ~16 rows a product's
 # share of work no longer pays for another thread's wake-up and waits (two waits a step).
 ROWS_PER_PART = 16
@@ -151,9 +153,10 @@ class _Helper:
 
 class Chooser:
     """One thread or ``threads`` (the split way) for the next steps: the one whose latest
-    run took less time per step, each tried first; a probe of the other one (PROBE_STEPS steps first in a call)
-    when its time comes, by the clock: PROBE_MIN_S after the way changed, twice as long
-    after each probe that lost, at most PROBE_MAX_S.  The latest run, not an average:
+    run took less time per step, each tried first; a probe of the other one (PROBE_STEPS
+    steps first in a call, fewer where they would take over PROBE_S) when its time comes,
+    by the clock: PROBE_MIN_S after the way changed, twice as long after each probe that
+    lost, at most PROBE_MAX_S.  The latest run, not an average:
     after a busy spell one quick probe brings two threads back.  A probe that wins runs the
     rest of its call too, which confirms it or not: on a busy machine a lucky probe costs
     the rest of one call and counts as a probe that lost, so it does not make probes come
@@ -179,7 +182,7 @@ class Chooser:
             return
         other = self.split if best == 1 else 1
         self.next_probe, self.probing = now + self.interval, other  # until the probe's outcome sets it
-        probe = min(steps, PROBE_STEPS)
+        probe = min(steps, PROBE_STEPS, max(1, int(PROBE_S / self.per_step[other])))
         yield other, probe
         if steps > probe:
             yield self.best(), steps - probe
