@@ -8,5 +8,5 @@ PY=${PY:-python3}
 echo "== wide default start $(date -u +%FT%TZ)" >> conditions.txt; uptime >> conditions.txt
 echo "$ xpmlp bench --no-torch --json --hidden 2048,1024 --activation relu --loss sce --epochs 1 --threads 1,2" >> conditions.txt
 "$PY" -m xpmlp bench --no-torch --json --hidden 2048,1024 --activation relu --loss sce --epochs 1 --threads 1,2 \
-  > wide_default_threads1,2.json 2> wide_default_threads1,2.log
+  > "wide_default_threads1,2${SUFFIX:-}.json" 2> "wide_default_threads1,2${SUFFIX:-}.log"
 echo "== wide default end $(date -u +%FT%TZ)" >> conditions.txt; uptime >> conditions.txt
