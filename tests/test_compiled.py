@@ -6,6 +6,7 @@ order (the same BLAS calls, the same fused loss and SGD loops), so everything mu
 bit for bit.  A Sigmoid (the output's: Numba's scalar exp; a hidden layer's: the step's
 own vectorised exp) differs from NumPy's exp in the last bits, so a float tolerance there.
 """
+import ctypes
 import queue
 
 import numpy as np
@@ -117,6 +118,47 @@ def test_the_vectorised_sigmoid_is_numpys_to_a_few_ulps_and_keeps_nan(dtype):
     assert np.isnan(got[~finite]).all()
     ulps = np.abs(got[finite] - want[finite]) / np.spacing(np.maximum(want[finite], np.finfo(dtype).tiny))
     assert ulps.max() <= 4
+
+
+def test_a_long_wait_gives_the_core_away_and_a_short_one_does_not():
+    """A thread that waits for a task longer than any task takes (SPINS_BEFORE_PAUSE looks)
+    calls the OS's pause at each further look, until the task is done; a wait that ends at
+    once never calls it."""
+    from xpmlp.backends.numpy_step import DONE, SPINS_BEFORE_PAUSE, _wait_done
+
+    sync, calls = np.zeros(2, dtype=np.int64), []
+
+    @ctypes.CFUNCTYPE(ctypes.c_int)
+    def pause():  # the third pause sees the task done
+        calls.append(1)
+        if len(calls) == 3:
+            sync[DONE] = 1
+        return 0
+
+    address = ctypes.cast(pause, ctypes.c_void_p).value
+    _wait_done(sync, 1, address)
+    assert len(calls) == 3 and SPINS_BEFORE_PAUSE > 10_000  # ~0.1 ms at least: longer than a task's wait
+    _wait_done(sync, 1, address)  # done already
+    assert len(calls) == 3
+
+
+def test_the_pause_is_the_oss_and_none_where_it_has_none(monkeypatch):
+    from xpmlp.backends import numpy_step
+
+    assert numpy_step.pause_address() == ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value != 0
+
+    def no_library(*args, **kwargs):
+        raise OSError("no such library")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(numpy_step.ctypes, "CDLL", no_library)
+        assert numpy_step.pause_address() == 0
+    monkeypatch.setattr(numpy_step, "pause_address", lambda: 0)  # the step then waits as it always did: spinning
+    stepper, model, _, losses, _ = _two_threads("mlp1-relu-sce", np.float32)
+    assert stepper.kernel.pause == 0 and stepper._helper is not None
+    _, want_model, _, want_losses, _ = _train("mlp1-relu-sce", np.float32, compiled=False)
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(model.flat.params, want_model.flat.params)
 
 
 def test_several_steps_in_one_call_equal_one_call_each():
@@ -549,7 +591,7 @@ def test_more_threads_train_as_one_bit_for_bit(threads, batch, parts):
                                                              batch=batch)
     np.testing.assert_array_equal(losses, want_losses)
     for key, want in _state(want_model, want_opt).items():
-        np.testing.assert_array_equal(_state(model, opt := optimizer)[key], want, err_msg=key)
+        np.testing.assert_array_equal(_state(model, optimizer)[key], want, err_msg=key)
 
 
 def test_stacked_models_on_more_threads_train_as_on_one_bit_for_bit():
