@@ -536,8 +536,10 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
 def _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, hs, gs,
               params, grads, velocity, offsets, lr, momentum, weight_decay):
     # Phase two, part j: every layer's weight-gradient rows and bias-gradient columns of this
-    # part, and their SGD update (nobody reads W once phase one is done).
-    for k in range(len(Ws)):
+    # part, and their SGD update (nobody reads W once phase one is done).  The last layer
+    # first: the first layer's W, the largest, is then the one still in cache when the next
+    # step's first product reads it (~1% of a one-thread epoch of mlp2, measured).
+    for k in range(len(Ws) - 1, -1, -1):
         fan_in, fan_out = Ws[k].shape
         f_lo, f_hi = feature_bounds[k, j], feature_bounds[k, j + 1]
         c_lo, c_hi = column_bounds[k, j], column_bounds[k, j + 1]
