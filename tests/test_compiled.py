@@ -489,6 +489,8 @@ def test_the_chooser_tries_both_then_keeps_the_faster_and_probes_the_other():
     start = calls[0][1]
     assert calls[1][0] == [(1, 25)] and calls[-1][0] == [(1, 25)]  # one slow call, then one thread
     probes = [t for p, t in calls if [threads for threads, _ in p] == [2, 1]]  # lost: the call goes on with one
+    # as long as ever, though the split way's latest steps were slow: by the running way's
+    assert {p[0][1] for p, _ in calls if [threads for threads, _ in p] == [2, 1]} == {PROBE_STEPS}
     assert probes and np.diff([start] + probes).max() < PROBE_MAX_S + 0.1
     assert sum(p != [(1, 25)] for p, _ in calls) == len(probes) + 1  # the first call, then probes
     busy = sum(count for p, _ in calls for threads, count in p if threads == 2)
@@ -540,7 +542,7 @@ def test_probes_of_long_steps_are_short():
             if threads == chooser.probing:
                 probes.append(count)
             chooser.record(threads, count, count * per_step[threads])
-    assert set(probes) == {max(1, int(PROBE_S / per_step[1]))} == {1}
+    assert set(probes) == {max(1, int(PROBE_S / per_step[2]))} == {1}  # by the running way's steps
     assert chooser.steps_run[1] <= 0.05 * chooser.steps_run[2]
 
 

@@ -34,10 +34,11 @@ from ..core.losses import EuclideanLoss, SoftmaxCrossEntropyLoss
 # up to PROBE_MAX_S apart while the other way keeps losing) a call first tries the other
 # way for PROBE_STEPS steps: a probe costs little on a busy machine, and the end of a busy
 # spell is seen within PROBE_MAX_S (a fraction of an epoch), whatever the call's length.
-# A probe is PROBE_STEPS steps, or as many as take PROBE_S where steps are long (a wide
-# network's take ~20 ms: 8 of them every 0.4 s made 40% of its steps probes): a few time
-# slices, since a probe of 4 steps of mlp2 (~3 ms, about one slice) often won by luck on a
-# busy machine, and the call after it lost.
+# A probe is PROBE_STEPS steps, or as many of the running way's as take PROBE_S where steps
+# are long (a wide network's take ~10-20 ms: 8 of them every 0.4 s made 20-40% of its steps
+# probes): a few time slices, since a probe of 4 steps of mlp2 (~3 ms, about one slice)
+# often won by luck on a busy machine, and the call after it lost; and not one step of
+# mlp2, whose time a call's fixed costs (waking the helper) sway.
 PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS, PROBE_S = 0.05, 0.4, 8, 0.008
 # Batch rows a part of a step takes at least, beyond two parts: below ~16 rows a product's
 # share of work no longer pays for another thread's wake-up and waits (two waits a step).
@@ -182,7 +183,9 @@ class Chooser:
             return
         other = self.split if best == 1 else 1
         self.next_probe, self.probing = now + self.interval, other  # until the probe's outcome sets it
-        probe = min(steps, PROBE_STEPS, max(1, int(PROBE_S / self.per_step[other])))
+        # By the steps of the way that runs (the other's latest time may be a busy spell's):
+        # the probe's time is what a call's fixed costs do not sway.
+        probe = min(steps, PROBE_STEPS, max(1, int(PROBE_S / self.per_step[best])))
         yield other, probe
         if steps > probe:
             yield self.best(), steps - probe
