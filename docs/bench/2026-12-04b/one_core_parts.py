@@ -79,3 +79,45 @@ seq = timed(lambda: [fn() for fn in parts.values()])
 print(f"{'the parts in sequence':42s} {seq:7.1f} us a step {seq * 0.6:6.1f} ms an epoch")
 no_sgd = timed(lambda: [fn() for name, fn in parts.items() if not name.startswith("SGD")])
 print(f"{'the same without SGD':42s} {no_sgd:7.1f} us a step {no_sgd * 0.6:6.1f} ms an epoch")
+
+
+# The weight gradients and updates layer by layer (as the compiled step's features phase),
+# in three orders, and the first layer's in row blocks, each block updated while in cache.
+A = [xb, h[0], h[1]]
+
+
+def layer_update(k, lo=None, hi=None):
+    fan_in, fan_out = W[k].shape
+    lo, hi = lo or 0, hi or fan_in
+    S.matmul(G, A[k][:, lo:hi], True, g[k], False, dW[k][lo:hi])
+    start, end = offsets[k] + lo * fan_out, offsets[k] + hi * fan_out
+    K.sgd_step(params[start:end], grads[start:end], vel[start:end], lr, m, wd)
+
+
+def step_with(updates):
+    def step():
+        gather()
+        forward()
+        input_grads()
+        updates()
+    return step
+
+
+def first_in_blocks(blocks):
+    def updates():
+        layer_update(2)
+        layer_update(1)
+        cuts = [784 * j // blocks for j in range(blocks + 1)]
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            layer_update(0, lo, hi)
+    return updates
+
+
+print("a step, its updates layer by layer:")
+for _ in range(2):
+    for name, updates in [("first layer first (0, 1, 2)", lambda: [layer_update(k) for k in (0, 1, 2)]),
+                          ("last layer first (2, 1, 0)", lambda: [layer_update(k) for k in (2, 1, 0)]),
+                          ("2, 1, then 0 in 4 row blocks", first_in_blocks(4)),
+                          ("2, 1, then 0 in 8 row blocks", first_in_blocks(8))]:
+        us = timed(step_with(updates))
+        print(f"  {name:40s} {us:7.1f} us a step {us * 0.6:6.1f} ms an epoch")
