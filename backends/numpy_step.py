@@ -489,6 +489,15 @@ def relu_mask(g, h):
 
 
 @jit
+def copy_row(src, dst):
+    # dst[:] = src (cast to dst's dtype), as a plain loop: Numba's slice assignment first
+    # checks whether the two overlap, which made the batch's gather 1.5x slower than
+    # np.take (45 against 31 ms an epoch of 600 batches of 100 MNIST rows, one core).
+    for c in range(dst.shape[0]):
+        dst[c] = src[c]
+
+
+@jit
 def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
           whole_in, whole_out):
     # Phase one of step s for the batch rows [lo, hi): gather, forward, loss terms and
@@ -501,15 +510,17 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
     last = len(Ws) - 1
     for r in range(lo, hi):
         row = idx[s * batch + r]
-        xb[r, :] = x[row, :]
+        copy_row(x[row], xb[r])
         yb[r] = y[row]
     a = xb[lo:hi]
     for k in range(last + 1):
         h = hs[k][lo:hi]
         if k == last and whole_in.shape[0] > 0:
-            whole_in[lo:hi] = a
+            for r in range(hi - lo):
+                copy_row(a[r], whole_in[lo + r])
             matmul(gemm, whole_in, False, Ws[k], False, whole_out)
-            h[:] = whole_out[lo:hi]
+            for r in range(hi - lo):
+                copy_row(whole_out[lo + r], h[r])
         else:
             matmul(gemm, a, False, Ws[k], False, h)
         if k < last:

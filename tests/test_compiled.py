@@ -161,6 +161,21 @@ def test_the_pause_is_the_oss_and_none_where_it_has_none(monkeypatch):
     np.testing.assert_array_equal(model.flat.params, want_model.flat.params)
 
 
+@pytest.mark.parametrize("source", [np.uint8, np.float64, np.float32])
+def test_the_gathers_row_copy_casts_as_numpy_does(source):
+    """copy_row, the gather's loop: the row in the batch's dtype, as NumPy's assignment gives it."""
+    from xpmlp.backends.numpy_step import copy_row
+
+    rng = np.random.default_rng(0)
+    src = (rng.random(37) * 300).astype(source)
+    for dtype in (np.float32, np.float64):
+        dst = np.full(37, np.nan, dtype=dtype)
+        copy_row(src, dst)
+        want = np.empty(37, dtype=dtype)
+        want[:] = src
+        np.testing.assert_array_equal(dst, want)
+
+
 def test_several_steps_in_one_call_equal_one_call_each():
     _, model, opt, losses, accs = _train("mlp2-relu-sce", np.float32, compiled=True, steps_per_call=3)
     _, want_model, want_opt, want_losses, want_accs = _train("mlp2-relu-sce", np.float32, compiled=True)
