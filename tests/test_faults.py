@@ -239,6 +239,18 @@ def test_append_writes_whole_lines_or_nothing(tmp_path, monkeypatch):
     assert path.read_text() == '{"a": 1}\n'
 
 
+def test_records_write_nan_and_inf_as_null_and_the_rest_as_json_does(tmp_path):
+    records = [{"kind": "iter", "iter": 1, "loss": 0.1 + 0.2, "acc": 1.0, "lr": None},
+               {"kind": "iter", "iter": 2, "loss": float("nan"), "acc": 0.5},
+               {"kind": "epoch", "train_loss": float("inf"), "nested": [float("-inf"), 2.5, {"x": float("nan")}]}]
+    rundir.append_metrics(tmp_path, records)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == json.dumps(records[0])  # byte for byte what json writes
+    assert [json.loads(line) for line in lines[1:]] == [
+        {"kind": "iter", "iter": 2, "loss": None, "acc": 0.5},
+        {"kind": "epoch", "train_loss": None, "nested": [None, 2.5, {"x": None}]}]
+
+
 # ---------------------------------------------------------------- one writer per run directory
 
 @contextlib.contextmanager

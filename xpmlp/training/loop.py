@@ -349,9 +349,10 @@ class EpochLoop:
                 record["lr"] = self._rates[k]  # only with a schedule, as val: other records as they were
             if self._val is not None:  # only then: the records of a run without one are as they were
                 record["val_loss"], record["val_acc"] = (float(val[0][k]), float(val[1][k])) if val else (None, None)
-            iter_records = [{"kind": "iter", "epoch": epoch, "iter": first_iter + i,
-                             "loss": float(losses[i, k]), "acc": float(accs[i, k])}
-                            for i in range(0, iters, cfg.log_every)]
+            every = cfg.log_every  # the values as Python floats in one call each (tolist), not one by one
+            iter_records = [{"kind": "iter", "epoch": epoch, "iter": first_iter + i, "loss": loss, "acc": acc}
+                            for i, loss, acc in zip(range(0, iters, every), losses[::every, k].tolist(),
+                                                    accs[::every, k].tolist())]
             self._write_epoch(k, iter_records, record)
             last[k] = record
         for k in diverged:  # the others go on, bit for bit
