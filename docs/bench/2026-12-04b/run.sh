@@ -4,8 +4,9 @@
 # child bench per core count, confined to that many cores, everyone's defaults there; one
 # core: one thread each), ours timed as the trainer's epoch with its records against JAX's
 # lax.scan epoch, interleaved, medians; then one busy neighbour, twice.  PyTorch left out.
+# Usage: run.sh [OUT_DIR]  (default: this script's folder; 2026-12-04c is a second run)
 set -u
-cd "$(dirname "$0")"
+cd "${1:-$(dirname "$0")}"
 PY=${PY:-python3}
 conditions() { echo "== $1 $(date -u +%FT%TZ)"; uptime; ps -eo pid,pcpu,etime,args --sort=-pcpu | head -6 | cut -c1-150; }
 run() {

@@ -1,9 +1,10 @@
-"""The Markdown table of run.sh's JSONs: our epoch and JAX's on one core (one thread each)
+"""The Markdown table of run.sh's JSONs (in this folder, or the one named): our epoch and JAX's on one core (one thread each)
 and on two (everyone's defaults), and the busy runs' lines."""
 import json
 import pathlib
+import sys
 
-here = pathlib.Path(__file__).parent
+here = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).parent  # or a second run's folder
 rows, after = {}, []
 for path in sorted(here.glob("*.json")):
     if not path.read_text().strip():  # a run still under way
