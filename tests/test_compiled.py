@@ -7,6 +7,7 @@ bit for bit.  A Sigmoid (the output's: Numba's scalar exp; a hidden layer's: the
 own vectorised exp) differs from NumPy's exp in the last bits, so a float tolerance there.
 """
 import ctypes
+import os
 import queue
 
 import numpy as np
@@ -145,7 +146,8 @@ def test_a_long_wait_gives_the_core_away_and_a_short_one_does_not():
 def test_the_pause_is_the_oss_and_none_where_it_has_none(monkeypatch):
     from xpmlp.backends import numpy_step
 
-    assert numpy_step.pause_address() == ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value != 0
+    pause = ctypes.WinDLL("kernel32").SwitchToThread if os.name == "nt" else ctypes.CDLL(None).sched_yield
+    assert numpy_step.pause_address() == ctypes.cast(pause, ctypes.c_void_p).value != 0
 
     def no_library(*args, **kwargs):
         raise OSError("no such library")
