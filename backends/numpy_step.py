@@ -498,6 +498,13 @@ def copy_row(src, dst):
 
 
 @jit
+def copy_rows(src, dst):
+    # dst[:] = src for 2-D arrays, a row at a time (copy_row).
+    for r in range(dst.shape[0]):
+        copy_row(src[r], dst[r])
+
+
+@jit
 def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
           whole_in, whole_out):
     # Phase one of step s for the batch rows [lo, hi): gather, forward, loss terms and
@@ -516,11 +523,9 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
     for k in range(last + 1):
         h = hs[k][lo:hi]
         if k == last and whole_in.shape[0] > 0:
-            for r in range(hi - lo):
-                copy_row(a[r], whole_in[lo + r])
+            copy_rows(a, whole_in[lo:hi])
             matmul(gemm, whole_in, False, Ws[k], False, whole_out)
-            for r in range(hi - lo):
-                copy_row(whole_out[lo + r], h[r])
+            copy_rows(whole_out[lo:hi], h)
         else:
             matmul(gemm, a, False, Ws[k], False, h)
         if k < last:

@@ -562,7 +562,7 @@ def export_records(run_dirs, out_dir) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)
         files = {name: (d / name).read_bytes() for name in (rundir.CONFIG, rundir.SUMMARY)
                  if (d / name).exists()}
-        files[rundir.EPOCHS_COPY] = "".join(json.dumps(r) + "\n" for r in run.epochs).encode()
+        files[rundir.EPOCHS_COPY] = "".join(rundir.json_line(r) + "\n" for r in run.epochs).encode()
         if run.iters:
             buf = io.BytesIO()
             np.save(buf, compact_curve(run.iters))

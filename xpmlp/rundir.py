@@ -278,7 +278,7 @@ def truncate_metrics(run_dir, epoch):
     path = Path(run_dir) / METRICS
     if path.exists():
         keep = [r for r in read_records(run_dir) if r["epoch"] <= epoch]
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        atomic_write_bytes(path, "".join(json_line(r) + "\n" for r in keep).encode())
 
 
 # ---------------------------------------------------------------- checkpoints
