@@ -9,13 +9,15 @@ Accelerate name it; else a BLAS xpmlp can load, whose bits may differ); every
 elementwise pass is fused into the loop over the rows the product just wrote, while they
 are still in cache.
 
-A step is two phases, each of one task or of P parts that P threads can take:
+A step is two phases, each of one task or of parts that threads can take:
   rows      gather, h = act(a @ W + b) layer by layer, the loss terms and gradient
             (softmax cross-entropy, or sigmoid + Euclidean), g_prev = (g @ W^T) * act'(h):
             all row by row, so the batch's rows split in parts that never meet;
   features  each layer's dW = a^T g, db = column sums of g and its SGD update, split by the
             rows of W (the layer's input features), which only the thread owning them reads
-            or writes; and the step's mean loss and accuracy from the per-row terms.
+            or writes; and the step's mean loss and accuracy from the per-row terms.  On a
+            small batch in more parts than threads: each part's gradient is then still
+            in cache for its update (compiled.py, SMALL_BATCH).
 A task waits only for the tasks of the previous phase; tasks are claimed, not assigned
 (``_claim``), so a helper thread that is late or descheduled holds nothing back: the
 calling thread takes every task nobody has claimed, and waits only for a task in progress;
@@ -560,7 +562,8 @@ def _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, 
         f_lo, f_hi = feature_bounds[k, j], feature_bounds[k, j + 1]
         c_lo, c_hi = column_bounds[k, j], column_bounds[k, j + 1]
         a = xb if k == 0 else hs[k - 1]
-        matmul(gemm, a[:, f_lo:f_hi], True, gs[k], False, grad_Ws[k][f_lo:f_hi])
+        if f_hi > f_lo:  # a layer cut in fewer parts than the phase has none in the last ones
+            matmul(gemm, a[:, f_lo:f_hi], True, gs[k], False, grad_Ws[k][f_lo:f_hi])
         column_sums(gs[k], grad_bs[k], c_lo, c_hi)
         w, b = offsets[k], offsets[k] + fan_in * fan_out  # layer k's W, then its b, in the flat buffers
         for lo, hi in ((w + f_lo * fan_out, w + f_hi * fan_out), (b + c_lo, b + c_hi)):
@@ -573,7 +576,7 @@ def steps(gemm, pause, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss
           row_loss, row_hit, row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs, sync,
           generation, wait):
     """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
-    P parts per phase claimed through ``sync``; call it from each thread taking
+    P row parts and Q >= P feature parts a step, claimed through ``sync``; call it from each thread taking
     part, with the same arguments, and ``wait`` True in the one that needs the result.
     pause: the address of the OS call a long wait makes (pause_address), 0 for none.
     Returns the number of tasks this call ran.
@@ -584,22 +587,26 @@ def steps(gemm, pause, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss
     gs[k]: dL/d(layer k's pre-activation output); xb, yb: the batch; row_loss, row_hit:
     each row's loss term and hit.  Part j: the batch rows [row_bounds[j], row_bounds[j + 1]),
     layer k's input features [feature_bounds[k, j], feature_bounds[k, j + 1]) and its outputs
-    as column_bounds[k] say (P + 1 bounds each, 0 first and the size last).  whole_ins,
+    as column_bounds[k] say (P + 1 row bounds, Q + 1 feature and column bounds a layer, 0
+    first and the size last; a layer's feature parts past its last are empty).  whole_ins,
     whole_outs: (P, batch, n) arrays where part j computes the last layer's product whole
     (on whole_ins[j], into whole_outs[j]: see _rows), else (1, 0, 0)."""
     batch = xb.shape[0]
-    parts = row_bounds.shape[0] - 1
-    total = losses.shape[0] * 2 * parts
+    row_parts, feature_parts = row_bounds.shape[0] - 1, feature_bounds.shape[1] - 1
+    per_step = row_parts + feature_parts
+    total = losses.shape[0] * per_step
     ran = 0
     while True:
         task = _claim(sync, generation, total)
         if task < 0:
             break
         ran += 1
-        phase, j = task // parts, task % parts
-        _wait_done(sync, phase * parts, pause)  # the previous phase's tasks
-        s = phase // 2
-        if phase % 2 == 0:
+        s, j = task // per_step, task % per_step
+        rows = j < row_parts
+        if not rows:
+            j -= row_parts
+        _wait_done(sync, s * per_step + (0 if rows else row_parts), pause)  # the previous phase's tasks
+        if rows:
             lo, hi = row_bounds[j], row_bounds[j + 1]
             w = j if whole_ins.shape[1] > 0 else 0  # (1, 0, 0): no whole product
             _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,

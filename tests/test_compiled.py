@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 
 import xpmlp
+from xpmlp.backends.numpy_step import MLPSteps
 from xpmlp.core.optim import SGD
 from xpmlp.training.compiled import (
+    BLOCK_BYTES,
     PROBE_MAX_S,
     PROBE_MIN_S,
     PROBE_S,
     PROBE_STEPS,
+    SMALL_BATCH,
     Chooser,
     CompiledStepper,
     StackedCompiledStepper,
@@ -80,6 +83,49 @@ def test_compiled_step_equals_the_array_path_bit_for_bit(name, dtype):
     assert 0 < losses[-1] < losses[0]  # it trained
 
 
+@pytest.mark.parametrize("name,batch,dtype", [("mlp2-relu-sce", 10, np.float32), ("mlp2-relu-sce", 10, np.float64),
+                                              ("mlp1-relu-sce", 16, np.float32),
+                                              (((300, 70), "relu", "sce"), 7, np.float32)], ids=str)
+def test_a_small_batchs_weight_rows_in_blocks_train_as_the_array_path_bit_for_bit(name, batch, dtype):
+    """At most SMALL_BATCH rows, a large layer's weight gradient and update are taken in
+    blocks of at most BLOCK_BYTES (more parts than threads), cut where the products keep
+    their bits; a smaller layer's later parts are empty.  The training is the array path's."""
+    stepper, model, opt, losses, accs = _train(name, dtype, compiled=True, batch=batch)
+    features, columns = stepper._batch[-2][1:3]
+    itemsize, first = np.dtype(dtype).itemsize, model.layers[0].W.shape
+    blocks = -(-first[0] * first[1] * itemsize // BLOCK_BYTES)
+    assert features.shape[1] - 1 == blocks > 1 and columns.shape == features.shape  # (OpenBLAS cuts these)
+    for bounds, layer in zip(features, [layer for layer in model.layers if hasattr(layer, "W")]):
+        assert bounds[0] == 0 and bounds[-1] == layer.W.shape[0] and (np.diff(bounds) >= 0).all()
+        assert np.count_nonzero(np.diff(bounds)) == max(1, -(-layer.W.size * itemsize // BLOCK_BYTES))
+    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=False, batch=batch)
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(accs, want_accs)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt)[key], want, err_msg=key)
+
+
+def test_weight_rows_without_exact_blocks_take_fewer(monkeypatch):
+    """Where a layer's blocks have no exact cuts (here: none in more than 3 parts, as a BLAS
+    might), it takes half as many, and so on down to a part a thread; still the array
+    path's training, bit for bit."""
+    bounds = MLPSteps.bounds
+    monkeypatch.setattr(MLPSteps, "bounds", lambda self, size, products, parts:
+                        None if size == 784 and parts > 3 else bounds(self, size, products, parts))
+    stepper, model, opt, losses, _ = _train("mlp2-relu-sce", np.float32, compiled=True, batch=10)
+    assert [np.count_nonzero(np.diff(b)) for b in stepper._batch[-2][1]] == [3, 1, 1]
+    _, want_model, want_opt, want_losses, _ = _train("mlp2-relu-sce", np.float32, compiled=False, batch=10)
+    np.testing.assert_array_equal(losses, want_losses)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, opt)[key], want, err_msg=key)
+
+
+def test_a_batch_past_small_batch_updates_each_layer_in_one_part():
+    stepper, *_ = _train("mlp2-relu-sce", np.float32, compiled=True, batch=SMALL_BATCH + 1)
+    features = stepper._batch[-2][1]
+    assert features.tolist() == [[0, 784], [0, 256], [0, 128]]
+
+
 # Odd widths (no vector-width multiple) and an odd batch, every activation and loss.
 ODD = [((37, 19), act, loss) for act in ("relu", "sigmoid") for loss in ("sce", "mse")]
 
@@ -87,7 +133,8 @@ ODD = [((37, 19), act, loss) for act in ("relu", "sigmoid") for loss in ("sce", 
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
 @pytest.mark.parametrize("name,batch", [("mlp0-mse", BATCH), ("mlp1-relu-mse", BATCH), ("mlp2-relu-mse", BATCH),
                                         ("mlp1-sigmoid-sce", BATCH), ("mlp2-sigmoid-sce", BATCH),
-                                        ("mlp1-sigmoid-mse", BATCH), ("mlp2-sigmoid-mse", BATCH)]
+                                        ("mlp1-sigmoid-mse", BATCH), ("mlp2-sigmoid-mse", BATCH),
+                                        ("mlp2-sigmoid-mse", 10)]
                          + [(net, 23) for net in ODD], ids=str)
 def test_compiled_step_with_a_sigmoid_matches_the_array_path(name, batch, dtype, rtol):
     """Every network with a Sigmoid anywhere, and odd shapes of every kind: the losses, the
@@ -593,7 +640,7 @@ def test_a_lucky_probe_on_a_busy_machine_does_not_bring_probes_sooner():
     assert chooser.steps_run[2] <= 25 * len(split) and calls[-1][0] == [(1, 25)]
 
 
-@pytest.mark.parametrize("threads,batch,parts", [(3, 50, 3), (4, 100, 4), (8, 50, 3), (4, 23, 2)])
+@pytest.mark.parametrize("threads,batch,parts", [(3, 50, 3), (4, 100, 4), (8, 50, 3), (4, 23, 2), (3, 16, 2)])
 def test_more_threads_train_as_one_bit_for_bit(threads, batch, parts):
     """P threads split a step in up to P parts (one per ROWS_PER_PART batch rows, two at
     least), each cut where the products keep their bits: the same training as one thread.
@@ -606,6 +653,8 @@ def test_more_threads_train_as_one_bit_for_bit(threads, batch, parts):
     stepper.steps(x, y, perm, losses, accs)
     assert stepper.parts_for(batch) == parts and len(stepper._batch[-1][0]) == parts + 1, stepper._batch[-1]
     assert len(stepper._helpers) == parts - 1
+    if batch <= SMALL_BATCH:  # the weight rows in more parts than the threads: blocks (below)
+        assert stepper._batch[-1][1].shape[1] - 1 > parts
     _, want_model, want_opt, want_losses, want_accs = _train("mlp2-relu-sce", np.float32, compiled=True,
                                                              batch=batch)
     np.testing.assert_array_equal(losses, want_losses)

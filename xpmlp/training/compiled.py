@@ -43,6 +43,15 @@ PROBE_MIN_S, PROBE_MAX_S, PROBE_STEPS, PROBE_S = 0.05, 0.4, 8, 0.008
 # Batch rows a part of a step takes at least, beyond two parts: below ~16 rows a product's
 # share of work no longer pays for another thread's wake-up and waits (two waits a step).
 ROWS_PER_PART = 16
+# On a small batch a layer's weight gradient costs few operations an element and is written
+# whole before its update reads it back, by then out of cache where it is large: so at most
+# SMALL_BATCH rows, each layer's weight rows are taken in parts of at most BLOCK_BYTES of
+# gradient (more parts than threads), each part's product updated while it is in cache.
+# Measured (`xpmlp train`, mlp2-relu-sce, one pinned thread, epoch medians): 0.85x the
+# epoch at batch 5 and 10, 0.90x at 16; 0.98-1.02x at 20, 30 and 50, so not there.  256 KB
+# blocks did as well as 128 KB, 512 KB less well (0.93x); 128 KB with the weights and
+# momenta beside them fits a 512 KB L2.
+SMALL_BATCH, BLOCK_BYTES = 16, 128 * 1024
 # The last layer's product may be computed whole by every part (numpy_step._rows) where no
 # cut keeps its bits, if its outputs are this few (the classes): a small share of a step.
 WHOLE_LAST_MAX_OUTPUTS = 16
@@ -235,6 +244,7 @@ class CompiledStepper:
         self._sync = np.zeros(2, dtype=np.int64)  # numpy_step.py's CLAIM and DONE words
         self._generation = [0]  # the kernel calls so far (_new_call)
         self._helpers, self._blas = [], None
+        self._exact_bounds = {}  # _exact's answers
 
     def parts_for(self, batch):
         """How many parts a step of ``batch`` rows is split in, at most: 1 on one thread; else
@@ -258,16 +268,51 @@ class CompiledStepper:
                 row_bounds, whole = self.kernel.bounds(batch, forward + backward, parts), False
                 if row_bounds is None and shapes[-1][1] <= WHOLE_LAST_MAX_OUTPUTS:
                     row_bounds, whole = self.kernel.bounds(batch, forward[:-1] + backward, parts), True
-                features = [self.kernel.bounds(fan_in, [(batch, fan_out, True, False)], parts)
-                            for fan_in, fan_out in shapes]
-                if row_bounds is not None and None not in features:
-                    columns = [[n * j // parts for j in range(parts + 1)] for _, n in shapes]
+                features = self._feature_bounds(batch, parts)
+                if row_bounds is not None and features is not None:
                     fan_in, fan_out = shapes[-1]
                     wholes = ((np.zeros((parts, batch, fan_in), dtype=self.model.dtype),
                                np.zeros((parts, batch, fan_out), dtype=self.model.dtype)) if whole
                               else self._one_part(batch)[3:])
-                    return (*(np.array(b, dtype=np.int64) for b in (row_bounds, features, columns)), *wholes)
+                    return (np.array(row_bounds, dtype=np.int64), *features, *wholes)
         return None
+
+    def _feature_bounds(self, batch, parts):
+        """(feature_bounds, column_bounds): each layer's weight rows cut exactly in ``parts``
+        parts, or in more on a small batch (SMALL_BATCH, BLOCK_BYTES); a layer in fewer parts
+        than the most has empty ones last.  None where a layer has no exact cut."""
+        shapes = [layer.W.shape for layer in self.linears]
+        itemsize = np.dtype(self.model.dtype).itemsize
+        features = []
+        for fan_in, fan_out in shapes:
+            blocks = -(-fan_in * fan_out * itemsize // BLOCK_BYTES) if batch <= SMALL_BATCH else 1
+            counts = [max(parts, min(blocks, fan_in // 8))]  # the blocks, else half as many, ..., a part a thread
+            while counts[-1] > parts:
+                counts.append(max(parts, counts[-1] // 2))
+            bounds = next((bounds for count in counts if (bounds := self._exact(fan_in, batch, fan_out, count))), None)
+            if bounds is None:
+                return None
+            features.append(list(bounds))
+        most = max(len(bounds) for bounds in features) - 1
+        features = [bounds + bounds[-1:] * (most + 1 - len(bounds)) for bounds in features]
+        columns = [[n * j // most for j in range(most + 1)] for _, n in shapes]
+        return np.array(features, dtype=np.int64), np.array(columns, dtype=np.int64)
+
+    def _exact(self, fan_in, batch, fan_out, parts):
+        """A weight gradient's rows cut exactly in ``parts`` (kernel.bounds), or None; found
+        once (one thread's bounds and the split's ask for the same blocks)."""
+        key = (fan_in, batch, fan_out, parts)
+        if key not in self._exact_bounds:
+            self._exact_bounds[key] = self.kernel.bounds(fan_in, [(batch, fan_out, True, False)], parts)
+        return self._exact_bounds[key]
+
+    def _one_thread(self, batch):
+        """The bounds of a step on one thread: the rows in one part, the weight rows in one
+        or, on a small batch, more (_feature_bounds), no whole product."""
+        with self._one_blas_thread():
+            features = self._feature_bounds(batch, 1)
+        one = self._one_part(batch)
+        return one if features is None else (one[0], *features, *one[3:])
 
     def _one_part(self, batch):
         """The bounds of a step in one part and no whole product (steps' arguments)."""
@@ -287,9 +332,11 @@ class CompiledStepper:
                 outputs, grads, np.empty(batch), np.empty(batch, dtype=np.int64))
 
     def _buffers(self, x, y, batch):
-        """_new_buffers and the parts' cuts (None: one part), allocated once per batch size."""
+        """_new_buffers, the bounds of a step on one thread and the split's cuts (None: no
+        split), made once per batch size."""
         if self._batch is None or self._batch[0].shape[0] != batch:
-            self._batch = self._new_buffers(x, y, batch) + (self._cuts(batch) if self.threads > 1 else None,)
+            self._batch = self._new_buffers(x, y, batch) + (
+                self._one_thread(batch), self._cuts(batch) if self.threads > 1 else None)
         return self._batch
 
     def steps(self, x, y, idx, loss_out, acc_out):
@@ -318,10 +365,10 @@ class CompiledStepper:
 
     def _run(self, threads, x, y, idx, loss_out, acc_out, buffers):
         """The steps in one kernel call, in parts (this thread and the helpers) or one."""
-        xb, yb, outputs, grads, row_loss, row_hit, cuts = buffers
+        xb, yb, outputs, grads, row_loss, row_hit, one_thread, cuts = buffers
         flat, opt, t = self.model.flat, self.optimizer, np.dtype(self.model.dtype).type
         (slot,) = opt.slots  # the flat buffers' one slot
-        bounds = cuts if threads > 1 else self._one_part(xb.shape[0])
+        bounds = cuts if threads > 1 else one_thread
         generation = _new_call(self._sync, self._generation)
         args = (x, y, idx, tuple(layer.W for layer in self.linears), tuple(layer.b for layer in self.linears),
                 tuple(layer.grad_W for layer in self.linears), tuple(layer.grad_b for layer in self.linears),
