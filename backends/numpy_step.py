@@ -66,6 +66,8 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # Loss and hidden-activation codes of the compiled step
 SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1
 RELU, SIGMOID = 0, 1
+# The kinds of a step's phases (_phases)
+GATHER, FORWARD, ROWS, BACKWARD, FEATURES = 0, 1, 2, 3, 4
 # The words of the ``sync`` array two threads share: (call generation << 32) | next task
 # to claim, and the number of tasks done.
 CLAIM, DONE = 0, 1
@@ -471,11 +473,17 @@ def bias_act(h, b, act):
 
 @jit
 def act_backward(g, h, act):
-    # g = dL/d(pre-activation) from dL/dh in place: the ReLU mask (Eq. 7) or g h (1 - h) (Eq. 9).
+    # g = dL/d(pre-activation) from dL/dh in place: the ReLU mask (Eq. 7) or g h (1 - h)
+    # (Eq. 9, numpy_kernels.sigmoid_backward's arithmetic), row by row: rows or columns of
+    # the batch's arrays.
     if act == RELU:
         relu_mask(g, h)
     else:
-        sigmoid_backward(h, g, g, h.dtype.type(1))
+        one = h.dtype.type(1)
+        for r in range(g.shape[0]):
+            g_row, h_row = g[r], h[r]
+            for c in range(g_row.shape[0]):
+                g_row[c] = g_row[c] * h_row[c] * (one - h_row[c])
 
 
 @jit
@@ -507,22 +515,49 @@ def copy_rows(src, dst):
 
 
 @jit
+def _gather(x, y, idx, s, lo, hi, xb, yb):
+    # The batch rows [lo, hi) of step s.
+    batch = xb.shape[0]
+    for r in range(lo, hi):
+        row = idx[s * batch + r]
+        copy_row(x[row], xb[r])
+        yb[r] = y[row]
+
+
+@jit
+def _forward_columns(gemm, k, lo, hi, Ws, bs, hs, xb, act):
+    # Layer k's outputs [lo, hi) for the whole batch: h = act(a @ W[:, lo:hi] + b[lo:hi]).
+    a = xb if k == 0 else hs[k - 1]
+    h = hs[k][:, lo:hi]
+    matmul(gemm, a, False, Ws[k][:, lo:hi], False, h)
+    bias_act(h, bs[k][lo:hi], act)
+
+
+@jit
+def _backward_columns(gemm, k, lo, hi, Ws, hs, gs, act):
+    # Layer k - 1's output gradient [lo, hi) for the whole batch: (g @ W[lo:hi]^T) * act'(h).
+    g = gs[k - 1][:, lo:hi]
+    matmul(gemm, gs[k], False, Ws[k][lo:hi], True, g)
+    act_backward(g, hs[k - 1][:, lo:hi], act)
+
+
+@jit
 def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
-          whole_in, whole_out):
+          whole_in, whole_out, first):
     # Phase one of step s for the batch rows [lo, hi): gather, forward, loss terms and
-    # gradient, backward down to the first layer's output gradient.  With ``whole_in`` (a
+    # gradient, backward down to the first layer's output gradient.  From layer ``first``
+    # on where the layers before it went by columns (their own phases, the gather's before
+    # them), and backward down to layer first - 1's output gradient.  With ``whole_in`` (a
     # batch-sized array of this part's own), the last layer's product is the whole batch's,
     # this part's rows in it: where no cut keeps its bits (a part's product would take
     # another BLAS kernel), the whole product's rows do, and the rows of other parts
     # (stale values here) change nothing in ours.
     batch = xb.shape[0]
     last = len(Ws) - 1
-    for r in range(lo, hi):
-        row = idx[s * batch + r]
-        copy_row(x[row], xb[r])
-        yb[r] = y[row]
-    a = xb[lo:hi]
-    for k in range(last + 1):
+    if first == 0:
+        _gather(x, y, idx, s, lo, hi, xb, yb)
+    a = xb[lo:hi] if first == 0 else hs[first - 1][lo:hi]
+    for k in range(first, last + 1):
         h = hs[k][lo:hi]
         if k == last and whole_in.shape[0] > 0:
             copy_rows(a, whole_in[lo:hi])
@@ -545,7 +580,7 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
         for r in range(lo, hi):
             row_loss[r], row_hit[r] = euclidean_row(out, yb, g, one, out.dtype.type(batch), r)
         sigmoid_backward(out[lo:hi], g[lo:hi], g[lo:hi], one)  # in place
-    for k in range(last, 0, -1):
+    for k in range(last, max(first, 1) - 1, -1):
         matmul(gemm, gs[k][lo:hi], False, Ws[k], True, gs[k - 1][lo:hi])
         act_backward(gs[k - 1][lo:hi], hs[k - 1][lo:hi], act)
 
@@ -571,10 +606,31 @@ def _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, 
 
 
 @jit
+def _phases(row_parts, feature_parts, by_columns, column_parts):
+    # A step's phases, in order: (kinds, layers, starts), starts[i] the tasks of the step
+    # before phase i (and the step's total last).  With the first ``by_columns`` layers by
+    # columns: the gather, their forward products, the rows (the rest of the forward, the
+    # loss, the backward down to their last's output gradient), their backward products
+    # (layer k: layer k - 1's output gradient), the features; else rows, then features.
+    count = 2 if by_columns == 0 else 2 * by_columns + 2
+    kinds, layers, starts = np.empty(count, np.int64), np.zeros(count, np.int64), np.zeros(count + 1, np.int64)
+    i = 0
+    if by_columns > 0:
+        kinds[0], starts[1], i = GATHER, row_parts, 1
+        for k in range(by_columns):
+            kinds[i], layers[i], starts[i + 1], i = FORWARD, k, starts[i] + column_parts, i + 1
+    kinds[i], layers[i], starts[i + 1], i = ROWS, by_columns, starts[i] + row_parts, i + 1
+    for k in range(by_columns - 1, 0, -1):
+        kinds[i], layers[i], starts[i + 1], i = BACKWARD, k, starts[i] + column_parts, i + 1
+    kinds[i], starts[i + 1] = FEATURES, starts[i] + feature_parts
+    return kinds, layers, starts
+
+
+@jit
 def steps(gemm, pause, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss_code, act,
           params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs,
-          row_loss, row_hit, row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs, sync,
-          generation, wait):
+          row_loss, row_hit, row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs,
+          forward_columns, backward_columns, sync, generation, wait):
     """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
     P row parts and Q >= P feature parts a step, claimed through ``sync``; call it from each thread taking
     part, with the same arguments, and ``wait`` True in the one that needs the result.
@@ -590,10 +646,15 @@ def steps(gemm, pause, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss
     as column_bounds[k] say (P + 1 row bounds, Q + 1 feature and column bounds a layer, 0
     first and the size last; a layer's feature parts past its last are empty).  whole_ins,
     whole_outs: (P, batch, n) arrays where part j computes the last layer's product whole
-    (on whole_ins[j], into whole_outs[j]: see _rows), else (1, 0, 0)."""
+    (on whole_ins[j], into whole_outs[j]: see _rows), else (1, 0, 0).
+    forward_columns: (C, R + 1) bounds of the outputs of the first C layers, which then go by
+    columns in R parts a phase (_phases), and backward_columns: (C - 1, R + 1), of their
+    output gradients; C = 0: none (the wide layers' split: compiled.py, COLUMNS_MIN_BYTES)."""
     batch = xb.shape[0]
     row_parts, feature_parts = row_bounds.shape[0] - 1, feature_bounds.shape[1] - 1
-    per_step = row_parts + feature_parts
+    by_columns = forward_columns.shape[0]
+    kinds, layers, starts = _phases(row_parts, feature_parts, by_columns, forward_columns.shape[1] - 1)
+    per_step = starts[-1]
     total = losses.shape[0] * per_step
     ran = 0
     while True:
@@ -602,15 +663,23 @@ def steps(gemm, pause, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss
             break
         ran += 1
         s, j = task // per_step, task % per_step
-        rows = j < row_parts
-        if not rows:
-            j -= row_parts
-        _wait_done(sync, s * per_step + (0 if rows else row_parts), pause)  # the previous phase's tasks
-        if rows:
+        phase = 0
+        while starts[phase + 1] <= j:
+            phase += 1
+        j -= starts[phase]
+        _wait_done(sync, s * per_step + starts[phase], pause)  # the previous phases' tasks
+        kind, k = kinds[phase], layers[phase]
+        if kind == GATHER:
+            _gather(x, y, idx, s, row_bounds[j], row_bounds[j + 1], xb, yb)
+        elif kind == FORWARD:
+            _forward_columns(gemm, k, forward_columns[k, j], forward_columns[k, j + 1], Ws, bs, hs, xb, act)
+        elif kind == BACKWARD:
+            _backward_columns(gemm, k, backward_columns[k - 1, j], backward_columns[k - 1, j + 1], Ws, hs, gs, act)
+        elif kind == ROWS:
             lo, hi = row_bounds[j], row_bounds[j + 1]
             w = j if whole_ins.shape[1] > 0 else 0  # (1, 0, 0): no whole product
             _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, row_loss, row_hit,
-                  whole_ins[w], whole_outs[w])
+                  whole_ins[w], whole_outs[w], by_columns)
         else:
             _features(gemm, j, feature_bounds, column_bounds, xb, Ws, grad_Ws, grad_bs, hs, gs,
                       params, grads, velocity, offsets, lr, momentum, weight_decay)
@@ -627,14 +696,15 @@ def steps(gemm, pause, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss
     return ran
 
 
-def exact_cut(gemm, dtype, size, products, multiple=4):
+def exact_cut(gemm, dtype, size, products, multiple=4, columns=False):
     """Where to cut ``size`` rows of a product's output in two so that each half's product
     gives the same bits as the whole one, for every product (k, n, trans_a, trans_b) of
     ``size`` rows: the cut nearest the middle, among multiples of ``multiple`` in the middle
     half, or None.  BLAS kernels work in blocks of rows, so only some cuts keep the sums
     in the same order (OpenBLAS on AVX-512 here: multiples of 12); the order of a kernel's
-    arithmetic does not depend on the data, so random data shows it."""
-    arrays = _trials(gemm, dtype, size, products)
+    arithmetic does not depend on the data, so random data shows it.  With ``columns``:
+    the output's ``size`` columns, of products (k, n, trans_a, trans_b) of n rows."""
+    arrays = _trials(gemm, dtype, size, products, columns)
     middle = size // 2
     for cut in sorted(range(multiple, size, multiple), key=lambda c: abs(c - middle)):
         if not size // 4 <= cut <= size - size // 4:
@@ -644,32 +714,36 @@ def exact_cut(gemm, dtype, size, products, multiple=4):
     return None
 
 
-def _trials(gemm, dtype, size, products):
-    """(a, b, trans_a, trans_b, whole product) on random data for each product (k, n,
-    trans_a, trans_b) of ``size`` rows."""
+def _trials(gemm, dtype, size, products, columns=False):
+    """(a, b, trans_a, trans_b, whole product, columns) on random data for each product (k,
+    n, trans_a, trans_b) of ``size`` rows; with ``columns``, of ``size`` columns and n rows."""
     rng = np.random.default_rng(0)
     arrays = []
     for k, n, trans_a, trans_b in products:
-        a = rng.standard_normal((k, size) if trans_a else (size, k)).astype(dtype)
+        m, n = (n, size) if columns else (size, n)
+        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
         b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
-        whole = np.empty((size, n), dtype=dtype)
+        whole = np.empty((m, n), dtype=dtype)
         matmul(gemm, a, trans_a, b, trans_b, whole)
-        arrays.append((a, b, trans_a, trans_b, whole))
+        arrays.append((a, b, trans_a, trans_b, whole, columns))
     return arrays
 
 
-def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole):
-    return _parts_equal(gemm, [0, cut, whole.shape[0]], a, b, trans_a, trans_b, whole)
+def _halves_equal(gemm, cut, a, b, trans_a, trans_b, whole, columns):
+    return _parts_equal(gemm, [0, cut, whole.shape[1 if columns else 0]], a, b, trans_a, trans_b, whole, columns)
 
 
-def _parts_equal(gemm, bounds, a, b, trans_a, trans_b, whole):
+def _parts_equal(gemm, bounds, a, b, trans_a, trans_b, whole, columns):
     parts = np.empty_like(whole)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        matmul(gemm, a[:, lo:hi] if trans_a else a[lo:hi], trans_a, b, trans_b, parts[lo:hi])
+        if columns:  # the output's columns [lo, hi): op(b)'s
+            matmul(gemm, a, trans_a, b[lo:hi] if trans_b else b[:, lo:hi], trans_b, parts[:, lo:hi])
+        else:
+            matmul(gemm, a[:, lo:hi] if trans_a else a[lo:hi], trans_a, b, trans_b, parts[lo:hi])
     return np.array_equal(parts, whole)
 
 
-def exact_bounds(gemm, dtype, size, products, parts, multiple=4):
+def exact_bounds(gemm, dtype, size, products, parts, multiple=4, columns=False):
     """[0, c_1, ..., size]: ``size`` rows cut in ``parts`` parts, each giving the bits of the
     whole product for every product (as exact_cut), or None.  Two parts: exact_cut's cut.
     More: each cut the nearest to its share (i size / parts), among multiples of
@@ -678,9 +752,9 @@ def exact_bounds(gemm, dtype, size, products, parts, multiple=4):
     if parts == 1:
         return [0, size]
     if parts == 2:
-        cut = exact_cut(gemm, dtype, size, products, multiple)
+        cut = exact_cut(gemm, dtype, size, products, multiple, columns)
         return None if cut is None else [0, cut, size]
-    arrays = _trials(gemm, dtype, size, products)
+    arrays = _trials(gemm, dtype, size, products, columns)
     share = size / parts
     bounds = [0]
     for i in range(1, parts):
@@ -714,8 +788,8 @@ class MLPSteps:
     def cut(self, size, products):
         return exact_cut(self.gemm, self.dtype, size, products)
 
-    def bounds(self, size, products, parts):
-        return exact_bounds(self.gemm, self.dtype, size, products, parts)
+    def bounds(self, size, products, parts, columns=False):
+        return exact_bounds(self.gemm, self.dtype, size, products, parts, columns=columns)
 
 
 def mlp_steps(dtype):

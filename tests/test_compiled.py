@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 import xpmlp
+from xpmlp.backends import numpy_step
 from xpmlp.backends.numpy_step import MLPSteps
 from xpmlp.core.optim import SGD
 from xpmlp.training.compiled import (
     BLOCK_BYTES,
+    COLUMNS_MIN_BYTES,
     PROBE_MAX_S,
     PROBE_MIN_S,
     PROBE_S,
@@ -662,6 +664,47 @@ def test_more_threads_train_as_one_bit_for_bit(threads, batch, parts):
         np.testing.assert_array_equal(_state(model, optimizer)[key], want, err_msg=key)
 
 
+@pytest.mark.parametrize("act,threads,dtype", [("relu", 2, np.float32), ("relu", 3, np.float64),
+                                               ("sigmoid", 2, np.float32)])
+def test_wide_layers_split_by_columns_train_as_one_thread_bit_for_bit(act, threads, dtype):
+    """Layers whose W takes COLUMNS_MIN_BYTES or more (here 784 x 1024 and 1024 x 640) go by
+    their outputs' columns, a phase each forward and backward, cut where the products keep
+    their bits; the rest by rows.  The same training as one thread, bit for bit."""
+    name = ((1024, 640), act, "sce")
+    model = _build(name, dtype)
+    optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    stepper = CompiledStepper(model, optimizer, threads=threads, adaptive=False)
+    x, y, perm = _data(dtype)
+    losses, accs = np.zeros(STEPS, dtype=dtype), np.zeros(STEPS, dtype=dtype)
+    for i in range(0, STEPS, 3):
+        stepper.steps(x, y, perm[i * BATCH:(i + 3) * BATCH], losses[i:i + 3], accs[i:i + 3])
+    forward_columns, backward_columns = stepper._batch[-1][5:]
+    assert forward_columns.shape == (2, threads + 1) and backward_columns.shape == (1, threads + 1)
+    assert forward_columns[:, -1].tolist() == [1024, 640] and backward_columns[:, -1].tolist() == [1024]
+    assert np.diff(forward_columns).min() > 0 and np.diff(backward_columns).min() > 0
+    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=True, steps_per_call=3)
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(accs, want_accs)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, optimizer)[key], want, err_msg=key)
+
+
+def test_narrow_layers_go_by_rows():
+    stepper, *_ = _two_threads("mlp2-relu-sce", np.float32)
+    forward_columns, backward_columns = stepper._batch[-1][5:]
+    assert forward_columns.shape[0] == 0 and backward_columns.shape[0] == 0
+    assert 784 * 256 * 4 < COLUMNS_MIN_BYTES
+
+
+def test_a_steps_phases_in_order():
+    kinds, layers, starts = numpy_step._phases(2, 3, 2, 2)  # rows in 2, features in 3, 2 layers by 2 columns
+    S = numpy_step
+    assert kinds.tolist() == [S.GATHER, S.FORWARD, S.FORWARD, S.ROWS, S.BACKWARD, S.FEATURES]
+    assert layers.tolist()[1:5] == [0, 1, 2, 1] and starts.tolist() == [0, 2, 4, 6, 8, 10, 13]
+    kinds, layers, starts = numpy_step._phases(2, 2, 0, 1)
+    assert kinds.tolist() == [S.ROWS, S.FEATURES] and starts.tolist() == [0, 2, 4]
+
+
 def test_stacked_models_on_more_threads_train_as_on_one_bit_for_bit():
     model = xpmlp.build_model("mlp1-relu-sce", backend="numpy", dtype=np.float32, seed=[1, 4, 7, 9],
                               stack=(4,), ops="fused")
@@ -687,7 +730,7 @@ def test_a_last_product_without_an_exact_cut_is_computed_whole_by_each_part():
     as one, bit for bit, and the other products are still split."""
     stepper, model, opt, losses, accs = _two_threads(((1024,), "relu", "sce"), np.float32, batch=100,
                                                      steps_per_call=STEPS)
-    row_bounds, _, _, whole_ins, whole_outs = stepper._batch[-1]
+    row_bounds, _, _, whole_ins, whole_outs, *_ = stepper._batch[-1]
     assert len(row_bounds) == 3 and whole_ins.shape == (2, 100, 1024) and whole_outs.shape == (2, 100, 10)
     _, want_model, want_opt, want_losses, _ = _train(((1024,), "relu", "sce"), np.float32, compiled=True,
                                                      batch=100)

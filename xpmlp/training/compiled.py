@@ -52,6 +52,13 @@ ROWS_PER_PART = 16
 # blocks did as well as 128 KB, 512 KB less well (0.93x); 128 KB with the weights and
 # momenta beside them fits a 512 KB L2.
 SMALL_BATCH, BLOCK_BYTES = 16, 128 * 1024
+# A layer whose W takes at least COLUMNS_MIN_BYTES (this core's L2 here) is split by its
+# outputs (W's columns) between the threads, with the layers before it, not by the batch's
+# rows: split by rows, each thread's product packs all of W, the same work on every thread.
+# Measured, the wide network's three forward and backward products (784 x 2048, 2048 x
+# 1024; batch 100) on two threads: 0.67x one thread's time split by rows, 0.55x by columns
+# (OpenBLAS's own two threads: 0.56x).  Each such layer's phase is one more wait a step.
+COLUMNS_MIN_BYTES = 2 * 1024 * 1024
 # The last layer's product may be computed whole by every part (numpy_step._rows) where no
 # cut keeps its bits, if its outputs are this few (the classes): a small share of a step.
 WHOLE_LAST_MAX_OUTPUTS = 16
@@ -254,17 +261,20 @@ class CompiledStepper:
         return max(2, min(self.threads, batch // ROWS_PER_PART))
 
     def _cuts(self, batch):
-        """(row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs) of an exact
-        split of a step of this batch size in as many parts as it is worth (parts_for, else
-        fewer where no exact cut is found), or None: numpy_step.exact_bounds for every
-        product the parts compute.  Where only the last layer's forward product has no
-        exact cut and it has few outputs, every part computes it whole (whole_ins and
-        whole_outs: a batch-sized input and output a part; else none, as _one_part's)."""
+        """(row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs,
+        forward_columns, backward_columns) of an exact split of a step of this batch size in
+        as many parts as it is worth (parts_for, else fewer where no exact cut is found), or
+        None: numpy_step.exact_bounds for every product the parts compute.  Where only the
+        last layer's forward product has no exact cut and it has few outputs, every part
+        computes it whole (whole_ins and whole_outs: a batch-sized input and output a part;
+        else none, as _one_part's).  Wide first layers go by columns (_column_bounds)."""
         shapes = [layer.W.shape for layer in self.linears]
-        forward = [(fan_in, fan_out, False, False) for fan_in, fan_out in shapes]
-        backward = [(fan_out, fan_in, False, True) for fan_in, fan_out in shapes[1:]]  # g @ W^T
         with self._one_blas_thread():  # as each part will run
             for parts in range(self.parts_for(batch), 1, -1):
+                by_columns = self._column_bounds(batch, parts)
+                first = len(by_columns[0])  # the rows' phase starts at this layer (its products alone)
+                forward = [(fan_in, fan_out, False, False) for fan_in, fan_out in shapes[first:]]
+                backward = [(fan_out, fan_in, False, True) for fan_in, fan_out in shapes[max(first, 1):]]  # g @ W^T
                 row_bounds, whole = self.kernel.bounds(batch, forward + backward, parts), False
                 if row_bounds is None and shapes[-1][1] <= WHOLE_LAST_MAX_OUTPUTS:
                     row_bounds, whole = self.kernel.bounds(batch, forward[:-1] + backward, parts), True
@@ -273,9 +283,28 @@ class CompiledStepper:
                     fan_in, fan_out = shapes[-1]
                     wholes = ((np.zeros((parts, batch, fan_in), dtype=self.model.dtype),
                                np.zeros((parts, batch, fan_out), dtype=self.model.dtype)) if whole
-                              else self._one_part(batch)[3:])
-                    return (np.array(row_bounds, dtype=np.int64), *features, *wholes)
+                              else self._one_part(batch)[3:5])
+                    return (np.array(row_bounds, dtype=np.int64), *features, *wholes, *by_columns)
         return None
+
+    def _column_bounds(self, batch, parts):
+        """(forward_columns, backward_columns), numpy_step.steps' arguments: the outputs of
+        the first layers (all but the last) whose W takes COLUMNS_MIN_BYTES or more, cut
+        exactly in ``parts``, and their output gradients; empty where there are none, or
+        where a cut keeps no bits."""
+        shapes = [layer.W.shape for layer in self.linears]
+        itemsize = np.dtype(self.model.dtype).itemsize
+        count = 0
+        while count < len(shapes) - 1 and shapes[count][0] * shapes[count][1] * itemsize >= COLUMNS_MIN_BYTES:
+            count += 1
+        forward = [self.kernel.bounds(fan_out, [(fan_in, batch, False, False)], parts, columns=True)
+                   for fan_in, fan_out in shapes[:count]]
+        backward = [self.kernel.bounds(fan_in, [(fan_out, batch, False, True)], parts, columns=True)
+                    for fan_in, fan_out in shapes[1:count]]  # layer k - 1's output gradient: g @ W[k]^T
+        if None in forward + backward:
+            count, forward, backward = 0, [], []
+        return (np.array(forward, dtype=np.int64).reshape(count, parts + 1),
+                np.array(backward, dtype=np.int64).reshape(max(count - 1, 0), parts + 1))
 
     def _feature_bounds(self, batch, parts):
         """(feature_bounds, column_bounds): each layer's weight rows cut exactly in ``parts``
@@ -315,11 +344,12 @@ class CompiledStepper:
         return one if features is None else (one[0], *features, *one[3:])
 
     def _one_part(self, batch):
-        """The bounds of a step in one part and no whole product (steps' arguments)."""
+        """The bounds of a step in one part, no whole product, no layer by columns (steps'
+        arguments)."""
         shapes = [layer.W.shape[-2:] for layer in self.linears]
-        none = np.zeros((1, 0, 0), dtype=self.model.dtype)
+        none, by_rows = np.zeros((1, 0, 0), dtype=self.model.dtype), np.zeros((0, 2), dtype=np.int64)
         return (np.array([0, batch], dtype=np.int64), np.array([[0, f] for f, _ in shapes], dtype=np.int64),
-                np.array([[0, n] for _, n in shapes], dtype=np.int64), none, none)
+                np.array([[0, n] for _, n in shapes], dtype=np.int64), none, none, by_rows, by_rows)
 
     def _new_buffers(self, x, y, batch):
         """A step's work arrays: the batch, every layer's output and gradient, each row's
