@@ -446,19 +446,24 @@ def sigmoid_vectorised(h):
     # Eq. (8) in place, from e^-|x| (no overflow), in h's dtype; NaN stays NaN.  The row
     # loop has no calls, so LLVM vectorises it (float32: 2.1x the float64 arithmetic).
     for r in range(h.shape[0]):
-        row = h[r]
-        if h.itemsize == 4:
-            for c in range(row.shape[0]):
-                x = row[c]
-                e = _exp_nonpositive32(-abs(x))
-                s = (ONE32 if x >= 0 else e) / (ONE32 + e)
-                row[c] = s if x == x else x
-        else:
-            for c in range(row.shape[0]):
-                x = row[c]
-                e = _exp_nonpositive(-abs(x))
-                s = (1.0 if x >= 0 else e) / (1.0 + e)
-                row[c] = s if x == x else x
+        _sigmoid_row(h[r])
+
+
+@vector_jit
+def _sigmoid_row(row):
+    # sigmoid_vectorised on one row.
+    if row.itemsize == 4:
+        for c in range(row.shape[0]):
+            x = row[c]
+            e = _exp_nonpositive32(-abs(x))
+            s = (ONE32 if x >= 0 else e) / (ONE32 + e)
+            row[c] = s if x == x else x
+    else:
+        for c in range(row.shape[0]):
+            x = row[c]
+            e = _exp_nonpositive(-abs(x))
+            s = (1.0 if x >= 0 else e) / (1.0 + e)
+            row[c] = s if x == x else x
 
 
 @jit
@@ -473,17 +478,40 @@ def bias_act(h, b, act):
 
 @jit
 def act_backward(g, h, act):
-    # g = dL/d(pre-activation) from dL/dh in place: the ReLU mask (Eq. 7) or g h (1 - h)
-    # (Eq. 9, numpy_kernels.sigmoid_backward's arithmetic), row by row: rows or columns of
-    # the batch's arrays.
+    # g = dL/d(pre-activation) from dL/dh in place: the ReLU mask (Eq. 7) or g h (1 - h) (Eq. 9).
     if act == RELU:
         relu_mask(g, h)
     else:
-        one = h.dtype.type(1)
-        for r in range(g.shape[0]):
-            g_row, h_row = g[r], h[r]
-            for c in range(g_row.shape[0]):
+        sigmoid_backward(h, g, g, h.dtype.type(1))
+
+
+@vector_jit
+def _act_backward_columns(g, h, lo, hi, act):
+    # act_backward on the columns [lo, hi) of the batch's g and h, a row at a time: each
+    # row's slice of a C array is one too, so its loop vectorises (a 2-D column slice's
+    # would not); the same arithmetic as act_backward's.
+    one = h.dtype.type(1)
+    for r in range(g.shape[0]):
+        g_row, h_row = g[r, lo:hi], h[r, lo:hi]
+        for c in range(g_row.shape[0]):
+            if act == RELU:
+                if not h_row[c] > 0:
+                    g_row[c] = 0
+            else:
                 g_row[c] = g_row[c] * h_row[c] * (one - h_row[c])
+
+
+@vector_jit
+def _bias_act_columns(h, lo, hi, b, act):
+    # bias_act on the columns [lo, hi) of the batch's h (b: those columns' bias), a row at a
+    # time as _act_backward_columns; the same arithmetic as bias_act's.
+    for r in range(h.shape[0]):
+        row = h[r, lo:hi]
+        for c in range(row.shape[0]):
+            t = row[c] + b[c]
+            row[c] = 0 if act == RELU and t <= 0 else t
+        if act != RELU:
+            _sigmoid_row(row)
 
 
 @jit
@@ -528,17 +556,15 @@ def _gather(x, y, idx, s, lo, hi, xb, yb):
 def _forward_columns(gemm, k, lo, hi, Ws, bs, hs, xb, act):
     # Layer k's outputs [lo, hi) for the whole batch: h = act(a @ W[:, lo:hi] + b[lo:hi]).
     a = xb if k == 0 else hs[k - 1]
-    h = hs[k][:, lo:hi]
-    matmul(gemm, a, False, Ws[k][:, lo:hi], False, h)
-    bias_act(h, bs[k][lo:hi], act)
+    matmul(gemm, a, False, Ws[k][:, lo:hi], False, hs[k][:, lo:hi])
+    _bias_act_columns(hs[k], lo, hi, bs[k][lo:hi], act)
 
 
 @jit
 def _backward_columns(gemm, k, lo, hi, Ws, hs, gs, act):
     # Layer k - 1's output gradient [lo, hi) for the whole batch: (g @ W[lo:hi]^T) * act'(h).
-    g = gs[k - 1][:, lo:hi]
-    matmul(gemm, gs[k], False, Ws[k][lo:hi], True, g)
-    act_backward(g, hs[k - 1][:, lo:hi], act)
+    matmul(gemm, gs[k], False, Ws[k][lo:hi], True, gs[k - 1][:, lo:hi])
+    _act_backward_columns(gs[k - 1], hs[k - 1], lo, hi, act)
 
 
 @jit

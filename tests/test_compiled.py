@@ -690,10 +690,13 @@ def test_wide_layers_split_by_columns_train_as_one_thread_bit_for_bit(act, threa
 
 
 def test_narrow_layers_go_by_rows():
-    stepper, *_ = _two_threads("mlp2-relu-sce", np.float32)
+    stepper, *_ = _two_threads(((100, 50), "relu", "sce"), np.float32)
     forward_columns, backward_columns = stepper._batch[-1][5:]
     assert forward_columns.shape[0] == 0 and backward_columns.shape[0] == 0
-    assert 784 * 256 * 4 < COLUMNS_MIN_BYTES
+    assert 784 * 100 * 4 < COLUMNS_MIN_BYTES
+    stepper, *_ = _two_threads("mlp2-relu-sce", np.float32)  # 784 x 256: by columns, the next 256 x 128 not
+    forward_columns, backward_columns = stepper._batch[-1][5:]
+    assert forward_columns.shape == (1, 3) and backward_columns.shape == (0, 3)
 
 
 def test_a_steps_phases_in_order():

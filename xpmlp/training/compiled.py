@@ -52,13 +52,16 @@ ROWS_PER_PART = 16
 # blocks did as well as 128 KB, 512 KB less well (0.93x); 128 KB with the weights and
 # momenta beside them fits a 512 KB L2.
 SMALL_BATCH, BLOCK_BYTES = 16, 128 * 1024
-# A layer whose W takes at least COLUMNS_MIN_BYTES (this core's L2 here) is split by its
-# outputs (W's columns) between the threads, with the layers before it, not by the batch's
-# rows: split by rows, each thread's product packs all of W, the same work on every thread.
-# Measured, the wide network's three forward and backward products (784 x 2048, 2048 x
-# 1024; batch 100) on two threads: 0.67x one thread's time split by rows, 0.55x by columns
-# (OpenBLAS's own two threads: 0.56x).  Each such layer's phase is one more wait a step.
-COLUMNS_MIN_BYTES = 2 * 1024 * 1024
+# A layer whose W takes at least COLUMNS_MIN_BYTES is split by its outputs (W's columns)
+# between the threads, with the layers before it, not by the batch's rows: split by rows,
+# each thread's product packs all of W, the same work on every thread.  Measured, the wide
+# network's forward and backward products (784 x 2048, 2048 x 1024; batch 100) on two
+# threads: 0.67x one thread's time split by rows, 0.55x by columns (OpenBLAS's own two
+# threads: 0.56x).  Each such layer's phase is one more wait a step.  `xpmlp train`, two
+# cores, defaults, epoch medians, by columns against by rows: the wide network 0.91x,
+# --hidden 1024 0.84x, mlp2-relu-sce (784 x 256 first) 0.89x, mlp1-sigmoid-sce 0.83-0.90x,
+# mlp1-relu-mse 0.87x; mlp2's 256 x 128 second layer by columns too (64 KB): 1.01-1.03x.
+COLUMNS_MIN_BYTES = 512 * 1024
 # The last layer's product may be computed whole by every part (numpy_step._rows) where no
 # cut keeps its bits, if its outputs are this few (the classes): a small share of a step.
 WHOLE_LAST_MAX_OUTPUTS = 16
