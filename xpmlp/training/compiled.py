@@ -9,9 +9,11 @@ the one SGD checkpoints, so evaluation, checkpoints and resume see no difference
 
 With P threads (threads.py's policy: one a core this process may run on) each step's work
 is split in parts that P - 1 helper threads and the calling one claim (numpy_step.py):
-the batch's rows for the forward and backward passes, each layer's weight rows for the
-gradients and the update.  The parts are cut where the products give the same bits as
-whole ones, so the training is the same, bit for bit, with one thread or P.  Only a
+the batch's rows for the forward and backward passes (a large layer's outputs instead,
+COLUMNS_MIN_BYTES), each layer's weight rows for the gradients and the update (on a small
+batch in blocks, also on one thread: SMALL_BATCH).  The parts are cut where the products
+give the same bits as whole ones, so the training is the same, bit for bit, with one
+thread or P.  Only a
 product big enough to share is split: at most one part per ROWS_PER_PART batch rows
 (and two parts always where the batch allows a cut), so a small batch keeps few threads.
 Stacked models split by model instead (StackedCompiledStepper).  A Chooser times the
