@@ -18,6 +18,10 @@ A step is two phases, each of one task or of parts that threads can take:
             or writes; and the step's mean loss and accuracy from the per-row terms.  On a
             small batch in more parts than threads: each part's gradient is then still
             in cache for its update (compiled.py, SMALL_BATCH).
+Where the first layers are large (compiled.py, COLUMNS_MIN_BYTES), their products go by
+their outputs' columns instead, a phase each (_phases: the gather, their forward products,
+the rows phase for the rest, their backward products, the features), so that each thread
+packs its share of W, not all of it.
 A task waits only for the tasks of the previous phase; tasks are claimed, not assigned
 (``_claim``), so a helper thread that is late or descheduled holds nothing back: the
 calling thread takes every task nobody has claimed, and waits only for a task in progress;
@@ -657,9 +661,10 @@ def steps(gemm, pause, x, y, idx, Ws, bs, grad_Ws, grad_bs, hs, gs, xb, yb, loss
           params, grads, velocity, offsets, lr, momentum, weight_decay, losses, accs,
           row_loss, row_hit, row_bounds, feature_bounds, column_bounds, whole_ins, whole_outs,
           forward_columns, backward_columns, sync, generation, wait):
-    """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks of
-    P row parts and Q >= P feature parts a step, claimed through ``sync``; call it from each thread taking
-    part, with the same arguments, and ``wait`` True in the one that needs the result.
+    """len(losses) SGD steps on consecutive batches of rows ``idx`` of (x, y), in tasks (P
+    row parts, Q >= P feature parts, R column parts a step's phase) claimed through
+    ``sync``; call it from each thread taking part, with the same arguments, and ``wait``
+    True in the one that needs the result.
     pause: the address of the OS call a long wait makes (pause_address), 0 for none.
     Returns the number of tasks this call ran.
 
