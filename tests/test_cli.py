@@ -3,16 +3,13 @@
 Every mistake must exit with status 2, print exactly one line on stderr (no traceback)
 and leave nothing behind that looks like a result.
 """
-import fcntl
 import gzip
 import hashlib
 import json
 import os
-import pty
 import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +32,11 @@ def xpmlp(*args, cwd, stderr_tty=False, timeout=120):
     if not stderr_tty:
         p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
         return p.returncode, p.stdout, p.stderr
-    # stderr on a terminal, where a progress bar would be drawn
+    # stderr on a terminal, where a progress bar would be drawn: POSIX only (the module
+    # imports them here, so that it still collects on Windows)
+    pty = pytest.importorskip("pty", reason="a pseudo-terminal needs POSIX")
+    import fcntl
+    import termios
     master, slave = pty.openpty()
     # a terminal of 24 x 80: a fresh pty reports 0 columns, where tqdm draws an empty bar
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))

@@ -5,7 +5,6 @@ xpmlp starts outlives it, and nothing it reads makes it write outside the intend
 Bombs are crafted headers that claim huge sizes (or a few MiB of zeros that compress to
 kilobytes): no test here allocates more than some tens of MiB, even before the fixes.
 """
-import fcntl
 import json
 import os
 import signal
@@ -440,6 +439,7 @@ def test_ray_work_folder_made_by_someone_else_is_refused(tmpdir_here, tmp_path, 
 
 
 def test_a_killed_sweeps_copies_are_removed_by_the_next_task(tmpdir_here, tmp_path):
+    fcntl = pytest.importorskip("fcntl", reason="the Ray executor's locks are POSIX file locks")
     from xpmlp import rundir
     from xpmlp.sweep import ray_executor as sweep_ray
     stale, busy_task, busy_run, mine = (sweep_ray.work_dir(Path(f"/driver/runs/{n}"))
