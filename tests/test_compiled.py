@@ -437,12 +437,12 @@ def test_a_batch_of_another_dtype_is_converted_not_misread():
 
 # ---------------------------------------------------------------- two threads
 
-def _two_threads(name, dtype, batch=BATCH, steps_per_call=3):
+def _two_threads(name, dtype, batch=BATCH, steps_per_call=3, threads=2):
     """(stepper, model, optimizer, losses, accuracies) after STEPS steps, every call split
-    between the calling thread and the helper."""
+    between the calling thread and the helper (or ``threads`` - 1 helpers)."""
     model = _build(name, dtype)
     optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    stepper = CompiledStepper(model, optimizer, threads=2, adaptive=False)
+    stepper = CompiledStepper(model, optimizer, threads=threads, adaptive=False)
     x, y, perm = _data(dtype, batch * STEPS)
     losses, accs = np.zeros(STEPS, dtype=dtype), np.zeros(STEPS, dtype=dtype)
     for i in range(0, STEPS, steps_per_call):
@@ -671,13 +671,7 @@ def test_wide_layers_split_by_columns_train_as_one_thread_bit_for_bit(act, threa
     their outputs' columns, a phase each forward and backward, cut where the products keep
     their bits; the rest by rows.  The same training as one thread, bit for bit."""
     name = ((1024, 640), act, "sce")
-    model = _build(name, dtype)
-    optimizer = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    stepper = CompiledStepper(model, optimizer, threads=threads, adaptive=False)
-    x, y, perm = _data(dtype)
-    losses, accs = np.zeros(STEPS, dtype=dtype), np.zeros(STEPS, dtype=dtype)
-    for i in range(0, STEPS, 3):
-        stepper.steps(x, y, perm[i * BATCH:(i + 3) * BATCH], losses[i:i + 3], accs[i:i + 3])
+    stepper, model, optimizer, losses, accs = _two_threads(name, dtype, threads=threads)
     forward_columns, backward_columns = stepper._batch[-1][5:]
     assert forward_columns.shape == (2, threads + 1) and backward_columns.shape == (1, threads + 1)
     assert forward_columns[:, -1].tolist() == [1024, 640] and backward_columns[:, -1].tolist() == [1024]
