@@ -437,6 +437,16 @@ def test_a_batch_of_another_dtype_is_converted_not_misread():
 
 # ---------------------------------------------------------------- two threads
 
+def _assert_trains_as_one_thread(name, dtype, model, optimizer, losses, accs):
+    """The losses, accuracies, weights, gradients and momenta of STEPS steps are those of
+    the compiled step on one thread, three steps a call, bit for bit."""
+    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=True, steps_per_call=3)
+    np.testing.assert_array_equal(losses, want_losses)
+    np.testing.assert_array_equal(accs, want_accs)
+    for key, want in _state(want_model, want_opt).items():
+        np.testing.assert_array_equal(_state(model, optimizer)[key], want, err_msg=key)
+
+
 def _two_threads(name, dtype, batch=BATCH, steps_per_call=3, threads=2):
     """(stepper, model, optimizer, losses, accuracies) after STEPS steps, every call split
     between the calling thread and the helper (or ``threads`` - 1 helpers)."""
@@ -460,11 +470,7 @@ def test_two_threads_train_as_one_bit_for_bit(name, dtype):
     step on one thread equals the fused ops: above)."""
     stepper, model, opt, losses, accs = _two_threads(name, dtype)
     assert stepper._batch[-1] is not None, "no exact cut found: nothing split"
-    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=True, steps_per_call=3)
-    np.testing.assert_array_equal(losses, want_losses)
-    np.testing.assert_array_equal(accs, want_accs)
-    for key, want in _state(want_model, want_opt).items():
-        np.testing.assert_array_equal(_state(model, opt)[key], want, err_msg=key)
+    _assert_trains_as_one_thread(name, dtype, model, opt, losses, accs)
 
 
 def test_the_cuts_split_numpys_products_exactly():
@@ -676,11 +682,7 @@ def test_wide_layers_split_by_columns_train_as_one_thread_bit_for_bit(act, threa
     assert forward_columns.shape == (2, threads + 1) and backward_columns.shape == (1, threads + 1)
     assert forward_columns[:, -1].tolist() == [1024, 640] and backward_columns[:, -1].tolist() == [1024]
     assert np.diff(forward_columns).min() > 0 and np.diff(backward_columns).min() > 0
-    _, want_model, want_opt, want_losses, want_accs = _train(name, dtype, compiled=True, steps_per_call=3)
-    np.testing.assert_array_equal(losses, want_losses)
-    np.testing.assert_array_equal(accs, want_accs)
-    for key, want in _state(want_model, want_opt).items():
-        np.testing.assert_array_equal(_state(model, optimizer)[key], want, err_msg=key)
+    _assert_trains_as_one_thread(name, dtype, model, optimizer, losses, accs)
 
 
 def test_narrow_layers_go_by_rows():
