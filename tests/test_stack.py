@@ -335,7 +335,6 @@ def test_seeds_of_a_directory_another_process_holds_is_one_line(tmp_path, straig
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_seeds_say_how_to_resume_and_resume_identically(tmp_path, straight_seeds, sig):
-    import os
     import subprocess
     import sys
     import time
@@ -590,6 +589,37 @@ def test_a_group_given_one_core_steps_on_one_thread(tmp_path, monkeypatch, capsy
     members = [(tmp_path / "runs" / name, dict(s, data_dir=str(real_mnist_dir()))) for name, s in load_grid(grid)[0]]
     assert run_stack_group(tmp_path / "group", members, "new", cores=cores) == "done"
     assert asked == [want]
+
+
+def test_a_sweeps_group_resumed_on_other_data_fails_in_one_line_and_changes_nothing(tmp_path, capsys):
+    """As `train --resume`: a stacked group of a sweep resumes only on the data its runs
+    trained on (their shapes and SHA-256), not on other data at the same path."""
+    from test_cli import snapshot
+
+    from xpmlp.sweep import load_grid, run_stack_group, units
+    data = tmp_path / "mine.npz"
+
+    def write(seed):
+        rng = np.random.default_rng(seed)
+        np.savez(data, x_train=rng.random((300, 20), dtype=np.float32), y_train=rng.integers(0, 3, 300),
+                 x_test=rng.random((60, 20), dtype=np.float32), y_test=rng.integers(0, 3, 60))
+
+    write(0)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(STACK_GRID.replace("{out}", str(tmp_path / "runs")).replace("epochs = 3", "epochs = 1")
+                    .replace("batch_size = 600", "batch_size = 100").replace("lr = [0.01, 0.1, 1e6]", "lr = [0.1]"))
+    members = [(tmp_path / "runs" / name, dict(s, data=str(data))) for name, s in load_grid(grid)[0]]
+    assert run_stack_group(tmp_path / "group", members, "new") == "done"
+    write(1)  # other data where the runs' was
+    units._LOADED.clear()  # as a new sweep process, which reads the data again
+    before = snapshot(tmp_path / "runs")
+    assert run_stack_group(tmp_path / "group", members, "resume") == "failed"
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAILED")]
+    assert len(lines) == 1 and "the run was trained on mine (300+60 samples of 20 features" in lines[0], lines
+    assert snapshot(tmp_path / "runs") == before
+    write(0)  # its own data again: it resumes
+    units._LOADED.clear()
+    assert run_stack_group(tmp_path / "group", members, "resume") == "done"
 
 
 def test_sweep_stack_skips_what_another_process_holds(tmp_path, capsys):

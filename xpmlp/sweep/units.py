@@ -58,6 +58,10 @@ def run_stack_group(group_dir, members, state, *, device=None, data_dir=None, co
         _LOADED[first.device] = get_backend(first.device, notice=tqdm.write)
     say = f"stack  {group_dir} ({state}): {len(run_dirs)} runs as one program: " + ", ".join(d.name for d in run_dirs)
     try:
+        if state == "resume":  # as `train --resume`: only on the data its runs trained on
+            for d in run_dirs:
+                if (d / rundir.CONFIG).is_file():
+                    rundir.check_data(d, rundir.read_json(d / rundir.CONFIG), _LOADED[which].info)
         trainer = train(lambda resume: StackTrainer(configs, run_dirs, _LOADED[which], group_dir,
                                                     resume=resume, progress=sys.stderr.isatty(), log=tqdm.write,
                                                     backend=_LOADED[first.device], device_data=_DEVICE_DATA,
