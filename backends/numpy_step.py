@@ -70,6 +70,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # Loss and hidden-activation codes of the compiled step
 SOFTMAX_XENT, SIGMOID_EUCLIDEAN = 0, 1
 RELU, SIGMOID = 0, 1
+LINEAR = 2  # the last layer's: bias_act adds the bias alone
 # The kinds of a step's phases (_phases)
 GATHER, FORWARD, ROWS, BACKWARD, FEATURES = 0, 1, 2, 3, 4
 # The words of the ``sync`` array two threads share: (call generation << 32) | next task
@@ -344,16 +345,6 @@ def matmul(gemm, a, trans_a, b, trans_b, out):
 
 
 @jit
-def bias_relu(h, b, relu):
-    # h = relu(h + b) in place (Eq. 4 then Eq. 6), the + b as its own rounding.
-    n, k = h.shape
-    for r in range(n):
-        for c in range(k):
-            t = h[r, c] + b[c]
-            h[r, c] = 0 if relu and t <= 0 else t
-
-
-@jit
 def sigmoid(h):
     # Eq. (8) from e^-|x| (no overflow), in place.
     n, k = h.shape
@@ -470,64 +461,35 @@ def _sigmoid_row(row):
             row[c] = s if x == x else x
 
 
-@jit
-def bias_act(h, b, act):
-    # h = act(h + b) in place: the bias, then ReLU (bias_relu) or Sigmoid.
-    if act == RELU:
-        bias_relu(h, b, True)
-    else:
-        bias_relu(h, b, False)
-        sigmoid_vectorised(h)
-
-
-@jit
-def act_backward(g, h, act):
-    # g = dL/d(pre-activation) from dL/dh in place: the ReLU mask (Eq. 7) or g h (1 - h) (Eq. 9).
-    if act == RELU:
-        relu_mask(g, h)
-    else:
-        sigmoid_backward(h, g, g, h.dtype.type(1))
+@vector_jit
+def bias_act(h, r_lo, r_hi, c_lo, c_hi, b, act):
+    # h = act(h + b) in place on the block [r_lo, r_hi) x [c_lo, c_hi) of the batch's h: the
+    # bias (Eq. 4, its own rounding), then ReLU (Eq. 6), Sigmoid (Eq. 8) or nothing (LINEAR).
+    # A row slice at a time: a C array's is contiguous, so its loop vectorises (a 2-D column
+    # slice's would not).
+    bias = b[c_lo:c_hi]
+    for r in range(r_lo, r_hi):
+        row = h[r, c_lo:c_hi]
+        for c in range(row.shape[0]):
+            t = row[c] + bias[c]
+            row[c] = 0 if act == RELU and t <= 0 else t
+        if act == SIGMOID:
+            _sigmoid_row(row)
 
 
 @vector_jit
-def _act_backward_columns(g, h, lo, hi, act):
-    # act_backward on the columns [lo, hi) of the batch's g and h, a row at a time: each
-    # row's slice of a C array is one too, so its loop vectorises (a 2-D column slice's
-    # would not); the same arithmetic as act_backward's.
+def act_backward(g, h, r_lo, r_hi, c_lo, c_hi, act):
+    # g = dL/d(pre-activation) from dL/dh in place on a block of the batch, as bias_act: the
+    # ReLU mask (Eq. 7) or g h (1 - h) (Eq. 9, numpy_kernels.sigmoid_backward's arithmetic).
     one = h.dtype.type(1)
-    for r in range(g.shape[0]):
-        g_row, h_row = g[r, lo:hi], h[r, lo:hi]
+    for r in range(r_lo, r_hi):
+        g_row, h_row = g[r, c_lo:c_hi], h[r, c_lo:c_hi]
         for c in range(g_row.shape[0]):
             if act == RELU:
                 if not h_row[c] > 0:
                     g_row[c] = 0
             else:
                 g_row[c] = g_row[c] * h_row[c] * (one - h_row[c])
-
-
-@vector_jit
-def _bias_act_columns(h, lo, hi, b, act):
-    # bias_act on the columns [lo, hi) of the batch's h (b: those columns' bias), a row at a
-    # time as _act_backward_columns; the same arithmetic as bias_act's.
-    for r in range(h.shape[0]):
-        row = h[r, lo:hi]
-        for c in range(row.shape[0]):
-            t = row[c] + b[c]
-            row[c] = 0 if act == RELU and t <= 0 else t
-        if act != RELU:
-            _sigmoid_row(row)
-
-
-@jit
-def relu_mask(g, h):
-    # g = g * [h > 0] in place (Eq. 7).
-    n, k = g.shape
-    for r in range(n):
-        for c in range(k):
-            if not h[r, c] > 0:
-                g[r, c] = 0
-
-
 
 
 @jit
@@ -561,14 +523,14 @@ def _forward_columns(gemm, k, lo, hi, Ws, bs, hs, xb, act):
     # Layer k's outputs [lo, hi) for the whole batch: h = act(a @ W[:, lo:hi] + b[lo:hi]).
     a = xb if k == 0 else hs[k - 1]
     matmul(gemm, a, False, Ws[k][:, lo:hi], False, hs[k][:, lo:hi])
-    _bias_act_columns(hs[k], lo, hi, bs[k][lo:hi], act)
+    bias_act(hs[k], 0, hs[k].shape[0], lo, hi, bs[k], act)
 
 
 @jit
 def _backward_columns(gemm, k, lo, hi, Ws, hs, gs, act):
     # Layer k - 1's output gradient [lo, hi) for the whole batch: (g @ W[lo:hi]^T) * act'(h).
     matmul(gemm, gs[k], False, Ws[k][lo:hi], True, gs[k - 1][:, lo:hi])
-    _act_backward_columns(gs[k - 1], hs[k - 1], lo, hi, act)
+    act_backward(gs[k - 1], hs[k - 1], 0, gs[k - 1].shape[0], lo, hi, act)
 
 
 @jit
@@ -595,10 +557,7 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
             copy_rows(whole_out[lo:hi], h)
         else:
             matmul(gemm, a, False, Ws[k], False, h)
-        if k < last:
-            bias_act(h, bs[k], act)
-        else:
-            bias_relu(h, bs[k], False)
+        bias_act(hs[k], lo, hi, 0, h.shape[1], bs[k], act if k < last else LINEAR)
         a = h
     out, g = hs[last], gs[last]
     if loss_code == SOFTMAX_XENT:
@@ -612,7 +571,7 @@ def _rows(gemm, x, y, idx, s, lo, hi, Ws, bs, hs, gs, xb, yb, loss_code, act, ro
         sigmoid_backward(out[lo:hi], g[lo:hi], g[lo:hi], one)  # in place
     for k in range(last, max(first, 1) - 1, -1):
         matmul(gemm, gs[k][lo:hi], False, Ws[k], True, gs[k - 1][lo:hi])
-        act_backward(gs[k - 1][lo:hi], hs[k - 1][lo:hi], act)
+        act_backward(gs[k - 1], hs[k - 1], lo, hi, 0, gs[k - 1].shape[1], act)
 
 
 @jit

@@ -40,14 +40,14 @@ def forward():
     a = xb
     for k in range(3):
         S.matmul(G, a, False, W[k], False, h[k])
-        S.bias_relu(h[k], b[k], k < 2)
+        S.bias_act(h[k], 0, B, 0, h[k].shape[1], b[k], S.RELU if k < 2 else S.LINEAR)
         a = h[k]
 
 
 def input_grads():
     for k in (2, 1):
         S.matmul(G, g[k], False, W[k], True, g[k - 1])
-        S.relu_mask(g[k - 1], h[k - 1])
+        S.act_backward(g[k - 1], h[k - 1], 0, B, 0, g[k - 1].shape[1], S.RELU)
 
 
 def weight_grads():
